@@ -1,0 +1,43 @@
+# msbd: `make demo` runs the main job end to end, `make test` runs every check.
+# Both set everything up first (system packages, virtualenv, the libkrun test double).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: setup system-deps venv fakekrun test lint typecheck pytest demo bench clean
+
+setup: system-deps venv fakekrun
+
+system-deps:
+	@scripts/system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+fakekrun:
+	@$(MAKE) -s -C tests/fakekrun
+
+lint: venv
+	$(BIN)/ruff check msbd tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest
+
+test: setup lint typecheck pytest
+
+demo: setup
+	@$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .demo build *.egg-info
+	@$(MAKE) -s -C tests/fakekrun clean

@@ -1,0 +1,194 @@
+"""The public method table: every JSON-RPC method, its params and result types.
+
+This is the contract clients depend on. The server builds its typed params
+decoders from it once, `rpc.discover` generates the OpenRPC document from it,
+and the client uses it to decode results. Handlers are bound elsewhere
+(`msbd.daemon.api`), so this module stays pure data.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from msbd.model import (
+    Event,
+    LaunchSpec,
+    Name,
+    SandboxInfo,
+    Seconds,
+    Spec,
+    State,
+)
+
+LabelFilter = Annotated[str, msgspec.Meta(
+    pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}=[^\x00]{0,256}$", description="key=value")]
+
+
+class Params(Spec, frozen=True):
+    """Base of every params struct: by name, no unknown fields."""
+
+
+class NoParams(Params, frozen=True):
+    pass
+
+
+class NameParams(Params, frozen=True):
+    name: Name
+
+
+class StartSandboxParams(Params, frozen=True):
+    name: Name
+    timeout: Seconds | None = None
+
+
+class StopSandboxParams(Params, frozen=True):
+    name: Name
+    timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+
+
+class KillSandboxParams(Params, frozen=True):
+    name: Name
+    signal: Annotated[str, msgspec.Meta(pattern=r"^(SIG)?[A-Z0-9+-]{1,12}$")] | Annotated[
+        int, msgspec.Meta(ge=1, le=64)] = "SIGKILL"
+
+
+class RestartSandboxParams(Params, frozen=True):
+    name: Name
+    timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+
+
+class RemoveSandboxParams(Params, frozen=True):
+    name: Name
+    force: bool = False
+
+
+class ListSandboxParams(Params, frozen=True):
+    state: State | None = None
+    label: LabelFilter | None = None
+
+    def label_pair(self) -> tuple[str, str] | None:
+        if self.label is None:
+            return None
+        key, _, value = self.label.partition("=")
+        return key, value
+
+
+class WaitSandboxParams(Params, frozen=True):
+    name: Name
+    timeout: Seconds | None = None
+
+
+class LogsSandboxParams(Params, frozen=True):
+    name: Name
+    tail: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=4 * 1024 * 1024)] = 256 * 1024
+
+
+class SubscribeEventsParams(Params, frozen=True):
+    since: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+# --- results -------------------------------------------------------------------
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class SandboxList(Result, frozen=True):
+    sandboxes: list[SandboxInfo]
+
+
+class LimitsInfo(Result, frozen=True):
+    max_sandboxes: int
+    max_vcpus: int
+    max_memory_mib: int
+
+
+class CheckInfo(Result, frozen=True):
+    """One line of `msbd doctor`: what was checked, whether it is fine, what to do."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+
+
+class DaemonInfo(Result, frozen=True):
+    version: str
+    pid: int
+    uid: int
+    uptime: float
+    socket: str
+    state_dir: str
+    libkrun: str | None
+    libkrun_problem: str | None
+    checks: list[CheckInfo]
+    counts: dict[str, int]
+    limits: LimitsInfo
+
+
+class LogsResult(Result, frozen=True):
+    data: str
+    offset: int
+
+
+class MetricsResult(Result, frozen=True):
+    pid: int
+    rss_bytes: int
+    cpu_seconds: float
+    uptime: float
+
+
+class Subscription(Result, frozen=True):
+    seq: int
+
+
+class EventParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Params of the `event` notification the daemon sends to subscribers."""
+
+    event: Event
+
+
+class MethodSpec(msgspec.Struct, frozen=True):
+    name: str
+    params: type[Spec]
+    result: Any
+    summary: str
+
+
+_M = MethodSpec
+
+METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
+    _M("daemon.ping", NoParams, str, "Answers \"pong\": the daemon is alive and serving."),
+    _M("daemon.info", NoParams, DaemonInfo,
+       "Version, pid, uptime, libkrun and KVM checks, counts by state, limits."),
+    _M("sandbox.create", LaunchSpec, SandboxInfo, "Record a sandbox without starting it."),
+    _M("sandbox.run", LaunchSpec, SandboxInfo,
+       "Create and start; answers once the worker is entering libkrun."),
+    _M("sandbox.start", StartSandboxParams, SandboxInfo,
+       "Start a created or ended sandbox; answers once the worker is entering libkrun."),
+    _M("sandbox.stop", StopSandboxParams, SandboxInfo,
+       "SIGTERM, then SIGKILL after `timeout` seconds; answers after the run ended."),
+    _M("sandbox.kill", KillSandboxParams, SandboxInfo, "Send a signal to the worker."),
+    _M("sandbox.restart", RestartSandboxParams, SandboxInfo, "Stop (if running), then start."),
+    _M("sandbox.remove", RemoveSandboxParams, SandboxInfo,
+       "Delete the record; a live sandbox only with `force` (stopped first)."),
+    _M("sandbox.get", NameParams, SandboxInfo, "One sandbox."),
+    _M("sandbox.list", ListSandboxParams, SandboxList,
+       "Sandboxes visible to the caller, filtered by `state` and `label` (`k=v`)."),
+    _M("sandbox.wait", WaitSandboxParams, SandboxInfo, "Answers once the current run ended."),
+    _M("sandbox.touch", NameParams, SandboxInfo, "Count as activity: moves the idle deadline."),
+    _M("sandbox.logs", LogsSandboxParams, LogsResult,
+       "Console output from `offset` (bytes) or the last `tail` lines."),
+    _M("sandbox.metrics", NameParams, MetricsResult, "Resource use of the worker process."),
+    _M("events.subscribe", SubscribeEventsParams, Subscription,
+       "Replay events after `since`, then send live `event` notifications."),
+    _M("rpc.discover", NoParams, dict[str, Any], "This API as an OpenRPC document."),
+]}
+
+NOTIFICATIONS: Final[dict[str, type[msgspec.Struct]]] = {"event": EventParams}
+

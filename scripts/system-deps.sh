@@ -1,0 +1,23 @@
+#!/bin/sh
+# Install the Debian packages msbd's demo and tests need, when they are missing:
+# gcc/make (to build the libkrun test double), busybox-static (the sandboxes'
+# root filesystem in tests and the demo), systemd (systemd-analyze and
+# systemd-socket-activate for the unit tests). Needs root when anything is missing.
+set -eu
+missing=""
+command -v gcc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+command -v make >/dev/null 2>&1 || missing="$missing make"
+dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+command -v systemd-socket-activate >/dev/null 2>&1 || missing="$missing systemd"
+if [ -n "$missing" ]; then
+    echo "installing Debian packages:$missing" >&2
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "error: not root; install them yourself: apt-get install$missing" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
