@@ -1,0 +1,296 @@
+"""One deadline scheduler for every sandbox: a pure heap of deadlines and a thin anyio loop.
+
+How it works
+------------
+`Deadlines` holds at most one absolute monotonic deadline per (sandbox name,
+`TimerKind`). Setting a key again replaces its deadline (every console write
+moves IDLE later); the old heap entry is left in place and skipped when it
+surfaces (lazy invalidation), and the heap is rebuilt from the live entries
+once stale entries outnumber them. So set, cancel and pop are O(log n)
+amortised for thousands of sandboxes. A deadline fires once: `pop_due`
+removes it. Ties fire in the order they were set. Nothing here reads a
+clock: every method takes the numbers.
+
+`Scheduler` is the I/O shell: one task waits until the earliest deadline or
+until a new deadline earlier than the one it waits for is set, then pops
+everything due by its clock and calls `fire(name, kind)` for each. It never
+fires early: a deadline fires only once `clock() >= deadline`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import heapq
+import math
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final, NamedTuple
+
+import anyio
+import anyio.abc
+
+
+class TimerKind(enum.StrEnum):
+    IDLE = "idle"
+    """No activity for the spec's `idle_timeout`: the run ends as `idle_timeout`."""
+    MAX_DURATION = "max_duration"
+    """The run reached the spec's `max_duration`: it ends as `max_duration`."""
+    HEARTBEAT = "heartbeat"
+    """Too many heartbeats missed: the run ends as `heartbeat_lost`."""
+    KILL_GRACE = "kill_grace"
+    """The grace after SIGTERM is over: the worker gets SIGKILL."""
+
+
+class Due(NamedTuple):
+    name: str
+    kind: TimerKind
+    deadline: float
+
+
+# --- policy: when each deadline falls -----------------------------------------
+
+
+def idle_deadline(last_activity: float, idle_timeout: float | None) -> float | None:
+    """The idle deadline: `idle_timeout` seconds after the last activity, if there is one."""
+    if idle_timeout is None:
+        return None
+    _check_timeout("idle_timeout", idle_timeout)
+    return last_activity + idle_timeout
+
+
+def max_duration_deadline(started: float, max_duration: float | None) -> float | None:
+    """The hard limit: `max_duration` seconds after the run started, if there is one."""
+    if max_duration is None:
+        return None
+    _check_timeout("max_duration", max_duration)
+    return started + max_duration
+
+
+def heartbeat_deadline(last_beat: float, interval: float, misses: int) -> float:
+    """When the run counts as lost if no heartbeat arrives after `last_beat`.
+
+    Heartbeats are due every `interval` seconds. `misses` is how many of them
+    in a row may go missing; the run is lost when the one after those is due
+    too, i.e. at `last_beat + interval * (misses + 1)`. With `misses=0` the
+    very next beat must be on time (no slack at all; not a useful setting).
+    """
+    if not interval > 0 or math.isinf(interval):
+        raise ValueError(f"heartbeat interval must be positive and finite, got {interval!r}")
+    if misses < 0:
+        raise ValueError(f"heartbeat misses must be >= 0, got {misses!r}")
+    return last_beat + interval * (misses + 1)
+
+
+def grace_deadline(now: float, grace: float) -> float:
+    """When SIGKILL follows a SIGTERM sent at `now` with `grace` seconds to shut down."""
+    _check_timeout("grace", grace)
+    return now + grace
+
+
+def _check_timeout(what: str, timeout: float) -> None:
+    if not timeout >= 0:  # also refuses NaN
+        raise ValueError(f"{what} must be >= 0 seconds, got {timeout!r}")
+
+
+# --- the pure core --------------------------------------------------------------
+
+_Key = tuple[str, TimerKind]
+_MIN_COMPACT: Final = 64
+
+
+class Deadlines:
+    """At most one deadline per (name, kind), earliest first. No clock, no I/O."""
+
+    def __init__(self) -> None:
+        # Live deadlines: key -> (deadline, seq); a heap entry is live iff its seq matches.
+        self._live: dict[_Key, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, str, TimerKind]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    @property
+    def stored(self) -> int:
+        """Heap entries held, live and stale: never more than `max(2 * len(self), 64)`."""
+        return len(self._heap)
+
+    def set(self, name: str, kind: TimerKind, deadline: float) -> None:
+        """Set (or move, earlier or later) the deadline of (name, kind)."""
+        if math.isnan(deadline):
+            raise ValueError("a deadline cannot be NaN")
+        self._seq += 1
+        self._live[name, kind] = (deadline, self._seq)
+        heapq.heappush(self._heap, (deadline, self._seq, name, kind))
+        self._maybe_compact()
+
+    def cancel(self, name: str, kind: TimerKind) -> None:
+        """Forget the deadline of (name, kind), if any."""
+        if self._live.pop((name, kind), None) is not None:
+            self._maybe_compact()
+
+    def cancel_all(self, name: str) -> None:
+        """Forget every deadline of sandbox `name`."""
+        for kind in TimerKind:
+            self._live.pop((name, kind), None)
+        self._maybe_compact()
+
+    def get(self, name: str, kind: TimerKind) -> float | None:
+        live = self._live.get((name, kind))
+        return None if live is None else live[0]
+
+    def next_deadline(self) -> float | None:
+        """The earliest live deadline, or None if there is none."""
+        self._drop_stale_top()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float) -> list[Due]:
+        """Remove and return every deadline `<= now`, earliest first, ties in set order."""
+        due: list[Due] = []
+        heap, live = self._heap, self._live
+        while heap and heap[0][0] <= now:
+            deadline, seq, name, kind = heapq.heappop(heap)
+            current = live.get((name, kind))
+            if current is not None and current[1] == seq:
+                del live[name, kind]
+                due.append(Due(name, kind, deadline))
+        self._maybe_compact()
+        return due
+
+    def _drop_stale_top(self) -> None:
+        heap, live = self._heap, self._live
+        while heap:
+            _, seq, name, kind = heap[0]
+            current = live.get((name, kind))
+            if current is not None and current[1] == seq:
+                return
+            heapq.heappop(heap)
+
+    def _maybe_compact(self) -> None:
+        # Stale entries outnumber live ones: rebuild from the live set (O(n),
+        # after at least n stale operations, so O(1) amortised).
+        if len(self._heap) > _MIN_COMPACT and len(self._heap) > 2 * len(self._live):
+            self._heap = [(d, seq, name, kind) for (name, kind), (d, seq) in self._live.items()]
+            heapq.heapify(self._heap)
+
+
+# --- the async shell ------------------------------------------------------------
+
+Fire = Callable[[str, TimerKind], Awaitable[None] | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lateness:
+    """How late deadlines fired (`fired_at - deadline`, seconds).
+
+    `fired`, `mean` and `max` cover every deadline fired; the percentiles
+    cover the most recent samples only (`lateness_samples`).
+    """
+
+    fired: int
+    mean: float
+    max: float
+    p50: float
+    p99: float
+
+
+class Scheduler:
+    """Runs `Deadlines` against a monotonic clock: one task for all sandboxes.
+
+    `set`, `cancel` and `cancel_all` may be called at any time from the
+    event loop's thread, before or while `run` runs.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic,
+                 max_samples: int = 4096) -> None:
+        self._deadlines = Deadlines()
+        self._clock = clock
+        self._changed: anyio.Event | None = None
+        # The deadline the loop is waiting for; -inf while it is not waiting
+        # (it will look at the heap again anyway), +inf when there is none.
+        self._waiting_for = -math.inf
+        self._samples: collections.deque[float] = collections.deque(maxlen=max_samples)
+        self._fired = 0
+        self._late_total = 0.0
+        self._late_max = 0.0
+
+    def now(self) -> float:
+        return self._clock()
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def set(self, name: str, kind: TimerKind, deadline: float) -> None:
+        """Set or move a deadline; wakes the loop only if it now has to fire sooner."""
+        self._deadlines.set(name, kind, deadline)
+        if deadline < self._waiting_for and self._changed is not None:
+            self._changed.set()
+
+    def cancel(self, name: str, kind: TimerKind) -> None:
+        self._deadlines.cancel(name, kind)
+
+    def cancel_all(self, name: str) -> None:
+        self._deadlines.cancel_all(name)
+
+    def get(self, name: str, kind: TimerKind) -> float | None:
+        return self._deadlines.get(name, kind)
+
+    async def run(self, fire: Fire, *,
+                  task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Fire deadlines as they fall due, until cancelled.
+
+        `fire(name, kind)` is called once per due deadline, in deadline order,
+        from this task. It must not block: it should record the fact or start
+        the work in a task group its caller owns (`tg.start_soon`). If it
+        returns an awaitable, that is awaited before the next deadline fires.
+        An exception from `fire` ends `run` with that exception.
+        """
+        if self._changed is not None:
+            raise RuntimeError("Scheduler.run is already running")
+        self._changed = anyio.Event()
+        task_status.started()
+        try:
+            while True:
+                for due in self._deadlines.pop_due(self._clock()):
+                    self._record(self._clock() - due.deadline)
+                    result = fire(due.name, due.kind)
+                    if result is not None:
+                        await result
+                # No await from here to the wait: a `set` cannot slip between.
+                self._changed = anyio.Event()
+                deadline = self._deadlines.next_deadline()
+                if deadline is None:
+                    self._waiting_for = math.inf
+                    await self._changed.wait()
+                else:
+                    delay = deadline - self._clock()
+                    if delay <= 0:
+                        continue
+                    self._waiting_for = deadline
+                    with anyio.move_on_after(delay):
+                        await self._changed.wait()
+                self._waiting_for = -math.inf
+        finally:
+            self._changed = None
+            self._waiting_for = -math.inf
+
+    def lateness_samples(self) -> list[float]:
+        """The most recent `fired_at - deadline` samples (at most `max_samples`), oldest first."""
+        return list(self._samples)
+
+    def lateness(self) -> Lateness:
+        samples = sorted(self._samples)
+        if not samples:
+            return Lateness(0, 0.0, 0.0, 0.0, 0.0)
+        p99 = samples[min(len(samples) - 1, math.ceil(0.99 * len(samples)) - 1)]
+        return Lateness(self._fired, self._late_total / self._fired, self._late_max,
+                        statistics.median(samples), p99)
+
+    def _record(self, late: float) -> None:
+        self._samples.append(late)
+        self._fired += 1
+        self._late_total += late
+        self._late_max = max(self._late_max, late)
