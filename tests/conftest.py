@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from daemonproc import DaemonProc
 
 TESTS = Path(__file__).resolve().parent
 FAKEKRUN_DIR = TESTS / "fakekrun"
@@ -52,3 +55,47 @@ def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("tmp", "proc", "dev", "etc", "work"):
         (root / d).mkdir(exist_ok=True)
     return root
+
+
+@pytest.fixture
+def make_daemon(sock_dir: Path) -> Iterator[Callable[..., DaemonProc]]:
+    """Factory of real daemons in `sock_dir`; every one is stopped at the end of the test."""
+    started: list[DaemonProc] = []
+
+    def make(*, libkrun: Path | None = None, settings: dict[str, Any] | None = None,
+             env: dict[str, str] | None = None, start: bool = True, name: str = "d"
+             ) -> DaemonProc:
+        base = sock_dir / name
+        base.mkdir(exist_ok=True)
+        daemon = DaemonProc(base, libkrun=libkrun, settings=settings, env=env)
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop(sig=signal.SIGKILL)
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., DaemonProc]) -> DaemonProc:
+    """A daemon with no libkrun configured: the control API without launches."""
+    return make_daemon()
+
+
+@pytest.fixture
+def kdaemon(make_daemon: Callable[..., DaemonProc], fakekrun: Path) -> DaemonProc:
+    """A daemon that launches workers with the libkrun test double."""
+    return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Whatever fds the test runner's own parent leaked must not reach the processes
+    the tests start: the worker reports inherited fds as a leak, and so do the tests."""
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass

@@ -1,0 +1,71 @@
+"""The worker: one process per sandbox run, checks its fds, then becomes the VM.
+
+`python -m msbd.vm` is started by the daemon with exactly this fd map::
+
+    0   /dev/null
+    1,2 write end of the console pipe (the sandbox's log)
+    96  the launch spec: JSON of `msbd.model.WorkerSpec`, a memfd or a pipe
+        whose write end the daemon has closed (secrets never go on argv)
+    97  read end of the watchdog pipe, not close-on-exec; EOF = daemon gone
+    98  write end of the status pipe
+
+It checks those fds, closes every other fd, reads and checks the spec, loads
+libkrun (`WorkerSpec.libkrun`, then `$MSBD_LIBKRUN`, then `libkrun.so.1`),
+configures it and calls `krun_start_enter`, which never returns: the guest runs
+in this process and libkrun exits with the workload's exit status.
+
+Status pipe (fd 98), one ASCII line per message, each written with a single
+`write` (so lines are never interleaved):
+
+    entering          configuration done; the next call is krun_start_enter
+    heartbeat         every `heartbeat_interval` seconds after `entering`
+    error <text>      why the worker is about to exit; at most one, always
+                      before the worker's own exit statuses 2-5 below
+
+Exit statuses (`WorkerExit`). Statuses 2-5 come with one `msbd-worker: ...`
+line on stderr and, when fd 98 itself is usable, the same text as an `error`
+line; that line (not the number) is what tells them from a workload's status.
+Before `entering` only 2-4 are possible; after it, the workload's status, 5,
+6 or 128+n:
+
+    0-255   the workload's exit status (libkrun exits with it)
+    1       also: an unexpected error in the worker itself (a traceback on
+            stderr, no `error` line) - a bug to report
+    2       an fd or spec check failed (also: a bad command line)
+    3       no usable libkrun: every place looked is named on stderr
+    4       a libkrun configuration call failed (the error names the call)
+    5       krun_start_enter returned: libkrun refused to start the VM
+    6       forced exit: the daemon went away (EOF on fd 97) and the guest
+            did not stop within `shutdown_grace` seconds
+    128+n   forced exit after signal n (143 for SIGTERM, 130 for SIGINT): the
+            guest did not stop within `shutdown_grace` seconds. A second
+            SIGTERM/SIGINT forces the exit at once.
+
+When libkrun offers no shutdown eventfd there is no way to ask the guest to
+stop in order, so a signal or EOF on fd 97 exits at once with 128+n or 6.
+
+By hand (bash), with the spec in a file and seed-syntax extras that add to or
+replace (same id/tag) the spec's disks and mounts:
+
+    python -m msbd.vm --spec-file s.json --disk d:/img/d.qcow2:qcow2:ro 97< <(sleep inf) 98> >(cat)
+
+`python -m msbd.vm doctor [--json] [--libkrun PATH]` checks the host instead.
+This package imports only the stdlib, msgspec, `msbd.model` and `msbd.errors`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class WorkerExit(enum.IntEnum):
+    """The worker's own exit statuses (see the module docstring)."""
+
+    CHECK_FAILED = 2
+    NO_LIBKRUN = 3
+    CONFIG_FAILED = 4
+    START_RETURNED = 5
+    DAEMON_GONE = 6
+
+
+SIGNAL_EXIT_BASE = 128

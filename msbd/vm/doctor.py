@@ -1,0 +1,148 @@
+"""`python -m msbd.vm doctor`: can this host launch a sandbox, and if not, what to do."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from msbd.vm import krun
+
+KVM_DEVICE: Final = "/dev/kvm"
+
+
+class Check(msgspec.Struct, frozen=True, kw_only=True):
+    """One check; the same fields as `msbd.rpc.methods.CheckInfo`."""
+
+    name: str
+    ok: bool
+    detail: str
+    hint: str | None = None
+
+
+class Report(msgspec.Struct, frozen=True, kw_only=True):
+    checks: list[Check]
+    libkrun: str | None
+    libkrun_problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+def virt_flags(cpuinfo: str) -> set[str]:
+    """The hardware virtualization flags (`vmx`, `svm`) in /proc/cpuinfo's text."""
+    found: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            found |= {"vmx", "svm"} & set(value.split())
+    return found
+
+
+def check_cpu(cpuinfo: str) -> Check:
+    if flags := virt_flags(cpuinfo):
+        return Check(name="virtualization", ok=True,
+                     detail=f"the CPU has hardware virtualization ({', '.join(sorted(flags))})")
+    return Check(name="virtualization", ok=False,
+                 detail="no vmx/svm flag in /proc/cpuinfo: no hardware virtualization",
+                 hint="run on bare metal, or enable nested virtualization for this VM")
+
+
+def check_kvm_device(path: str = KVM_DEVICE) -> Check:
+    if not os.path.exists(path):
+        return Check(name="kvm_device", ok=False, detail=f"{path} does not exist",
+                     hint="load kvm_intel or kvm_amd (modprobe), or enable KVM in the host")
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return Check(name="kvm_device", ok=False,
+                     detail=f"{path} is not read/write for uid {os.getuid()}: {exc.strerror}",
+                     hint=f"add this user to the group owning {path} (usually `kvm`)")
+    return Check(name="kvm_device", ok=True, detail=f"{path} opens read/write")
+
+
+def pvm_loaded(sys_module: Path = Path("/sys/module"),
+               proc_modules: Path = Path("/proc/modules")) -> bool:
+    """Whether /dev/kvm is served by kvm_pvm (a paravirtual hypervisor inside a VM)."""
+    if (sys_module / "kvm_pvm").exists():
+        return True
+    try:
+        text = proc_modules.read_text()
+    except OSError:
+        return False
+    return any(line.split(maxsplit=1)[:1] == ["kvm_pvm"] for line in text.splitlines())
+
+
+def check_kvm_module(pvm: bool) -> Check:
+    if pvm:
+        return Check(name="kvm_module", ok=False,
+                     detail="/dev/kvm is served by kvm_pvm, which cannot boot an unmodified "
+                            "guest kernel (guests die with KVM_EXIT_INTERNAL_ERROR)",
+                     hint="run on a host with hardware virtualization (kvm_intel/kvm_amd)")
+    return Check(name="kvm_module", ok=True, detail="/dev/kvm is not served by kvm_pvm")
+
+
+def check_libkrun(configured: str | None) -> tuple[Check, str | None, str | None]:
+    """(check, path, problem): actually loads libkrun in the worker's lookup order."""
+    try:
+        lib = krun.load(configured)
+    except krun.LibraryNotLoadable as exc:
+        return (Check(name="libkrun", ok=False, detail=str(exc),
+                      hint=f"install libkrun ({krun.SONAME}) or set ${krun.ENV_VAR} "
+                           "or the daemon's libkrun setting to its path"),
+                None, str(exc))
+    detail = f"loaded {lib.path}"
+    if lib.test_double:
+        detail += " (msbd's libkrun TEST DOUBLE from tests/fakekrun: it runs no VM)"
+    return Check(name="libkrun", ok=True, detail=detail), lib.path, None
+
+
+def check_libkrunfw() -> Check:
+    try:
+        path = krun.load_libkrunfw()
+    except krun.LibraryNotLoadable as exc:
+        return Check(name="libkrunfw", ok=False, detail=str(exc),
+                     hint="install libkrunfw where the dynamic loader finds it "
+                          "(ldconfig, or LD_LIBRARY_PATH in the daemon's environment)")
+    return Check(name="libkrunfw", ok=True, detail=f"loaded {path}")
+
+
+def run_checks(libkrun: str | None) -> Report:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    lib_check, path, problem = check_libkrun(libkrun)
+    checks = [check_cpu(cpuinfo), check_kvm_device(), check_kvm_module(pvm_loaded()),
+              lib_check, check_libkrunfw()]
+    return Report(checks=checks, libkrun=path, libkrun_problem=problem)
+
+
+def render(report: Report) -> str:
+    lines: list[str] = []
+    for c in report.checks:
+        lines.append(f"{'ok' if c.ok else 'PROBLEM':8} {c.name}: {c.detail}")
+        if not c.ok and c.hint:
+            lines.append(f"{'':8} what to do: {c.hint}")
+    lines.append("ready to launch sandboxes" if report.ok else "not ready to launch sandboxes")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    """Exit 0 when everything needed to launch is fine, 1 otherwise."""
+    p = argparse.ArgumentParser(prog="python -m msbd.vm doctor",
+                                description="check that this host can launch sandboxes")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.add_argument("--libkrun", metavar="PATH", help="the libkrun to try first")
+    opts = p.parse_args(argv)
+    report = run_checks(opts.libkrun)
+    out = msgspec.json.encode(report) + b"\n" if opts.json else render(report).encode()
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    return 0 if report.ok else 1

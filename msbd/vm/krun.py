@@ -1,0 +1,215 @@
+"""libkrun through ctypes (the only ctypes user): one symbol table, lookup, errno translation."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, NamedTuple
+
+from msbd.errors import KrunError, MsbdError
+from msbd.model import DiskFormat
+
+SONAME: Final = "libkrun.so.1"
+LIBKRUNFW_SONAMES: Final = ("libkrunfw.so.5", "libkrunfw.so.4")
+ENV_VAR: Final = "MSBD_LIBKRUN"
+
+_StrArray = ctypes.POINTER(ctypes.c_char_p)
+_u32, _u8, _u64 = ctypes.c_uint32, ctypes.c_uint8, ctypes.c_uint64
+_str, _bool, _i32 = ctypes.c_char_p, ctypes.c_bool, ctypes.c_int32
+
+
+class Symbol(NamedTuple):
+    name: str
+    argtypes: tuple[Any, ...]
+    restype: Any
+    optional: bool = False
+
+
+# Every libkrun function the worker calls, with its C signature (LIBKRUN-ABI.md).
+SYMBOLS: Final = (
+    Symbol("krun_set_log_level", (_u32,), _i32),
+    Symbol("krun_create_ctx", (), _i32),
+    Symbol("krun_set_vm_config", (_u32, _u8, _u32), _i32),
+    Symbol("krun_set_root", (_u32, _str), _i32),
+    Symbol("krun_add_disk", (_u32, _str, _str, _bool), _i32, optional=True),
+    Symbol("krun_add_disk2", (_u32, _str, _str, _u32, _bool), _i32, optional=True),
+    Symbol("krun_add_virtiofs", (_u32, _str, _str), _i32),
+    Symbol("krun_add_virtiofs3", (_u32, _str, _str, _u64, _bool), _i32, optional=True),
+    Symbol("krun_set_workdir", (_u32, _str), _i32),
+    Symbol("krun_set_exec", (_u32, _str, _StrArray, _StrArray), _i32),
+    Symbol("krun_get_shutdown_eventfd", (_u32,), _i32, optional=True),
+    Symbol("krun_start_enter", (_u32,), _i32),
+)
+
+
+class LibraryNotLoadable(MsbdError):
+    """No usable library was found; `tried` says where it looked and what went wrong."""
+
+    def __init__(self, what: str, tried: list[str]) -> None:
+        super().__init__(f"{what} not loadable; tried: " + "; ".join(tried),
+                         data={"tried": tried})
+        self.tried = tried
+
+
+def _b(text: str) -> bytes:
+    return os.fsencode(text)
+
+
+def _strv(items: Sequence[str]) -> Any:
+    """An explicit NULL-terminated `char *[]`: never NULL itself."""
+    return (ctypes.c_char_p * (len(items) + 1))(*[_b(s) for s in items], None)
+
+
+def _path_of(address: int | None) -> str | None:
+    """The file mapped at `address` in this process (/proc/self/maps)."""
+    if address is None:
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, _, high = fields[0].partition("-")
+                if len(fields) == 6 and int(low, 16) <= address < int(high, 16):
+                    return fields[5].strip()
+    except OSError:
+        return None
+    return None
+
+
+def candidates(configured: str | None, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(where it came from, name) in lookup order: setting, `$MSBD_LIBKRUN`, soname."""
+    found: list[tuple[str, str]] = []
+    if configured:
+        found.append(("the daemon's libkrun setting", configured))
+    if environ.get(ENV_VAR):
+        found.append((f"${ENV_VAR}", environ[ENV_VAR]))
+    found.append(("the soname", SONAME))
+    return found
+
+
+class Krun:
+    """A loaded libkrun. Each method is one C call; a negative return raises `KrunError`."""
+
+    def __init__(self, lib: ctypes.CDLL, name: str) -> None:
+        self.name = name
+        self._fns: dict[str, Any] = {}
+        for sym in SYMBOLS:
+            try:
+                fn = lib[sym.name]
+            except AttributeError:
+                continue
+            fn.argtypes = sym.argtypes
+            fn.restype = sym.restype
+            self._fns[sym.name] = fn
+        try:
+            lib["fakekrun_test_double"]
+        except AttributeError:
+            self.test_double = False
+        else:
+            self.test_double = True  # tests/fakekrun: records calls, runs no VM
+        first = self._fns.get("krun_create_ctx")
+        self.path = _path_of(ctypes.cast(first, ctypes.c_void_p).value if first else None) or name
+
+    def missing(self) -> list[str]:
+        return [s.name for s in SYMBOLS if not s.optional and s.name not in self._fns]
+
+    def has(self, symbol: str) -> bool:
+        return symbol in self._fns
+
+    def _call(self, symbol: str, *args: Any) -> int:
+        fn = self._fns.get(symbol)
+        if fn is None:
+            raise KrunError(symbol, errno.ENOSYS, f"not in this libkrun ({self.path})")
+        ret = int(fn(*args))
+        if ret < 0:
+            raise KrunError(symbol, -ret, os.strerror(-ret))
+        return ret
+
+    def set_log_level(self, level: int) -> None:
+        self._call("krun_set_log_level", level)
+
+    def create_ctx(self) -> int:
+        return self._call("krun_create_ctx")
+
+    def set_vm_config(self, ctx: int, vcpus: int, memory_mib: int) -> None:
+        self._call("krun_set_vm_config", ctx, vcpus, memory_mib)
+
+    def set_root(self, ctx: int, path: str) -> None:
+        self._call("krun_set_root", ctx, _b(path))
+
+    def add_disk(self, ctx: int, block_id: str, path: str, fmt: DiskFormat,
+                 readonly: bool) -> None:
+        """`krun_add_disk2` with the explicit format; `krun_add_disk` only for raw."""
+        if self.has("krun_add_disk2"):
+            self._call("krun_add_disk2", ctx, _b(block_id), _b(path), fmt.krun_code, readonly)
+        elif fmt is DiskFormat.RAW and self.has("krun_add_disk"):
+            self._call("krun_add_disk", ctx, _b(block_id), _b(path), readonly)
+        else:
+            raise KrunError("krun_add_disk2", errno.ENOSYS,
+                            f"not in this libkrun ({self.path}), and krun_add_disk only "
+                            f"takes raw images: disk {block_id!r} is {fmt.value}")
+
+    def add_virtiofs(self, ctx: int, tag: str, path: str, readonly: bool) -> None:
+        """A shared directory; read-only needs `krun_add_virtiofs3` (never silently rw)."""
+        if readonly:
+            self._call("krun_add_virtiofs3", ctx, _b(tag), _b(path), 0, True)
+        else:
+            self._call("krun_add_virtiofs", ctx, _b(tag), _b(path))
+
+    def set_workdir(self, ctx: int, workdir: str) -> None:
+        self._call("krun_set_workdir", ctx, _b(workdir))
+
+    def set_exec(self, ctx: int, exec_path: str, args: Sequence[str], env: Sequence[str]) -> None:
+        """`args` are the arguments after the program name; `env` KEY=VALUE, exactly."""
+        self._call("krun_set_exec", ctx, _b(exec_path), _strv(args), _strv(env))
+
+    def shutdown_eventfd(self, ctx: int) -> int | None:
+        """The eventfd that asks the guest to stop in order, if this libkrun has one."""
+        if not self.has("krun_get_shutdown_eventfd"):
+            return None
+        return self._call("krun_get_shutdown_eventfd", ctx)
+
+    def start_enter(self, ctx: int) -> KrunError:
+        """Hand the process to libkrun. It only comes back with the error that stopped it."""
+        try:
+            ret = self._call("krun_start_enter", ctx)
+        except KrunError as exc:
+            return exc
+        return KrunError("krun_start_enter", 0, f"returned {ret} without starting the VM")
+
+
+def load(configured: str | None, environ: Mapping[str, str] | None = None) -> Krun:
+    """The first usable libkrun in lookup order, or `LibraryNotLoadable` naming each try."""
+    tried: list[str] = []
+    env = os.environ if environ is None else environ
+    for source, name in candidates(configured, env):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as exc:
+            tried.append(f"{name} ({source}): {exc}")
+            continue
+        krun = Krun(lib, name)
+        if missing := krun.missing():
+            tried.append(f"{name} ({source}): not a usable libkrun, lacks {', '.join(missing)}")
+            continue
+        return krun
+    raise LibraryNotLoadable("libkrun", tried)
+
+
+def load_libkrunfw() -> str:
+    """Where libkrunfw (the guest kernel libkrun loads by soname) is, or `LibraryNotLoadable`."""
+    tried: list[str] = []
+    for name in LIBKRUNFW_SONAMES:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as exc:
+            tried.append(f"{name}: {exc}")
+            continue
+        try:
+            address = ctypes.cast(lib["krunfw_get_kernel"], ctypes.c_void_p).value
+        except AttributeError:
+            address = None
+        return _path_of(address) or name
+    raise LibraryNotLoadable("libkrunfw", tried)

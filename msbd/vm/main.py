@@ -1,0 +1,127 @@
+"""The worker's main line: fds → spec → libkrun → `entering` → krun_start_enter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from msbd.errors import FdCheckFailed, InvalidParams, KrunError
+from msbd.model import WorkerSpec
+from msbd.vm import WorkerExit, fds, guard, krun, spec
+from msbd.vm.status import ENTERING, StatusPipe, error_line, say
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["doctor"]:
+        from msbd.vm import doctor
+
+        return doctor.main(args[1:])
+    return run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m msbd.vm",
+        description="msbd's worker: check the inherited fds 96/97/98, read the launch "
+                    "spec, and become the VM. `python -m msbd.vm doctor` checks the host.")
+    p.add_argument("--spec-file", metavar="PATH",
+                   help="read the spec from this file instead of fd 96 (manual debugging)")
+    p.add_argument("--disk", action="append", default=[], metavar="ID:HOST:FORMAT[:ro]",
+                   help="add a disk, or replace the spec's disk with that id (repeatable)")
+    p.add_argument("--mount", action="append", default=[], metavar="TAG:HOST[:ro]",
+                   help="add a shared directory, or replace the one with that tag (repeatable)")
+    p.add_argument("--libkrun", metavar="PATH", help="the libkrun to load (overrides the spec)")
+    return p
+
+
+def _fail(status: int, message: str, pipe: StatusPipe | None) -> int:
+    """One line on stderr, the same as an `error` line on fd 98 when it is usable."""
+    if pipe is not None:
+        pipe.send(error_line(message))
+    say(message)
+    return status
+
+
+def run(argv: Sequence[str]) -> int:
+    opts = _parser().parse_args(argv)
+    keep = {*fds.STDIO_FDS, fds.WATCHDOG_FD, fds.STATUS_FD}
+    if opts.spec_file is None:
+        keep.add(fds.SPEC_FD)
+    leaked = fds.close_other_fds(keep)
+    guard.block_signals()
+    if leaked:
+        say(f"closed {len(leaked)} inherited fd(s) that should not have been passed on: "
+            f"{', '.join(map(str, leaked))}")
+
+    try:
+        fds.check_status_fd(fds.STATUS_FD)
+    except FdCheckFailed as exc:
+        return _fail(WorkerExit.CHECK_FAILED, str(exc), None)
+    pipe = StatusPipe(fds.STATUS_FD)
+    try:
+        fds.check_watchdog_fd(fds.WATCHDOG_FD)
+        if opts.spec_file is None:
+            fds.check_spec_fd(fds.SPEC_FD)
+    except FdCheckFailed as exc:
+        return _fail(WorkerExit.CHECK_FAILED, str(exc), pipe)
+
+    try:
+        worker_spec = _read_spec(opts)
+    except InvalidParams as exc:
+        return _fail(WorkerExit.CHECK_FAILED, f"spec: {exc}", pipe)
+    finally:
+        if opts.spec_file is None:
+            os.close(fds.SPEC_FD)  # the spec may hold secrets: no guest ever sees it
+    fds.set_cloexec(fds.WATCHDOG_FD)
+    fds.set_cloexec(fds.STATUS_FD)
+
+    try:
+        lib = krun.load(worker_spec.libkrun)
+    except krun.LibraryNotLoadable as exc:
+        return _fail(WorkerExit.NO_LIBKRUN, str(exc), pipe)
+    try:
+        ctx, eventfd = configure(lib, worker_spec)
+    except KrunError as exc:
+        return _fail(WorkerExit.CONFIG_FAILED, str(exc), pipe)
+
+    pipe.send(ENTERING)  # first, so no heartbeat can come before it
+    guard.start(watchdog_fd=fds.WATCHDOG_FD, status=pipe,
+                heartbeat_interval=worker_spec.heartbeat_interval,
+                shutdown=guard.Shutdown(worker_spec.shutdown_grace, eventfd))
+    error = lib.start_enter(ctx)
+    return _fail(WorkerExit.START_RETURNED, str(error), pipe)
+
+
+def _read_spec(opts: argparse.Namespace) -> WorkerSpec:
+    try:
+        data = (spec.read_spec_fd(fds.SPEC_FD) if opts.spec_file is None
+                else spec.read_spec_file(opts.spec_file))
+    except OSError as exc:
+        raise InvalidParams(f"cannot read it: {exc}") from None
+    decoded = spec.decode_spec(data)
+    if opts.disk or opts.mount or opts.libkrun:
+        decoded = spec.with_overrides(decoded, disks=opts.disk, mounts=opts.mount,
+                                      libkrun=opts.libkrun)
+    return decoded
+
+
+def configure(lib: krun.Krun, s: WorkerSpec) -> tuple[int, int | None]:
+    """Every configuring call, in order; returns the context and the shutdown eventfd."""
+    lib.set_log_level(s.log_level)
+    ctx = lib.create_ctx()
+    lib.set_vm_config(ctx, s.vcpus, s.memory_mib)
+    if s.rootfs is not None:
+        lib.set_root(ctx, s.rootfs)
+    elif s.root_disk is not None:
+        lib.add_disk(ctx, "root", s.root_disk.path, s.root_disk.format, s.root_disk.readonly)
+    for mount in s.mounts:
+        lib.add_virtiofs(ctx, mount.tag, mount.host, mount.readonly)
+    for disk in s.disks:
+        lib.add_disk(ctx, disk.id, disk.host, disk.format, disk.readonly)
+    if s.workdir is not None:
+        lib.set_workdir(ctx, s.workdir)
+    lib.set_exec(ctx, s.exec, s.args, spec.guest_env(s))
+    return ctx, lib.shutdown_eventfd(ctx)

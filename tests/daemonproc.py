@@ -1,0 +1,150 @@
+"""A real msbd daemon process for tests, made ready by its own READY=1 notification."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from msbd.rpc.client import Client
+
+START_TIMEOUT = 30.0
+
+
+class DaemonProc:
+    """`msbd serve` as a child process; readiness and shutdown are facts, not sleeps."""
+
+    def __init__(self, base: Path, *, libkrun: Path | None = None,
+                 settings: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.base = base
+        self.socket = base / "msbd.sock"
+        self.state_dir = base / "state"
+        self.libkrun = libkrun
+        self.settings = dict(settings or {})
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr_path = base / "daemon.stderr"
+        self.notify_path = base / "notify.sock"
+        self._notify: socket.socket | None = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "msbd.cli", "serve", "--socket", str(self.socket),
+                "--state-dir", str(self.state_dir), "--log-level", "debug"]
+        if self.libkrun is not None:
+            argv += ["--libkrun", str(self.libkrun)]
+        if self.settings:
+            config = self.base / "msbd.toml"
+            config.write_text("".join(f"{k} = {_toml(v)}\n" for k, v in self.settings.items()))
+            argv += ["--config", str(config)]
+        return argv
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MSBD_", "NOTIFY_",
+                                                                         "LISTEN_"))}
+        env["NOTIFY_SOCKET"] = str(self.notify_path)
+        env.update(self.extra_env)
+        return env
+
+    def start(self, *, wait: bool = True) -> DaemonProc:
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.notify_path.unlink()
+        self._notify.bind(str(self.notify_path))
+        self.proc = subprocess.Popen(self.argv(), env=self.environ(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=self.stderr_path.open("ab"))
+        if wait:
+            self.wait_ready()
+        return self
+
+    def notifications(self, timeout: float = START_TIMEOUT) -> Iterator[str]:
+        """Each datagram the daemon sends to NOTIFY_SOCKET, as text."""
+        assert self._notify is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no notification within {timeout}s; stderr:\n{self.stderr()}")
+            self._notify.settimeout(remaining)
+            try:
+                yield self._notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        for message in self.notifications():
+            if "READY=1" in message.split("\n"):
+                return
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"msbd exited {self.proc.returncode}:\n{self.stderr()}")
+
+    def stop(self, *, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+        return code
+
+    def restart(self) -> DaemonProc:
+        self.stop()
+        return self.start()
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    # --- calls ----------------------------------------------------------------------
+
+    def client(self, timeout: float | None = 60.0) -> Client:
+        from msbd.rpc.client import Client
+
+        return Client(str(self.socket), timeout=timeout)
+
+    def call(self, method: str, params: Any = None) -> Any:
+        with self.client() as c:
+            return c.call(method, params)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'"{k}" = {_toml(v)}' for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def raw_exchange(path: Path, payload: bytes, *, timeout: float = 30.0) -> bytes:
+    """Send bytes on a fresh connection, read one reply line (b"" if the server closed)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(payload)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        return buf

@@ -1,0 +1,109 @@
+"""krun.py against the libkrun test double, in process (never krun_start_enter here)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msbd.errors import KrunError
+from msbd.model import DiskFormat
+from msbd.vm import krun
+
+
+@pytest.fixture
+def lib(fakekrun: Path) -> krun.Krun:
+    return krun.load(str(fakekrun), environ={})
+
+
+@pytest.fixture
+def log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKEKRUN_LOG", str(path))
+    return path
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(("configured", "env", "expected"), [
+    (None, {}, [("the soname", "libkrun.so.1")]),
+    ("/a.so", {}, [("the daemon's libkrun setting", "/a.so"), ("the soname", "libkrun.so.1")]),
+    (None, {"MSBD_LIBKRUN": "/b.so"}, [("$MSBD_LIBKRUN", "/b.so"),
+                                       ("the soname", "libkrun.so.1")]),
+    ("/a.so", {"MSBD_LIBKRUN": "/b.so"}, [("the daemon's libkrun setting", "/a.so"),
+                                          ("$MSBD_LIBKRUN", "/b.so"),
+                                          ("the soname", "libkrun.so.1")]),
+    (None, {"MSBD_LIBKRUN": ""}, [("the soname", "libkrun.so.1")]),
+])
+def test_lookup_order(configured: str | None, env: dict[str, str],
+                      expected: list[tuple[str, str]]) -> None:
+    assert krun.candidates(configured, env) == expected
+
+
+def test_setting_wins_over_env(fakekrun: Path) -> None:
+    lib = krun.load(str(fakekrun), environ={"MSBD_LIBKRUN": "/nonexistent.so"})
+    assert lib.path == str(fakekrun)
+    assert lib.test_double
+
+
+def test_not_loadable_names_each_try() -> None:
+    not_krun = "libm.so.6"  # loads fine, but is no libkrun
+    with pytest.raises(krun.LibraryNotLoadable) as info:
+        krun.load("/nonexistent/libkrun.so", environ={"MSBD_LIBKRUN": str(not_krun)})
+    tried = info.value.tried
+    assert len(tried) == 3
+    assert tried[0].startswith("/nonexistent/libkrun.so (the daemon's libkrun setting): ")
+    assert tried[1].startswith(f"{not_krun} ($MSBD_LIBKRUN): not a usable libkrun, lacks "
+                               "krun_set_log_level, krun_create_ctx")
+    assert tried[2].startswith("libkrun.so.1 (the soname): ")
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOENT, errno.EPERM, errno.ENOMEM])
+def test_negative_return_becomes_krun_error(lib: krun.Krun, log: Path,
+                                            monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    monkeypatch.setenv("FAKEKRUN_FAIL", f"krun_set_vm_config:{code}")
+    ctx = lib.create_ctx()
+    with pytest.raises(KrunError) as info:
+        lib.set_vm_config(ctx, 1, 64)
+    assert (info.value.symbol, info.value.errno) == ("krun_set_vm_config", code)
+    assert str(info.value) == f"krun_set_vm_config failed: {os.strerror(code)} (errno {code})"
+
+
+def test_unknown_context_is_an_error_from_the_library(lib: krun.Krun, log: Path) -> None:
+    with pytest.raises(KrunError) as info:
+        lib.set_root(10_000, "/")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_string_arrays_are_explicit_and_null_terminated(lib: krun.Krun, log: Path) -> None:
+    ctx = lib.create_ctx()
+    lib.set_exec(ctx, "/bin/x", [], [])
+    lib.set_exec(ctx, "/bin/x", ["a", "b c", "ü"], ["K=v", "E="])
+    execs = [r for r in records(log) if r["fn"] == "krun_set_exec"]
+    assert [(r["argv"], r["envp"]) for r in execs] == [
+        ([], []), (["a", "b c", "ü"], ["K=v", "E="])]
+
+
+def test_uint8_vcpus_and_formats_reach_the_library(lib: krun.Krun, log: Path) -> None:
+    ctx = lib.create_ctx()
+    lib.set_vm_config(ctx, 255, 1024 * 1024)
+    for fmt in DiskFormat:
+        lib.add_disk(ctx, fmt.value, f"/{fmt.value}", fmt, readonly=fmt is DiskFormat.RAW)
+    got = records(log)
+    assert got[1]["num_vcpus"] == 255 and got[1]["ram_mib"] == 1024 * 1024
+    assert [(r["block_id"], r["disk_format"], r["read_only"]) for r in got[2:]] == [
+        ("raw", 0, True), ("qcow2", 1, False), ("vmdk", 2, False)]
+
+
+def test_shutdown_eventfd_is_a_real_fd(lib: krun.Krun, log: Path) -> None:
+    ctx = lib.create_ctx()
+    fd = lib.shutdown_eventfd(ctx)
+    assert fd is not None and fd > 2
+    os.write(fd, (1).to_bytes(8, "little"))
+    assert int.from_bytes(os.read(fd, 8), "little") == 1
