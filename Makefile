@@ -36,7 +36,7 @@ pytest: setup
 test: setup lint typecheck pytest
 
 demo: setup
-	@$(BIN)/python scripts/demo.py
+	@scripts/demo.sh
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

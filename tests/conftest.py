@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -95,7 +96,5 @@ def pytest_configure(config: pytest.Config) -> None:
     for entry in os.listdir("/proc/self/fd"):
         fd = int(entry)
         if fd > 2:
-            try:
+            with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
-            except OSError:
-                pass

@@ -85,6 +85,9 @@ class LogsSandboxParams(Params, frozen=True):
     tail: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=4 * 1024 * 1024)] = 256 * 1024
+    # With `offset` at the end of the output so far: wait up to this many
+    # seconds for more (long poll; `msbctl logs -f` uses it).
+    wait: Annotated[float, msgspec.Meta(ge=0, le=300)] | None = None
 
 
 class SubscribeEventsParams(Params, frozen=True):
@@ -144,6 +147,9 @@ class MetricsResult(Result, frozen=True):
 
 
 class Subscription(Result, frozen=True):
+    """`seq` is the newest event when the subscription began: events after `since`
+    up to `seq` are replayed first, then live ones follow as `event` notifications."""
+
     seq: int
 
 
@@ -190,5 +196,12 @@ METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
     _M("rpc.discover", NoParams, dict[str, Any], "This API as an OpenRPC document."),
 ]}
 
-NOTIFICATIONS: Final[dict[str, type[msgspec.Struct]]] = {"event": EventParams}
+class LaggedParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Params of `events.lagged`: the subscription was dropped for falling behind."""
+
+    message: str
+
+
+NOTIFICATIONS: Final[dict[str, type[msgspec.Struct]]] = {
+    "event": EventParams, "events.lagged": LaggedParams}
 
