@@ -59,6 +59,8 @@ def setup_logging(level: str, *, environ: Mapping[str, str] | None = None) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aiosqlite logs every statement at DEBUG: far too much even for msbd's debug level.
+    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
 
 
 def ctx(**fields: Any) -> dict[str, Any]:

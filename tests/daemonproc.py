@@ -61,9 +61,10 @@ class DaemonProc:
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
         self._notify.bind(str(self.notify_path))
-        self.proc = subprocess.Popen(self.argv(), env=self.environ(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=self.stderr_path.open("ab"))
+        with self.stderr_path.open("ab") as stderr:
+            self.proc = subprocess.Popen(self.argv(), env=self.environ(),
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=stderr)
         if wait:
             self.wait_ready()
         return self

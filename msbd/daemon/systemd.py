@@ -172,7 +172,9 @@ class Notifier:
         if self._sock is None or self._address is None:
             return False
         try:
-            self._sock.sendto(text.encode(), self._address)
+            # Never block the event loop: a reader that does not keep up loses
+            # messages (systemd keeps up; a stuck peer must not stall msbd).
+            self._sock.sendto(text.encode(), socket.MSG_DONTWAIT, self._address)
         except OSError as exc:
             if not self._failed_before:
                 self._failed_before = True

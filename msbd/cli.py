@@ -1,0 +1,78 @@
+"""`msbd`: the daemon's command line (`serve`, `doctor`, `version`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from msbd import __version__
+from msbd.config import load_settings
+from msbd.errors import ConfigError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags: dict[str, Any] = {
+        "socket": os.path.abspath(args.socket) if args.socket else None,
+        "state_dir": os.path.abspath(args.state_dir) if args.state_dir else None,
+        "libkrun": os.path.abspath(args.libkrun) if args.libkrun else None,
+        "log_level": args.log_level,
+        "socket_group": args.socket_group,
+    }
+    try:
+        settings = load_settings(config=args.config, flags=flags)
+    except ConfigError as exc:
+        print(f"msbd: {exc}", file=sys.stderr)
+        return 2
+    from msbd.daemon.app import run  # imported late: `msbd doctor` needs none of it
+
+    return run(settings)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Run the worker's own host checks, in the worker's process image."""
+    argv = [sys.executable, "-m", "msbd.vm", "doctor"]
+    if args.json:
+        argv.append("--json")
+    libkrun = args.libkrun or os.environ.get("MSBD_LIBKRUN")
+    if libkrun:
+        argv += ["--libkrun", os.path.abspath(libkrun)]
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msbd", description="msbd, the microVM sandbox daemon.")
+    parser.add_argument("--version", action="version", version=f"msbd {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the daemon in the foreground",
+                           description="Run the daemon in the foreground until SIGTERM/SIGINT.")
+    serve.add_argument("--socket", metavar="PATH",
+                       help="control socket (root: /run/msbd/msbd.sock, "
+                            "others: $XDG_RUNTIME_DIR/msbd/msbd.sock)")
+    serve.add_argument("--state-dir", metavar="DIR",
+                       help="database and logs (root: /var/lib/msbd, "
+                            "others: ~/.local/state/msbd)")
+    serve.add_argument("--config", metavar="FILE",
+                       help="TOML settings file (default /etc/msbd/msbd.toml when present)")
+    serve.add_argument("--libkrun", metavar="PATH", help="libkrun shared library to launch with")
+    serve.add_argument("--socket-group", metavar="GROUP", help="group owning the socket")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+    doctor = sub.add_parser("doctor", help="check this host can run sandboxes",
+                            description="Check virtualization, /dev/kvm, libkrun and libkrunfw.")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--libkrun", metavar="PATH", help="libkrun shared library to check")
+    doctor.set_defaults(func=_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

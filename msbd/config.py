@@ -1,0 +1,158 @@
+"""The daemon's settings: one typed object from defaults, a TOML file, `MSBD_*` and flags.
+
+Precedence, lowest first: built-in defaults, the TOML file (`--config`, else
+`/etc/msbd/msbd.toml` when it exists), `MSBD_<FIELD>` environment variables,
+command-line flags. Each source is decoded on its own with msgspec, so an
+unknown key or a bad value is reported with the source it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from msbd.errors import ConfigError
+
+DEFAULT_CONFIG: Final = Path("/etc/msbd/msbd.toml")
+ENV_PREFIX: Final = "MSBD_"
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the daemon can be told. Field names are the TOML keys."""
+
+    socket: str = ""
+    state_dir: str = ""
+    socket_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o660
+    socket_group: str | None = None
+    libkrun: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # control socket
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    max_connections: Count = 1024
+    max_inflight_per_connection: Count = 64
+    connection_idle_timeout: Positive = 3600.0
+    partial_frame_timeout: Positive = 30.0
+    shutdown_timeout: Positive = 10.0
+    # sandboxes
+    max_sandboxes: Count = 1000
+    max_vcpus: Count = 4096
+    max_memory_mib: Count = 4 * 1024 * 1024
+    start_timeout: Positive = 30.0
+    stop_timeout: Positive = 10.0
+    heartbeat_interval: Positive = 1.0
+    heartbeat_misses: Count = 5
+    log_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 8 * 1024 * 1024
+    worker_python: str = ""
+    worker_env: dict[str, str] = {}
+    events_keep: Count = 100_000
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.state_dir) / "msbd.db"
+
+
+def default_paths(uid: int | None = None,
+                  environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(socket, state_dir) defaults: system paths for root, per-user paths otherwise."""
+    uid = os.getuid() if uid is None else uid
+    env = os.environ if environ is None else environ
+    if uid == 0:
+        return "/run/msbd/msbd.sock", "/var/lib/msbd"
+    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/msbd-{uid}"
+    home = Path(env.get("HOME", "~")).expanduser()
+    state = env.get("XDG_STATE_HOME") or str(home / ".local/state")
+    return f"{runtime}/msbd/msbd.sock", f"{state}/msbd"
+
+
+def load_settings(
+    *,
+    config: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge every source into one `Settings`, or raise `ConfigError` naming the culprit."""
+    env = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = Path(config) if config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        merged |= _from_file(path)
+    merged |= _from_env(env)
+    merged |= {k: v for k, v in (flags or {}).items() if v is not None}
+    socket, state_dir = default_paths(environ=env)
+    merged.setdefault("socket", socket)
+    merged.setdefault("state_dir", state_dir)
+    merged.setdefault("worker_python", sys.executable)
+    settings = _convert(merged, "settings", strict=True)
+    for name in ("socket", "state_dir"):
+        if not os.path.isabs(getattr(settings, name)):
+            raise ConfigError(f"setting `{name}` must be an absolute path, "
+                              f"got {getattr(settings, name)!r}")
+    return settings
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = msgspec.toml.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a table of settings")
+    _convert(data, f"config file {path}", strict=True)
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    fields = set(Settings.__struct_fields__)
+    data: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in fields:
+            known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(fields))
+            raise ConfigError(f"unknown environment setting {key} (known: {known})")
+        if name == "worker_env":
+            try:
+                data[name] = msgspec.json.decode(value)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(f"environment {key}: expected a JSON object: {exc}") from exc
+        else:
+            data[name] = value
+    for key, value in data.items():
+        _convert({key: value}, f"environment {ENV_PREFIX}{key.upper()}", strict=False)
+    return _convert_partial(data)
+
+
+def _convert_partial(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn env strings into typed values (e.g. "10" -> 10) without adding defaults."""
+    typed = msgspec.convert(data, Settings, strict=False)
+    return {key: getattr(typed, key) for key in data}
+
+
+def _convert(data: Mapping[str, Any], source: str, *, strict: bool) -> Settings:
+    try:
+        return msgspec.convert(data, Settings, strict=strict)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+
+
+def _describe(exc: msgspec.ValidationError) -> str:
+    text = str(exc)
+    # "Expected `int` >= 1 - at `$.max_sandboxes`" -> "max_sandboxes: Expected `int` >= 1"
+    if " - at `$." in text:
+        message, _, where = text.rpartition(" - at `$.")
+        return f"`{where.rstrip('`')}`: {message}"
+    return text.replace("Object contains unknown field", "unknown setting")

@@ -1,0 +1,417 @@
+"""msbctl: a thin command-line client of the daemon's JSON-RPC socket.
+
+Blocking and small: the same codec as the daemon over a plain socket, no
+anyio, uvloop or aiosqlite. Exit status 0 on success, 1 on an error reply
+(printed as one line), 2 on a usage error; `run --wait` and `wait` exit with
+the sandbox's own exit code (128+N for a signal, as a shell does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
+
+from msbd.errors import InvalidParams, MsbdError, RemoteError
+from msbd.model import parse_disk_arg, parse_mount_arg
+from msbd.rpc.client import Client, default_socket_path
+
+PROG = "msbctl"
+
+
+class UsageError(Exception):
+    pass
+
+
+# --- output ------------------------------------------------------------------
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    rows = [list(r) for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _ago(stamp: str | None, now: dt.datetime) -> str:
+    if not stamp:
+        return "-"
+    seconds = (now - dt.datetime.fromisoformat(stamp)).total_seconds()
+    return _duration(seconds) + " ago"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"
+
+
+def _status(info: dict[str, Any]) -> str:
+    run = info.get("run") or {}
+    if info["state"] in ("stopped", "failed") and run.get("reason"):
+        code = run.get("exit_code")
+        sig = run.get("signal")
+        tail = f" {code}" if code is not None else ""
+        tail += f" {_signame(sig)}" if sig else ""
+        return f"{run['reason']}{tail}"
+    return "-"
+
+
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _print_sandboxes(items: list[dict[str, Any]]) -> None:
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for info in items:
+        run = info.get("run") or {}
+        spec = info["spec"]
+        command = " ".join([spec["exec"], *spec.get("args", [])])
+        rows.append([
+            info["name"], info["state"], str(run.get("pid") or "-"),
+            _ago(run.get("started_at"), now), _status(info),
+            command if len(command) <= 40 else command[:37] + "...",
+        ])
+    print(_table(["NAME", "STATE", "PID", "STARTED", "ENDED", "COMMAND"], rows))
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    print(f"msbd {info['version']}  pid {info['pid']}  up {_duration(info['uptime'])}")
+    print(f"socket     {info['socket']}")
+    print(f"state dir  {info['state_dir']}")
+    print(f"libkrun    {info['libkrun'] or 'not found: ' + (info['libkrun_problem'] or '?')}")
+    counts = ", ".join(f"{n} {s}" for s, n in info["counts"].items() if n) or "none"
+    print(f"sandboxes  {counts}")
+    lim = info["limits"]
+    print(f"limits     {lim['max_sandboxes']} sandboxes, {lim['max_vcpus']} vcpus, "
+          f"{lim['max_memory_mib']} MiB")
+    for check in info["checks"]:
+        mark = "ok " if check["ok"] else "!! "
+        print(f"{mark} {check['name']}: {check['detail']}")
+        if not check["ok"] and check.get("hint"):
+            print(f"      -> {check['hint']}")
+
+
+def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], None]) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=False))
+    else:
+        human(result)
+
+
+# --- launch spec from flags ----------------------------------------------------
+
+
+def _kv(entries: list[str] | None, what: str, field: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for entry in entries or []:
+        key, sep, value = entry.partition("=")
+        if not sep or not key:
+            raise InvalidParams(f"invalid {what} {entry!r}: expected KEY=VALUE", field=field)
+        out[key] = value
+    return out
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.command:
+        raise UsageError("the command to run is required: ... -- EXEC [ARGS...]")
+    spec: dict[str, Any] = {"name": args.name, "exec": args.command[0], "args": args.command[1:]}
+    if args.rootfs:
+        spec["rootfs"] = _abs(args.rootfs)
+    if args.root_disk:
+        parts = args.root_disk.split(":")
+        disk = parse_disk_arg(":".join(["root", *parts]))
+        spec["root_disk"] = {"path": _abs(disk.host), "format": disk.format.value,
+                             "readonly": disk.readonly}
+    if args.env:
+        spec["env"] = _kv(args.env, "--env", "env")
+    if args.label:
+        spec["labels"] = _kv(args.label, "--label", "labels")
+    for key, flag in (("workdir", args.workdir), ("vcpus", args.vcpus),
+                      ("memory_mib", args.memory), ("idle_timeout", args.idle_timeout),
+                      ("max_duration", args.max_duration)):
+        if flag is not None:
+            spec[key] = flag
+    if args.mount:
+        spec["mounts"] = [
+            {"tag": m.tag, "host": _abs(m.host), "readonly": m.readonly}
+            for m in map(parse_mount_arg, args.mount)]
+    if args.disk:
+        spec["disks"] = [
+            {"id": d.id, "host": _abs(d.host), "format": d.format.value, "readonly": d.readonly}
+            for d in map(parse_disk_arg, args.disk)]
+    return spec
+
+
+def _exit_code_of(info: dict[str, Any]) -> int:
+    run = info.get("run") or {}
+    if run.get("exit_code") is not None:
+        return int(run["exit_code"])
+    if run.get("signal"):
+        return 128 + int(run["signal"])
+    return 1 if info["state"] == "failed" else 0
+
+
+# --- commands --------------------------------------------------------------------
+
+
+def cmd_ping(c: Client, a: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    result = c.call("daemon.ping")
+    _emit(a, result, lambda r: print(f"{r} ({(time.perf_counter() - t0) * 1000:.2f} ms)"))
+    return 0
+
+
+def cmd_info(c: Client, a: argparse.Namespace) -> int:
+    _emit(a, c.call("daemon.info"), _print_info)
+    return 0
+
+
+def cmd_create(c: Client, a: argparse.Namespace) -> int:
+    info = c.call("sandbox.create", _spec_from_args(a))
+    _emit(a, info, lambda i: print(f"created {i['name']}"))
+    return 0
+
+
+def cmd_run(c: Client, a: argparse.Namespace) -> int:
+    info = c.call("sandbox.run", _spec_from_args(a), timeout=None)
+    if not a.wait:
+        _emit(a, info, lambda i: print(f"{i['name']} {i['state']} (pid {i['run']['pid']})"))
+        return 0
+    info = c.call("sandbox.wait", {"name": a.name}, timeout=None)
+    if not a.json:
+        data = c.call("sandbox.logs", {"name": a.name, "offset": 0})["data"]
+        sys.stdout.write(data)
+        sys.stdout.flush()
+    else:
+        _emit(a, info, print)
+    return _exit_code_of(info)
+
+
+def cmd_ls(c: Client, a: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("state", a.state), ("label", a.label)) if v is not None}
+    result = c.call("sandbox.list", params)
+    _emit(a, result, lambda r: _print_sandboxes(r["sandboxes"]))
+    return 0
+
+
+def cmd_inspect(c: Client, a: argparse.Namespace) -> int:
+    print(json.dumps(c.call("sandbox.get", {"name": a.name}), indent=2))
+    return 0
+
+
+def cmd_rm(c: Client, a: argparse.Namespace) -> int:
+    info = c.call("sandbox.remove", {"name": a.name, "force": a.force}, timeout=None)
+    _emit(a, info, lambda i: print(f"removed {i['name']}"))
+    return 0
+
+
+def _simple(method: str, verb: str, extra: Callable[[argparse.Namespace], dict[str, Any]]
+            ) -> Callable[[Client, argparse.Namespace], int]:
+    def run(c: Client, a: argparse.Namespace) -> int:
+        info = c.call(method, {"name": a.name, **extra(a)}, timeout=None)
+        _emit(a, info, lambda i: print(f"{verb} {i['name']}: {i['state']} {_status(i)}".rstrip(
+            " -")))
+        return 0
+    return run
+
+
+def _timeout(a: argparse.Namespace) -> dict[str, Any]:
+    return {} if a.timeout is None else {"timeout": a.timeout}
+
+
+def cmd_wait(c: Client, a: argparse.Namespace) -> int:
+    info = c.call("sandbox.wait", {"name": a.name, **_timeout(a)}, timeout=None)
+    _emit(a, info, lambda i: print(f"{i['name']}: {i['state']} {_status(i)}"))
+    return _exit_code_of(info)
+
+
+def cmd_logs(c: Client, a: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"name": a.name}
+    if a.tail is not None:
+        params["tail"] = a.tail
+    else:
+        params["offset"] = 0
+    while True:
+        result = c.call("sandbox.logs", params, timeout=None)
+        sys.stdout.write(result["data"])
+        sys.stdout.flush()
+        if not a.follow:
+            return 0
+        if not result["data"]:
+            state = c.call("sandbox.get", {"name": a.name})["state"]
+            if state not in ("starting", "running", "stopping"):
+                return 0
+        params = {"name": a.name, "offset": result["offset"], "wait": 5.0}
+
+
+def cmd_metrics(c: Client, a: argparse.Namespace) -> int:
+    def show(m: dict[str, Any]) -> None:
+        print(f"pid {m['pid']}  rss {m['rss_bytes'] / 1048576:.1f} MiB  "
+              f"cpu {m['cpu_seconds']:.2f}s  up {_duration(m['uptime'])}")
+    _emit(a, c.call("sandbox.metrics", {"name": a.name}), show)
+    return 0
+
+
+def cmd_events(c: Client, a: argparse.Namespace) -> int:
+    params = {} if a.since is None else {"since": a.since}
+    # `seq` is the newest event when the subscription began: the replay ends there.
+    head = c.call("events.subscribe", params)["seq"]
+    if a.no_follow and (a.since or 0) >= head:
+        return 0
+    for method, params_ in c.iter_notifications():
+        if method == "events.lagged":
+            print(f"{PROG}: {params_['message']}", file=sys.stderr)
+            return 1
+        if method != "event":
+            continue
+        ev = params_["event"]
+        if a.json:
+            print(json.dumps(ev), flush=True)
+        else:
+            end = f" {ev['reason']}" if ev.get("reason") else ""
+            end += f" exit={ev['exit_code']}" if ev.get("exit_code") is not None else ""
+            end += f" signal={_signame(ev['signal'])}" if ev.get("signal") else ""
+            print(f"{ev['seq']:>6} {ev['time']} {ev['sandbox']} {ev['state']}{end}", flush=True)
+        if a.no_follow and ev["seq"] >= head:
+            return 0
+    return 0
+
+
+# --- argument parsing ------------------------------------------------------------
+
+
+def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="sandbox name: [A-Za-z0-9][A-Za-z0-9_.-]*, at most 128 bytes")
+    root = p.add_mutually_exclusive_group(required=True)
+    root.add_argument("--rootfs", metavar="DIR", help="host directory shared as the guest's root")
+    root.add_argument("--root-disk", metavar="PATH:FORMAT[:ro]",
+                      help="disk image as the guest's root (format raw, qcow2 or vmdk)")
+    p.add_argument("--vcpus", type=int, help="virtual CPUs (1-255, default 1)")
+    p.add_argument("--memory", type=int, metavar="MIB", help="guest memory in MiB (default 512)")
+    p.add_argument("--workdir", metavar="PATH", help="working directory in the guest")
+    p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE",
+                   help="guest environment variable (repeatable)")
+    p.add_argument("--mount", action="append", metavar="TAG:HOST[:ro]",
+                   help="extra host directory shared under TAG (repeatable)")
+    p.add_argument("--disk", action="append", metavar="ID:HOST:FORMAT[:ro]",
+                   help="extra disk image (repeatable)")
+    p.add_argument("-l", "--label", action="append", metavar="KEY=VALUE",
+                   help="label (repeatable)")
+    p.add_argument("--idle-timeout", type=float, metavar="SECONDS")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS")
+    p.epilog = "The guest program and its arguments follow --: ... -- EXEC [ARGS...]"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: usage error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Control msbd, the microVM sandbox daemon.")
+    parser.add_argument("--socket", default=None, metavar="PATH",
+                        help=f"daemon socket (default: $MSBD_SOCKET or {default_socket_path()})")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    def add(name: str, func: Callable[[Client, argparse.Namespace], int], help_: str,
+            *, named: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if named:
+            p.add_argument("name")
+        p.set_defaults(func=func)
+        return p
+
+    add("ping", cmd_ping, "check that the daemon answers", named=False)
+    add("info", cmd_info, "daemon version, health checks, counts and limits", named=False)
+    _add_spec_flags(add("create", cmd_create, "record a sandbox without starting it", named=False))
+    p = add("run", cmd_run, "create and start a sandbox", named=False)
+    _add_spec_flags(p)
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the run to end, print its output, exit with its exit code")
+    p = add("ls", cmd_ls, "list sandboxes", named=False)
+    p.add_argument("--state", help="only sandboxes in this state")
+    p.add_argument("--label", metavar="KEY=VALUE", help="only sandboxes with this label")
+    add("inspect", cmd_inspect, "show one sandbox as JSON")
+    p = add("rm", cmd_rm, "remove a sandbox record")
+    p.add_argument("-f", "--force", action="store_true", help="stop it first if it is running")
+    p = add("start", _simple("sandbox.start", "started", _timeout), "start a sandbox")
+    p.add_argument("--timeout", type=float, help="seconds to wait for the worker to enter libkrun")
+    p = add("stop", _simple("sandbox.stop", "stopped", _timeout), "stop a sandbox")
+    p.add_argument("--timeout", type=float, help="grace seconds before SIGKILL (default 10)")
+    p = add("kill", _simple("sandbox.kill", "signalled",
+                            lambda a: {"signal": a.signal}), "send a signal to a sandbox")
+    p.add_argument("-s", "--signal", default="SIGKILL", help="signal name or number")
+    p = add("restart", _simple("sandbox.restart", "restarted", _timeout), "stop, then start")
+    p.add_argument("--timeout", type=float, help="grace seconds before SIGKILL (default 10)")
+    p = add("wait", cmd_wait, "wait for the current run to end; exit with its exit code")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    add("touch", _simple("sandbox.touch", "touched", lambda a: {}),
+        "count as activity (moves the idle deadline)")
+    p = add("logs", cmd_logs, "print a sandbox's console output")
+    p.add_argument("-n", "--tail", type=int, metavar="LINES", help="only the last LINES lines")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    add("metrics", cmd_metrics, "resource use of a sandbox's worker")
+    p = add("events", cmd_events, "print state changes as they happen", named=False)
+    p.add_argument("--since", type=int, metavar="SEQ", help="first replay events after SEQ")
+    p.add_argument("--no-follow", action="store_true",
+                   help="stop after the replay instead of waiting for new events")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is the guest's command line, untouched.
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1:]
+    args = parser.parse_args(argv)
+    args.command = command
+    path = args.socket or default_socket_path()
+    try:
+        with Client(path) as client:
+            return int(args.func(client, args))
+    except UsageError as exc:
+        parser.exit(2, f"{PROG}: usage error: {exc}\n")
+    except InvalidParams as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except RemoteError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    except MsbdError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The daemon process: startup order, signals, systemd, orderly shutdown.
+
+Startup, in this order: log setup; every inherited fd made close-on-exec; the
+fd limit raised; the state dir locked (one daemon per database); the
+database opened and reconciled; the control socket taken from systemd or
+bound (a stale one replaced, a live one refused); the host checked; timers,
+supervisor and RPC server started; then `READY=1`. Nothing is answered
+before reconciliation is done.
+
+On SIGTERM or SIGINT: `STOPPING=1`, stop accepting, let in-flight calls
+finish until `shutdown_timeout`, stop every live sandbox (SIGTERM, SIGKILL
+after `stop_timeout`) recording `stop_requested`, close the database, exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import signal
+import socket
+import time
+from pathlib import Path
+
+import anyio
+import anyio.abc
+
+from msbd import __version__
+from msbd.config import Settings
+from msbd.daemon import systemd
+from msbd.daemon.api import Api
+from msbd.daemon.doctor import HostCheck
+from msbd.daemon.events import EventHub
+from msbd.daemon.reconcile import reconcile
+from msbd.daemon.sockets import AlreadyRunning, bind_control_socket, lock_state_dir
+from msbd.daemon.spawn import worker_environ
+from msbd.daemon.supervisor import Supervisor
+from msbd.daemon.timers import Scheduler
+from msbd.db.store import Store, open_store
+from msbd.errors import ConfigError, MsbdError
+from msbd.log import setup_logging
+from msbd.rpc.server import RpcLimits, RpcServer
+
+log = logging.getLogger("msbd.daemon")
+
+
+def run(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the process exit status."""
+    setup_logging(settings.log_level)
+    _close_on_exec_inherited()
+    _raise_fd_limit()
+    try:
+        anyio.run(_serve, settings, backend="asyncio", backend_options={"use_uvloop": True})
+    except AlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except MsbdError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _close_on_exec_inherited() -> None:
+    """Whatever fds our parent leaked to us must not reach a worker.
+
+    systemd's socket-activation fds are excluded here: `systemd.take_listen_socket`
+    validates them and sets close-on-exec itself.
+    """
+    keep = set(range(3))
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        with contextlib.suppress(ValueError):
+            keep |= set(range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))))
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd in keep:
+            continue
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
+
+
+def _raise_fd_limit() -> None:
+    """Each sandbox holds about six fds in the daemon; use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _serve(settings: Settings) -> None:
+    started = time.monotonic()
+    state_dir = Path(settings.state_dir)
+    lock_fd = lock_state_dir(state_dir)
+    notifier = systemd.Notifier.from_env(os.environ)
+    watchdog = systemd.watchdog_interval(os.environ, os.getpid())
+    inherited = systemd.take_listen_socket(os.environ, os.getpid())
+    systemd.unset_systemd_environ()
+    hub = EventHub()
+    try:
+        async with open_store(settings.db_path, on_event=hub.publish) as store:
+            closed = await reconcile(store)
+            sock = inherited or bind_control_socket(
+                Path(settings.socket), mode=settings.socket_mode, group=settings.socket_group)
+            try:
+                await _run_services(settings, store=store, hub=hub, sock=sock,
+                                    notifier=notifier, watchdog=watchdog, started=started,
+                                    reconciled=closed)
+            finally:
+                sock.close()
+                if inherited is None:
+                    _unlink_if_ours(Path(settings.socket), sock)
+    finally:
+        os.close(lock_fd)
+    log.info("msbd stopped")
+
+
+def _unlink_if_ours(path: Path, sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
+                        sock: socket.socket, notifier: systemd.Notifier,
+                        watchdog: float | None, started: float, reconciled: int) -> None:
+    host = HostCheck(python=settings.worker_python, libkrun=settings.libkrun,
+                     env=worker_environ(settings.worker_env))
+    await host.refresh()
+    scheduler = Scheduler()
+    limits = RpcLimits(
+        max_frame_bytes=settings.max_frame_bytes, max_batch=settings.max_batch,
+        max_connections=settings.max_connections,
+        max_inflight_per_connection=settings.max_inflight_per_connection,
+        idle_timeout=settings.connection_idle_timeout,
+        frame_timeout=settings.partial_frame_timeout)
+    async with anyio.create_task_group() as tg:
+        supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
+                                task_group=tg, host=host)
+        await tg.start(scheduler.run, supervisor.fire)
+        api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,
+                  started=started)
+        server = RpcServer(api, limits=limits)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            await tg.start(server.serve, sock)
+            log.info("msbd %s serving %s (pid %d, %d runs reconciled)", __version__,
+                     settings.socket, os.getpid(), reconciled)
+            notifier.notify(READY="1", STATUS=_status(supervisor))
+            if watchdog is not None:
+                await tg.start(systemd.serve_watchdog, notifier, watchdog)
+            if notifier.enabled:
+                tg.start_soon(_report_status, notifier, supervisor)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                break
+        notifier.notify(STOPPING="1", STATUS="stopping")
+        with anyio.CancelScope(shield=True):
+            # No new connections; end the sandboxes (so calls waiting on them get
+            # their answer); then give the calls still running their deadline.
+            server.close_listener()
+            await supervisor.shutdown(grace=settings.stop_timeout)
+            await server.drain(settings.shutdown_timeout)
+        tg.cancel_scope.cancel()
+
+
+def _status(supervisor: Supervisor) -> str:
+    count, vcpus, memory = supervisor.usage()
+    return f"{count} live sandboxes, {vcpus} vcpus, {memory} MiB"
+
+
+async def _report_status(notifier: systemd.Notifier, supervisor: Supervisor) -> None:
+    """`STATUS=` with live counts when they change, at most once a second."""
+    last = ""
+    while True:
+        text = _status(supervisor)
+        if text != last:
+            notifier.notify(STATUS=text)
+            last = text
+            await anyio.sleep(1.0)  # coalesce bursts (50 launches are one update)
+        else:
+            await supervisor.changed()

@@ -1,0 +1,122 @@
+"""The control socket and the state-dir lock: created safely, never stolen.
+
+A socket file left by a dead daemon is replaced; one a live daemon answers on
+is never touched. The new socket is bound under a temporary name, given its
+mode and group, then renamed into place, so no client ever sees it with the
+wrong permissions. The state dir is guarded by an `flock`ed file for the
+daemon's lifetime, so two daemons can never share one database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import grp
+import logging
+import os
+import socket
+import stat
+import struct
+from pathlib import Path
+
+from msbd.errors import ConfigError
+
+log = logging.getLogger("msbd.daemon")
+
+_UCRED = struct.Struct("3i")
+
+
+class AlreadyRunning(ConfigError):
+    """Another daemon owns the socket or the state dir."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Create the state dir (0700) and hold an exclusive lock on it; returns the lock fd."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / "msbd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        raise AlreadyRunning(f"another msbd{f' (pid {holder})' if holder else ''} is using the "
+                             f"state directory {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _read_pid(fd: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or "0") or None
+    return None
+
+
+def bind_control_socket(path: Path, *, mode: int = 0o660, group: str | None = None,
+                        backlog: int = 1024) -> socket.socket:
+    """A listening AF_UNIX socket at `path`, replacing a stale one, refusing a live one."""
+    gid = _resolve_group(group)
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _refuse_live_socket(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, mode)
+        if gid is not None:
+            os.chown(tmp, -1, gid)
+        sock.listen(backlog)
+        # A second check just before the rename narrows the window in which a
+        # daemon started at the same moment could be replaced; the state-dir
+        # lock is what really excludes it.
+        _refuse_live_socket(path)
+        os.rename(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return sock
+
+
+def _resolve_group(group: str | None) -> int | None:
+    if group is None:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group {group!r} is not a group on this host") from None
+
+
+def _refuse_live_socket(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("replacing stale socket %s (no daemon answers on it)", path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT,):
+            return
+        raise ConfigError(f"cannot probe existing socket {path}: {exc.strerror}") from exc
+    else:
+        pid = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             _UCRED.size))[0]
+        raise AlreadyRunning(f"another msbd (pid {pid}) is serving {path}; "
+                             "stop it first or choose another --socket")
+    finally:
+        probe.close()

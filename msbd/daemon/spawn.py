@@ -1,0 +1,137 @@
+"""Start one worker process with exactly the fd map of DESIGN.md, and nothing else.
+
+    0  /dev/null                        96  launch spec (sealed memfd)
+    1  console pipe, write end          97  watchdog pipe, read end (EOF: daemon gone)
+    2  console pipe, write end          98  status pipe, write end
+
+`os.posix_spawn` runs no Python in the child. Every fd the daemon opens is
+close-on-exec (PEP 446 and our own flags), so only the fds placed by the file
+actions cross into the worker; the worker closes anything else it finds and
+says so. The child gets a new session (its own process group, so a forced
+stop can kill the worker and anything it forked) and an environment built
+from nothing: no `NOTIFY_SOCKET`, no `LISTEN_*`, nothing of the daemon's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from msbd.errors import LaunchFailed
+
+SPEC_FD = 96
+WATCHDOG_FD = 97
+STATUS_FD = 98
+# Sources are first moved above every target, so no dup2 can clobber another
+# source still waiting to be placed.
+_SAFE_FD_FLOOR = 128
+# Signals the child starts with at their default disposition: Python ignores
+# SIGPIPE, and an ignored disposition would survive exec into the worker.
+_DEFAULT_SIGNALS = frozenset({signal.SIGPIPE, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                              signal.SIGCHLD, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2})
+# The only variables the worker process itself needs; the guest's environment
+# travels in the spec, never here.
+_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
+
+
+@dataclass(slots=True)
+class Worker:
+    """The daemon's ends of a freshly spawned worker's pipes (all non-blocking, cloexec)."""
+
+    pid: int
+    pidfd: int
+    status_r: int
+    console_r: int
+    watchdog_w: int
+
+    def close(self) -> None:
+        for fd in (self.pidfd, self.status_r, self.console_r, self.watchdog_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def worker_environ(extra: Mapping[str, str], base: Mapping[str, str] | None = None
+                   ) -> dict[str, str]:
+    """The worker's environment: a few harmless host variables plus the configured extras."""
+    source = os.environ if base is None else base
+    env = {k: source[k] for k in _PASSTHROUGH if k in source}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update(extra)
+    return env
+
+
+def sealed_memfd(data: bytes, name: str = "msbd-spec") -> int:
+    """A read-only, sealed in-memory file holding `data`, positioned at 0."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                    | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _high(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_FLOOR)
+
+
+def spawn_worker(argv: list[str], env: Mapping[str, str], spec: bytes) -> Worker:
+    """posix_spawn `argv` with the worker fd map; raise `LaunchFailed` if the OS refuses."""
+    placed: list[int] = []  # child-side sources, closed in the parent after the spawn
+    mine: list[int] = []  # parent-side ends, closed only on failure
+    try:
+        spec_fd = sealed_memfd(spec)
+        placed.append(spec_fd)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        mine.append(status_r)
+        placed.append(status_w)
+        console_r, console_w = os.pipe2(os.O_CLOEXEC)
+        mine.append(console_r)
+        placed.append(console_w)
+        watchdog_r, watchdog_w = os.pipe2(os.O_CLOEXEC)
+        mine.append(watchdog_w)
+        placed.append(watchdog_r)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        placed.append(null)
+        src = {fd: _high(fd) for fd in (spec_fd, status_w, console_w, watchdog_r, null)}
+        placed.extend(src.values())
+        actions = [
+            (os.POSIX_SPAWN_DUP2, src[null], 0),
+            (os.POSIX_SPAWN_DUP2, src[console_w], 1),
+            (os.POSIX_SPAWN_DUP2, src[console_w], 2),
+            (os.POSIX_SPAWN_DUP2, src[spec_fd], SPEC_FD),
+            (os.POSIX_SPAWN_DUP2, src[watchdog_r], WATCHDOG_FD),
+            (os.POSIX_SPAWN_DUP2, src[status_w], STATUS_FD),
+        ]
+        pid = os.posix_spawn(argv[0], argv, dict(env), file_actions=actions, setsid=True,
+                             setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            # Unobservable without a pidfd: end it now rather than lose track of it.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        mine.append(pidfd)
+        for fd in (status_r, console_r, watchdog_w):
+            os.set_blocking(fd, False)
+        return Worker(pid=pid, pidfd=pidfd, status_r=status_r, console_r=console_r,
+                      watchdog_w=watchdog_w)
+    except OSError as exc:
+        for fd in mine:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise LaunchFailed(f"cannot start the worker {argv[0]}: {exc.strerror}") from exc
+    finally:
+        for fd in placed:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,0 +1,136 @@
+"""The import layering of STYLE.md, enforced: imports flow one way, and each foreign
+library is touched by the one module that owns it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "msbd"
+
+# Which msbd modules each part may import (prefix match on dotted names).
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "msbd.errors": (),
+    "msbd.model": ("msbd.errors",),
+    "msbd.config": ("msbd.errors",),
+    "msbd.log": (),
+    "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
+    "msbd.db": ("msbd.db", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
+    "msbd.daemon": ("msbd.daemon", "msbd.rpc", "msbd.db", "msbd.model", "msbd.errors",
+                    "msbd.config", "msbd.log", "msbd"),
+    "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors"),
+    "msbd.ctl": ("msbd.model", "msbd.errors", "msbd.rpc.client", "msbd.rpc.codec",
+                 "msbd.rpc.methods", "msbd"),
+    "msbd.cli": ("msbd.config", "msbd.errors", "msbd.daemon.app", "msbd"),
+}
+# Foreign modules owned by exactly one of ours.
+OWNERS = {
+    "aiosqlite": {"msbd.db.store"},
+    "sqlite3": {"msbd.db.store"},
+    "ctypes": {"msbd.vm.krun"},
+}
+# What each process-facing entry point must never load, even indirectly.
+NEVER_LOADED = {
+    "msbd.vm.main": ("anyio", "uvloop", "aiosqlite", "sqlite3", "msbd.daemon", "msbd.rpc",
+                     "msbd.db"),
+    "msbd.ctl": ("anyio", "uvloop", "aiosqlite", "sqlite3", "msbd.daemon", "msbd.db"),
+    "msbd.rpc.client": ("anyio", "uvloop", "aiosqlite", "asyncio"),
+}
+PURE = {"msbd.rpc.codec": ("anyio", "asyncio", "socket", "uvloop", "os", "msbd.rpc.server")}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = module.rsplit(".", node.level)[0]
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names
+                      if f"{target}.{alias.name}" in _modules()}
+    return found
+
+
+def _part(module: str) -> str:
+    for part in sorted(ALLOWED, key=len, reverse=True):
+        if module == part or module.startswith(part + "."):
+            return part
+    return module
+
+
+MODULES = _modules()
+
+
+def test_every_module_belongs_to_a_part() -> None:
+    for module in MODULES:
+        if module == "msbd":
+            continue
+        assert _part(module) in ALLOWED, f"{module} is in no part of the layering table"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m != "msbd"))
+def test_imports_flow_one_way(module: str) -> None:
+    allowed = ALLOWED[_part(module)]
+    for target in _imports(module, MODULES[module]):
+        if not target.startswith("msbd"):
+            continue
+        ok = any(target == a or target.startswith(a + ".") for a in allowed if a != "msbd") \
+            or (target == "msbd" and "msbd" in allowed)
+        assert ok, f"{module} imports {target}, which its part ({_part(module)}) may not"
+
+
+@pytest.mark.parametrize("foreign", sorted(OWNERS))
+def test_foreign_library_has_one_owner(foreign: str) -> None:
+    users = {m for m, p in MODULES.items()
+             if any(t == foreign or t.startswith(foreign + ".") for t in _imports(m, p))}
+    assert users <= OWNERS[foreign], f"{foreign} is imported by {sorted(users - OWNERS[foreign])}"
+    assert users, f"no module imports {foreign}: the table is stale"
+
+
+@pytest.mark.parametrize("module", sorted(PURE))
+def test_pure_modules_do_no_io(module: str) -> None:
+    imported = _imports(module, MODULES[module])
+    bad = {t for t in imported for f in PURE[module] if t == f or t.startswith(f + ".")}
+    assert not bad, f"{module} must stay pure but imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", sorted(NEVER_LOADED))
+def test_entry_points_never_load(module: str) -> None:
+    """Checked in a fresh interpreter, so indirect imports count too."""
+    banned = NEVER_LOADED[module]
+    code = (f"import sys, {module}\n"
+            f"bad = [m for m in sys.modules for b in {banned!r} if m == b or "
+            f"m.startswith(b + '.')]\n"
+            f"print(','.join(sorted(bad)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", f"importing {module} loads {out}"
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
+    """The walker itself works: a planted bad import is found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from msbd.daemon import app\nimport ctypes\n")
+    found = _imports("msbd.vm.bad", bad)
+    assert "msbd.daemon" in found and "ctypes" in found

@@ -1,0 +1,371 @@
+"""The RPC server over real Unix sockets: spec examples, limits, stalls, concurrency, drain."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+import pytest
+
+from msbd.errors import NotFound
+from msbd.model import Event, Spec, State
+from msbd.rpc.methods import EventParams, LogsSandboxParams, NameParams, Subscription
+from msbd.rpc.server import CallContext, RpcLimits, RpcServer, serve_rpc
+
+
+class Handler:
+    """A tiny stand-in for the daemon's API, implementing a few methods of METHODS."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, anyio.Event] = {}
+        self.release: dict[str, anyio.Event] = {}
+        self.cancelled = anyio.Event()
+        self.ran: list[str] = []
+
+    def gate(self, name: str) -> tuple[anyio.Event, anyio.Event]:
+        if name not in self.started:
+            self.started[name], self.release[name] = anyio.Event(), anyio.Event()
+        return self.started[name], self.release[name]
+
+    async def __call__(self, ctx: CallContext, method: str, params: Spec) -> Any:
+        self.ran.append(method)
+        if method == "daemon.ping":
+            return "pong"
+        if method == "sandbox.get":
+            assert isinstance(params, NameParams)
+            raise NotFound(params.name)
+        if method == "sandbox.wait":  # blocks until released
+            name = getattr(params, "name", "")
+            started, release = self.gate(name)
+            started.set()
+            try:
+                await release.wait()
+            except BaseException:
+                self.cancelled.set()
+                raise
+            return {"waited": name}
+        if method == "sandbox.touch":
+            conn = ctx.connection
+            return {"uid": conn.uid, "gid": conn.gid, "pid": conn.pid}
+        if method == "sandbox.logs":
+            assert isinstance(params, LogsSandboxParams)
+            return {"data": "x" * params.limit, "offset": 0}
+        if method == "events.subscribe":
+            async def push() -> None:
+                event = Event(seq=8, time=dt.datetime(2024, 1, 2, tzinfo=dt.UTC), sandbox="a",
+                              state=State.RUNNING)
+                await ctx.connection.notify("event", EventParams(event=event))
+            ctx.defer(push)
+            return Subscription(seq=7)
+        raise RuntimeError("boom: a secret detail")
+
+
+@asynccontextmanager
+async def running(sock_dir: Path, handler: Handler | None = None,
+                  limits: RpcLimits | None = None) -> AsyncIterator[tuple[str, RpcServer]]:
+    path = str(sock_dir / "s.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(512)
+    async with anyio.create_task_group() as tg:
+        server = await tg.start(serve_rpc, sock, handler or Handler(), limits)
+        yield path, server
+        tg.cancel_scope.cancel()
+
+
+class Wire:
+    """A raw client: send bytes, read reply lines."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def line(self) -> Any:
+        """The next reply line, decoded; None at EOF."""
+        with anyio.fail_after(10):
+            while b"\n" not in self.buf:
+                try:
+                    self.buf += await self.stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return None
+        line, _, self.buf = self.buf.partition(b"\n")
+        return msgspec.json.decode(line)
+
+    async def call(self, method: str, params: Any = None, rid: Any = 1) -> Any:
+        body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
+        if params is not None:
+            body["params"] = params
+        await self.send(msgspec.json.encode(body) + b"\n")
+        return await self.line()
+
+
+@asynccontextmanager
+async def wire(path: str) -> AsyncIterator[Wire]:
+    async with await anyio.connect_unix(path) as stream:
+        yield Wire(stream)
+
+
+def req(method: str, rid: Any = None, params: Any = None) -> bytes:
+    body: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if rid is not None:
+        body["id"] = rid
+    if params is not None:
+        body["params"] = params
+    return msgspec.json.encode(body)
+
+
+PING_99 = {"jsonrpc": "2.0", "result": "pong", "id": 99}
+
+
+@pytest.mark.parametrize(("line", "reply"), [
+    (b'{"jsonrpc": "2.0", "method": "sandbox.get", "params": ["a"], "id": 1}',
+     {"jsonrpc": "2.0", "id": 1, "error": {"code": -32602,
+                                            "message": "params must be an object (by name)"}}),
+    (b'{"jsonrpc": "2.0", "method": "foobar", "id": "1"}',
+     {"jsonrpc": "2.0", "id": "1", "error": {"code": -32601, "message": "method not found: "
+                                              "'foobar'", "data": {"method": "foobar"}}}),
+    (b'{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]', -32700),
+    (b'{"jsonrpc": "2.0", "method": 1, "params": "bar"}', -32600),
+    (b'[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},{"jsonrpc": "2.0", "a]',
+     -32700),
+    (b"[]", -32600),
+    (b"[1]", [-32600]),
+    (b"[1,2,3]", [-32600, -32600, -32600]),
+    (b'[{"jsonrpc":"2.0","method":"daemon.ping","id":"1"},{"jsonrpc":"2.0","method":"x"},'
+     b'{"jsonrpc":"2.0","method":"subtract","params":[42,23],"id":"2"},{"foo":"boo"},'
+     b'{"jsonrpc":"2.0","method":"sandbox.get","params":{"name":"myself"},"id":"5"}]',
+     [{"jsonrpc": "2.0", "result": "pong", "id": "1"}, -32601, -32600, -32001]),
+    (b'{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}', None),
+    (b'[{"jsonrpc":"2.0","method":"notify_sum"},{"jsonrpc":"2.0","method":"daemon.ping"}]', None),
+])
+async def test_spec_examples_end_to_end(sock_dir: Path, line: bytes, reply: Any) -> None:
+    async with running(sock_dir) as (path, _), wire(path) as w:
+        await w.send(line + b"\n" + req("daemon.ping", 99) + b"\n")
+        first = await w.line()
+        if reply is None:  # nothing but the ping's reply
+            assert first == PING_99
+            await w.stream.send_eof()
+            assert await w.line() is None
+            return
+        second = await w.line()  # replies may come in any order
+        got, ping = (second, first) if first == PING_99 else (first, second)
+        assert ping == PING_99
+
+        def code(r: Any) -> Any:
+            return r["error"]["code"] if "error" in r else r
+
+        if isinstance(reply, int):
+            assert code(got) == reply and got["id"] is None
+        elif isinstance(reply, list):
+            pairs = zip(got, reply, strict=True)
+            assert [code(r) if isinstance(want, int) else r for r, want in pairs] == reply
+        else:
+            assert got == reply
+
+
+async def test_notifications_are_never_answered(sock_dir: Path) -> None:
+    handler = Handler()
+    async with running(sock_dir, handler) as (path, _), wire(path) as w:
+        await w.send(req("sandbox.get", params={"name": "x"}) + b"\n"  # raises NotFound
+                     + req("nope") + b"\n" + req("sandbox.get", params={"name": 1}) + b"\n"
+                     + req("daemon.info") + b"\n"  # raises RuntimeError
+                     + req("daemon.ping", 99) + b"\n")
+        assert await w.line() == PING_99
+    assert handler.ran.count("sandbox.get") == 1 and "daemon.info" in handler.ran
+
+
+async def test_errors_are_answered(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with running(sock_dir) as (path, _), wire(path) as w:
+        assert await w.call("sandbox.get", {"name": "box"}, rid="a") == {
+            "jsonrpc": "2.0", "id": "a",
+            "error": {"code": -32001, "message": "no sandbox named 'box'",
+                      "data": {"sandbox": "box"}}}
+        got = await w.call("sandbox.create", {"name": "b", "exec": "/x", "vcpus": 0}, rid=2)
+        assert got["error"]["code"] == -32602 and got["error"]["data"] == {"field": "vcpus"}
+        with caplog.at_level(logging.ERROR, logger="msbd.rpc"):
+            got = await w.call("daemon.info", rid=3)
+        assert got == {"jsonrpc": "2.0", "id": 3,
+                       "error": {"code": -32603, "message": "internal error"}}
+        assert "boom" in caplog.text and "Traceback" in caplog.text
+
+
+async def test_frame_over_the_limit_closes_only_that_connection(sock_dir: Path) -> None:
+    limits = RpcLimits(max_frame_bytes=1000)
+    async with running(sock_dir, limits=limits) as (path, _), wire(path) as good, \
+            wire(path) as bad:
+        assert await good.call("daemon.ping") == {"jsonrpc": "2.0", "result": "pong", "id": 1}
+        await bad.send(b'{"jsonrpc":"2.0","method":"daemon.ping","params":{"x":"'
+                       + b"y" * 2000)  # no newline needed: over the limit already
+        got = await bad.line()
+        assert got["id"] is None and got["error"]["code"] == -32600
+        assert "limit of 1000 bytes" in got["error"]["message"]
+        assert await bad.line() is None  # closed
+        assert await good.call("daemon.ping", rid=2) == {"jsonrpc": "2.0", "result": "pong",
+                                                         "id": 2}
+
+
+async def test_200_concurrent_connections(sock_dir: Path) -> None:
+    results: list[Any] = []
+
+    async def client(i: int) -> None:
+        async with wire(path) as w:
+            for j in range(3):
+                results.append(await w.call("daemon.ping", rid=f"{i}-{j}"))
+
+    async with running(sock_dir) as (path, _server), anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(client, i)
+    assert len(results) == 600 and all(r["result"] == "pong" for r in results)
+    assert {r["id"] for r in results} == {f"{i}-{j}" for i in range(200) for j in range(3)}
+
+
+async def test_half_frame_stall_does_not_block_others(sock_dir: Path) -> None:
+    limits = RpcLimits(frame_timeout=0.2)
+    async with running(sock_dir, limits=limits) as (path, _), wire(path) as stalled, \
+            wire(path) as other:
+        await stalled.send(b'{"jsonrpc": "2.0", "meth')
+        for i in range(5):
+            assert (await other.call("daemon.ping", rid=i))["result"] == "pong"
+        assert await stalled.line() is None  # closed once the frame timeout passed
+
+
+async def test_client_not_reading_does_not_block_others(sock_dir: Path) -> None:
+    async with running(sock_dir) as (path, _server), wire(path) as other:
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.connect(path)
+        deaf.setblocking(False)
+        request = req("sandbox.logs", 1, {"name": "a", "limit": 64 * 1024}) + b"\n"
+        sent = 0
+        try:  # until the server stops reading it: it never reads its replies
+            while True:
+                sent += deaf.send(request)
+        except BlockingIOError:
+            pass
+        try:
+            assert sent > 0
+            for i in range(5):
+                assert (await other.call("daemon.ping", rid=i))["result"] == "pong"
+        finally:
+            deaf.close()
+
+
+async def test_calls_on_one_connection_finish_out_of_order(sock_dir: Path) -> None:
+    handler = Handler()
+    async with running(sock_dir, handler) as (path, _), wire(path) as w:
+        await w.send(req("sandbox.wait", "a", {"name": "a"}) + b"\n"
+                     + req("sandbox.wait", "b", {"name": "b"}) + b"\n")
+        await handler.gate("a")[0].wait()
+        await handler.gate("b")[0].wait()
+        assert await w.call("daemon.ping", rid=3) == {"jsonrpc": "2.0", "result": "pong", "id": 3}
+        handler.gate("b")[1].set()
+        assert (await w.line())["id"] == "b"
+        handler.gate("a")[1].set()
+        assert (await w.line()) == {"jsonrpc": "2.0", "result": {"waited": "a"}, "id": "a"}
+
+
+async def test_inflight_limit_holds_back_reading(sock_dir: Path) -> None:
+    handler = Handler()
+    limits = RpcLimits(max_inflight_per_connection=2)
+    async with running(sock_dir, handler, limits) as (path, _), wire(path) as w:
+        await w.send(b"".join(req("sandbox.wait", n, {"name": n}) + b"\n" for n in "abc"))
+        await handler.gate("a")[0].wait()
+        await handler.gate("b")[0].wait()
+        assert not handler.gate("c")[0].is_set()
+        handler.gate("a")[1].set()
+        assert (await w.line())["id"] == "a"
+        await handler.gate("c")[0].wait()
+        handler.gate("b")[1].set()
+        handler.gate("c")[1].set()
+        assert {(await w.line())["id"], (await w.line())["id"]} == {"b", "c"}
+
+
+async def test_max_connections_is_answered(sock_dir: Path) -> None:
+    limits = RpcLimits(max_connections=2)
+    async with running(sock_dir, limits=limits) as (path, _), wire(path) as a, wire(path) as b:
+        assert (await a.call("daemon.ping"))["result"] == "pong"
+        assert (await b.call("daemon.ping"))["result"] == "pong"
+        async with wire(path) as c:
+            got = await c.line()
+            assert got["id"] is None and got["error"]["code"] == -32004
+            assert got["error"]["message"] == "too many connections"
+            assert await c.line() is None
+        assert (await a.call("daemon.ping", rid=2))["result"] == "pong"
+
+
+async def test_deferred_work_runs_after_the_reply(sock_dir: Path) -> None:
+    async with running(sock_dir) as (path, _), wire(path) as w:
+        assert await w.call("events.subscribe", rid=5) == {"jsonrpc": "2.0", "result": {"seq": 7},
+                                                           "id": 5}
+        assert await w.line() == {"jsonrpc": "2.0", "method": "event", "params": {"event": {
+            "seq": 8, "time": "2024-01-02T00:00:00Z", "sandbox": "a", "state": "running",
+            "run_id": None, "reason": None, "exit_code": None, "signal": None, "detail": None}}}
+
+
+async def test_batch_defers_after_the_batch_reply(sock_dir: Path) -> None:
+    async with running(sock_dir) as (path, _), wire(path) as w:
+        await w.send(b"[" + req("events.subscribe", 1) + b"," + req("daemon.ping", 2) + b"]\n")
+        got = await w.line()
+        assert sorted(r["id"] for r in got) == [1, 2]
+        assert (await w.line())["method"] == "event"
+
+
+async def test_peer_credentials(sock_dir: Path) -> None:
+    async with running(sock_dir) as (path, _), wire(path) as w:
+        got = await w.call("sandbox.touch", {"name": "a"})
+        assert got["result"] == {"uid": os.getuid(), "gid": os.getgid(), "pid": os.getpid()}
+
+
+async def test_client_vanishing_mid_call_cancels_it(sock_dir: Path) -> None:
+    handler = Handler()
+    async with running(sock_dir, handler) as (path, _server):
+        async with wire(path) as w:
+            await w.send(req("sandbox.wait", 1, {"name": "gone"}) + b"\n")
+            await handler.gate("gone")[0].wait()
+        with anyio.fail_after(5):
+            await handler.cancelled.wait()
+        async with wire(path) as w:
+            assert (await w.call("daemon.ping"))["result"] == "pong"
+
+
+async def test_half_closed_client_still_gets_its_replies(sock_dir: Path) -> None:
+    async with running(sock_dir) as (path, _), wire(path) as w:
+        await w.send(req("daemon.ping", 1) + b"\n" + req("daemon.ping", 2))  # last without \n
+        await w.stream.send_eof()
+        assert {(await w.line())["id"], (await w.line())["id"]} == {1, 2}
+        assert await w.line() is None
+
+
+async def test_drain_lets_inflight_calls_finish(sock_dir: Path) -> None:
+    handler = Handler()
+    async with running(sock_dir, handler) as (path, server), wire(path) as w:
+        await w.send(req("sandbox.wait", 1, {"name": "a"}) + b"\n")
+        await handler.gate("a")[0].wait()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.drain, 10)
+            with pytest.raises(OSError):
+                await anyio.connect_unix(path)  # no longer accepting
+            handler.gate("a")[1].set()
+            assert (await w.line())["result"] == {"waited": "a"}
+        assert await w.line() is None
+
+
+async def test_drain_cancels_after_its_timeout(sock_dir: Path) -> None:
+    handler = Handler()
+    async with running(sock_dir, handler) as (path, server), wire(path) as w:
+        await w.send(req("sandbox.wait", 1, {"name": "a"}) + b"\n")
+        await handler.gate("a")[0].wait()
+        await server.drain(0.05)
+        await handler.cancelled.wait()
+        assert await w.line() is None
