@@ -226,12 +226,11 @@ def cmd_rm(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
-def _simple(method: str, verb: str, extra: Callable[[argparse.Namespace], dict[str, Any]]
+def _simple(method: str, extra: Callable[[argparse.Namespace], dict[str, Any]]
             ) -> Callable[[Client, argparse.Namespace], int]:
     def run(c: Client, a: argparse.Namespace) -> int:
         info = c.call(method, {"name": a.name, **extra(a)}, timeout=None)
-        _emit(a, info, lambda i: print(f"{verb} {i['name']}: {i['state']} {_status(i)}".rstrip(
-            " -")))
+        _emit(a, info, lambda i: print(f"{i['name']}: {i['state']} {_status(i)}".rstrip(" -")))
         return 0
     return run
 
@@ -358,18 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("inspect", cmd_inspect, "show one sandbox as JSON")
     p = add("rm", cmd_rm, "remove a sandbox record")
     p.add_argument("-f", "--force", action="store_true", help="stop it first if it is running")
-    p = add("start", _simple("sandbox.start", "started", _timeout), "start a sandbox")
+    p = add("start", _simple("sandbox.start", _timeout), "start a sandbox")
     p.add_argument("--timeout", type=float, help="seconds to wait for the worker to enter libkrun")
-    p = add("stop", _simple("sandbox.stop", "stopped", _timeout), "stop a sandbox")
+    p = add("stop", _simple("sandbox.stop", _timeout), "stop a sandbox")
     p.add_argument("--timeout", type=float, help="grace seconds before SIGKILL (default 10)")
-    p = add("kill", _simple("sandbox.kill", "signalled",
-                            lambda a: {"signal": a.signal}), "send a signal to a sandbox")
+    p = add("kill", _simple("sandbox.kill", lambda a: {"signal": a.signal}),
+            "send a signal to a sandbox")
     p.add_argument("-s", "--signal", default="SIGKILL", help="signal name or number")
-    p = add("restart", _simple("sandbox.restart", "restarted", _timeout), "stop, then start")
+    p = add("restart", _simple("sandbox.restart", _timeout), "stop, then start")
     p.add_argument("--timeout", type=float, help="grace seconds before SIGKILL (default 10)")
     p = add("wait", cmd_wait, "wait for the current run to end; exit with its exit code")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
-    add("touch", _simple("sandbox.touch", "touched", lambda a: {}),
+    add("touch", _simple("sandbox.touch", lambda a: {}),
         "count as activity (moves the idle deadline)")
     p = add("logs", cmd_logs, "print a sandbox's console output")
     p.add_argument("-n", "--tail", type=int, metavar="LINES", help="only the last LINES lines")

@@ -14,7 +14,7 @@ cp /bin/busybox "$DEMO/rootfs/bin/busybox"
 for applet in sh echo cat sleep uname seq date env ls; do ln -s busybox "$DEMO/rootfs/bin/$applet"; done
 
 say() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 msbctl() { "$BIN/msbctl" --socket "$SOCK" "$@"; }
 
 cat <<NOTE
