@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -74,8 +73,7 @@ def make_daemon(sock_dir: Path) -> Iterator[Callable[..., DaemonProc]]:
 
     yield make
     for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.stop(sig=signal.SIGKILL)
+        daemon.close()
 
 
 @pytest.fixture

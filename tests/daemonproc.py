@@ -102,6 +102,15 @@ class DaemonProc:
             self._notify = None
         return code
 
+    def close(self) -> None:
+        """Kill the daemon if it still runs and release the notify socket."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=60)
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+
     def restart(self) -> DaemonProc:
         self.stop()
         return self.start()

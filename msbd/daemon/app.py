@@ -25,6 +25,7 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+import msgspec
 
 from msbd import __version__
 from msbd.config import Settings
@@ -104,6 +105,9 @@ async def _serve(settings: Settings) -> None:
     try:
         async with open_store(settings.db_path, on_event=hub.publish) as store:
             closed = await reconcile(store)
+            if inherited is not None:
+                # systemd's socket, used as is: report where it really is.
+                settings = msgspec.structs.replace(settings, socket=inherited.getsockname())
             sock = inherited or bind_control_socket(
                 Path(settings.socket), mode=settings.socket_mode, group=settings.socket_group)
             try:

@@ -37,10 +37,17 @@ def start_ticks(pid: int) -> int | None:
 
 
 def is_same_process(pid: int, proc_start: int | None, boot: str | None) -> bool:
-    """True only if `pid` is alive and is the very process recorded (same boot, same start)."""
+    """True only if `pid` is alive and is the very process recorded (same boot, same start).
+
+    A zombie (exited, not yet reaped by whoever inherited it) is not alive.
+    """
     if proc_start is None or boot != boot_id():
         return False
-    return start_ticks(pid) == proc_start
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X", "x") and int(fields[19]) == proc_start
 
 
 @dataclass(frozen=True, slots=True)
