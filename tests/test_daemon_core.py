@@ -237,3 +237,18 @@ def test_launch_without_libkrun_is_refused_clearly(daemon: DaemonProc, tmp_path:
     assert "libkrun" in err.message
     assert err.remote_data == {"missing": "libkrun"}
     assert rpc(daemon, "sandbox.list")["sandboxes"] == []
+
+
+def test_events_log_is_pruned_to_its_cap(make_daemon: Any, tmp_path: Path) -> None:
+    d = make_daemon(settings={"events_keep": 5})
+    for i in range(8):
+        rpc(d, "sandbox.create", spec(f"e{i}", tmp_path))
+    d.restart()  # pruning runs at startup (then hourly)
+    with d.client() as c:
+        head = c.call("events.subscribe", {"since": 0})["seq"]
+        seqs = []
+        for _, params in c.iter_notifications(timeout=30):
+            seqs.append(params["event"]["seq"])
+            if seqs[-1] >= head:
+                break
+    assert seqs == [4, 5, 6, 7, 8]

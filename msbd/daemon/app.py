@@ -157,6 +157,7 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
                 await tg.start(systemd.serve_watchdog, notifier, watchdog)
             if notifier.enabled:
                 tg.start_soon(_report_status, notifier, supervisor)
+            tg.start_soon(_prune_events, store, settings.events_keep)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 break
@@ -168,6 +169,15 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
             await supervisor.shutdown(grace=settings.stop_timeout)
             await server.drain(settings.shutdown_timeout)
         tg.cancel_scope.cancel()
+
+
+async def _prune_events(store: Store, keep: int) -> None:
+    """Keep the events log to its newest `keep` entries: at startup, then hourly."""
+    while True:
+        removed = await store.prune_events(keep=keep)
+        if removed:
+            log.info("pruned %d old events (keeping %d)", removed, keep)
+        await anyio.sleep(3600)
 
 
 def _status(supervisor: Supervisor) -> str:
