@@ -25,7 +25,7 @@ fakekrun:
 	@$(MAKE) -s -C tests/fakekrun
 
 lint: venv
-	$(BIN)/ruff check msbd tests bench
+	$(BIN)/ruff check msbd tests $(wildcard bench)
 
 typecheck: venv
 	$(BIN)/mypy
