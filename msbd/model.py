@@ -203,6 +203,15 @@ class WorkerSpec(LaunchSpec, frozen=True):
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
     libkrun: HostPath | None = None
     log_level: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
+    # The identity the VM runs as (libkrun drops to it right before the guest
+    # starts): the sandbox owner's, so a guest writes shared host files as its
+    # owner, never as the daemon. None keeps the worker's own.
+    uid: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)] | None = None
+    gid: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)] | None = None
+    # Supplementary groups the VM keeps (the owner's); set by the worker itself,
+    # since libkrun only changes the uid and gid.
+    groups: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)]],
+                      msgspec.Meta(max_length=65536)] | None = None
 
 
 # --- seed syntax: `--disk id:host:format[:ro]`, `--mount tag:host[:ro]` --------

@@ -252,3 +252,11 @@ def test_events_log_is_pruned_to_its_cap(make_daemon: Any, tmp_path: Path) -> No
             if seqs[-1] >= head:
                 break
     assert seqs == [4, 5, 6, 7, 8]
+
+
+def test_state_dir_is_made_private(make_daemon: Any) -> None:
+    d = make_daemon(start=False)
+    d.state_dir.mkdir(mode=0o755)
+    d.state_dir.chmod(0o755)
+    d.start()
+    assert stat.S_IMODE(d.state_dir.stat().st_mode) == 0o700

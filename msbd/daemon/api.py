@@ -3,13 +3,17 @@
 The server has already decoded and checked the params against the method
 table (`msbd.rpc.methods`); a handler gets typed params and the caller, and
 returns a result struct or raises an `MsbdError`, which the server turns into
-the error reply.
+the error reply. Who may do what is `msbd.daemon.access`: every handler that
+names a sandbox looks it up through `_visible`, so a sandbox the caller does
+not own is not found, and every launch checks the spec's host paths as the
+caller first.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import pwd
 import signal as signal_mod
 import time
 from collections.abc import Awaitable, Callable
@@ -20,14 +24,20 @@ import anyio
 from msbd import __version__
 from msbd.config import Settings
 from msbd.daemon import states
-from msbd.daemon.access import Caller, check_spec_paths, may_see
+from msbd.daemon.access import (
+    Caller,
+    check_identity,
+    check_spec_paths,
+    daemon_identity,
+    may_see,
+)
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, Lagged, stream_events
 from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
 from msbd.errors import Conflict, InvalidParams, LimitReached, NotFound
-from msbd.model import Event, LaunchSpec, SandboxInfo
+from msbd.model import Event, LaunchSpec, SandboxInfo, State
 from msbd.rpc.methods import (
     DaemonInfo,
     EventParams,
@@ -74,7 +84,8 @@ class Api:
         self._hub = hub
         self._host = host
         self._started = started
-        self._daemon_uid = os.getuid()
+        self._daemon = daemon_identity()
+        self._daemon_uid = self._daemon.uid
         self._log_dir = supervisor.log_dir
         self._discover: dict[str, Any] | None = None
         self._table: dict[str, Handler] = {
@@ -104,6 +115,7 @@ class Api:
     async def __call__(self, ctx: CallContext, method: str, params: Any) -> Any:
         conn = ctx.connection
         caller = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid)
+        check_identity(caller, method)
         return await self._table[method](caller, params, ctx)
 
     # --- helpers ------------------------------------------------------------------
@@ -115,7 +127,32 @@ class Api:
         return info
 
     async def _check_paths(self, spec: LaunchSpec, caller: Caller) -> None:
-        await anyio.to_thread.run_sync(check_spec_paths, spec, caller)
+        await anyio.to_thread.run_sync(
+            lambda: check_spec_paths(spec, caller, daemon=self._daemon))
+
+    async def _check_launch(self, info: SandboxInfo, caller: Caller) -> None:
+        """Paths as the caller, and as the owner the VM will run as (if another uid)."""
+        await self._check_paths(info.spec, caller)
+        owner = info.owner_uid
+        if owner != caller.uid and owner not in (0, self._daemon_uid):
+            try:
+                gid = pwd.getpwuid(owner).pw_gid
+            except KeyError:
+                gid = owner
+            await self._check_paths(info.spec, Caller(uid=owner, gid=gid))
+
+    def _owner_filter(self, caller: Caller) -> int | None:
+        """None (everything) for an admin, else the caller's uid."""
+        return None if caller.is_admin(self._daemon_uid) else caller.uid
+
+    async def _counts(self, caller: Caller) -> dict[str, int]:
+        owner = self._owner_filter(caller)
+        if owner is None:
+            return await self._store.counts_by_state()
+        counts = dict.fromkeys((s.value for s in State), 0)
+        for info in await self._store.list_sandboxes(owner_uid=owner):
+            counts[info.state.value] += 1
+        return counts
 
     # --- daemon -------------------------------------------------------------------
 
@@ -130,7 +167,7 @@ class Api:
             version=__version__, pid=os.getpid(), uid=self._daemon_uid,
             uptime=time.monotonic() - self._started, socket=s.socket, state_dir=s.state_dir,
             libkrun=libkrun, libkrun_problem=None if libkrun else self._sup.missing_libkrun(),
-            checks=report.checks, counts=await self._store.counts_by_state(),
+            checks=report.checks, counts=await self._counts(caller),
             limits=LimitsInfo(max_sandboxes=s.max_sandboxes, max_vcpus=s.max_vcpus,
                               max_memory_mib=s.max_memory_mib))
 
@@ -152,7 +189,7 @@ class Api:
 
     async def list(self, caller: Caller, params: ListSandboxParams, ctx: CallContext
                    ) -> SandboxList:
-        owner = None if caller.is_admin(self._daemon_uid) else caller.uid
+        owner = self._owner_filter(caller)
         items = await self._store.list_sandboxes(state=params.state, label=params.label_pair(),
                                                  owner_uid=owner)
         return SandboxList(sandboxes=items)
@@ -189,7 +226,7 @@ class Api:
     async def start(self, caller: Caller, params: StartSandboxParams, ctx: CallContext
                     ) -> SandboxInfo:
         info = await self._visible(caller, params.name)
-        await self._check_paths(info.spec, caller)
+        await self._check_launch(info, caller)
         return await self._sup.start(info, timeout=params.timeout)
 
     async def stop(self, caller: Caller, params: StopSandboxParams, ctx: CallContext
@@ -206,10 +243,11 @@ class Api:
     async def restart(self, caller: Caller, params: RestartSandboxParams, ctx: CallContext
                       ) -> SandboxInfo:
         info = await self._visible(caller, params.name)
+        # Checked before the stop: a restart the caller may not make leaves the run alone.
+        await self._check_launch(info, caller)
         if self._sup.busy(params.name):
             info = await self._sup.stop(params.name, timeout=params.timeout,
                                         detail="restarted")
-        await self._check_paths(info.spec, caller)
         return await self._sup.start(info, timeout=None)
 
     async def wait(self, caller: Caller, params: WaitSandboxParams, ctx: CallContext
@@ -246,7 +284,7 @@ class Api:
 
     async def subscribe(self, caller: Caller, params: SubscribeEventsParams, ctx: CallContext
                         ) -> Subscription:
-        owner = None if caller.is_admin(self._daemon_uid) else caller.uid
+        owner = self._owner_filter(caller)
         last = await self._store.last_seq()
         since = last if params.since is None else params.since
         conn = ctx.connection

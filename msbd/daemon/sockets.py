@@ -34,6 +34,13 @@ class AlreadyRunning(ConfigError):
 def lock_state_dir(state_dir: Path) -> int:
     """Create the state dir (0700) and hold an exclusive lock on it; returns the lock fd."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = state_dir.stat()
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"state directory {state_dir} belongs to uid {st.st_uid}, not to "
+                          f"msbd's uid {os.getuid()}; refusing to use it")
+    if st.st_mode & 0o077:
+        # The database holds launch specs, env secrets included: owner only.
+        os.chmod(state_dir, 0o700)
     fd = os.open(state_dir / "msbd.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

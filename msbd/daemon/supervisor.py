@@ -28,6 +28,7 @@ import errno
 import functools
 import logging
 import os
+import pwd
 import signal as signal_mod
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -183,7 +184,7 @@ class Supervisor:
         launched = self._launching[name] = anyio.Event()
         try:
             with anyio.CancelScope(shield=True):
-                live = await self._launch(info.spec, libkrun)
+                live = await self._launch(info.spec, libkrun, owner_uid=info.owner_uid)
         except BaseException:
             self._reserved.pop(name, None)
             raise
@@ -211,7 +212,7 @@ class Supervisor:
                                  "reason": str(run.reason) if run and run.reason else None,
                                  "exit_code": run.exit_code if run else None})
 
-    async def _launch(self, spec: LaunchSpec, libkrun: str) -> Live:
+    async def _launch(self, spec: LaunchSpec, libkrun: str, *, owner_uid: int) -> Live:
         """Record the new run, spawn its worker, hand it to a watcher (shielded by the caller)."""
         name = spec.name
         info, _ = await self._store.transition(name, State.STARTING, now=time.time(),
@@ -219,8 +220,10 @@ class Supervisor:
         assert info.run is not None
         run_id = info.run.id
         fields = {f: getattr(spec, f) for f in spec.__struct_fields__}
+        uid, gid, groups = vm_identity(owner_uid)
         worker_spec = WorkerSpec(**fields, heartbeat_interval=self._settings.heartbeat_interval,
-                                 shutdown_grace=self._settings.stop_timeout, libkrun=libkrun)
+                                 shutdown_grace=self._settings.stop_timeout, libkrun=libkrun,
+                                 uid=uid, gid=gid, groups=groups)
         try:
             console = ConsoleLog(log_path(self.log_dir, name),
                                  max_bytes=self._settings.log_max_bytes)
@@ -587,6 +590,18 @@ class Supervisor:
     def pid_of(self, name: str) -> int | None:
         live = self.live.get(name)
         return live.pid if live is not None else None
+
+
+def vm_identity(owner_uid: int) -> tuple[int | None, int | None, list[int] | None]:
+    """(uid, gid, groups) a sandbox's VM runs as: its owner's, looked up now, unless the
+    owner is root or the daemon's own uid (then the worker keeps the daemon's)."""
+    if owner_uid in (0, os.getuid()):
+        return None, None, None
+    try:
+        entry = pwd.getpwuid(owner_uid)
+    except KeyError:
+        return owner_uid, owner_uid, []  # no passwd entry: its own number, no groups
+    return owner_uid, entry.pw_gid, sorted(os.getgrouplist(entry.pw_name, entry.pw_gid))
 
 
 async def _first(*waits: Callable[[], Awaitable[object]]) -> None:

@@ -40,6 +40,8 @@ SYMBOLS: Final = (
     Symbol("krun_set_workdir", (_u32, _str), _i32),
     Symbol("krun_set_exec", (_u32, _str, _StrArray, _StrArray), _i32),
     Symbol("krun_get_shutdown_eventfd", (_u32,), _i32, optional=True),
+    Symbol("krun_setgid", (_u32, _u32), _i32),
+    Symbol("krun_setuid", (_u32, _u32), _i32),
     Symbol("krun_start_enter", (_u32,), _i32),
 )
 
@@ -164,6 +166,13 @@ class Krun:
     def set_exec(self, ctx: int, exec_path: str, args: Sequence[str], env: Sequence[str]) -> None:
         """`args` are the arguments after the program name; `env` KEY=VALUE, exactly."""
         self._call("krun_set_exec", ctx, _b(exec_path), _strv(args), _strv(env))
+
+    def set_identity(self, ctx: int, uid: int | None, gid: int | None) -> None:
+        """The uid/gid libkrun drops to right before the guest starts (gid first)."""
+        if gid is not None:
+            self._call("krun_setgid", ctx, gid)
+        if uid is not None:
+            self._call("krun_setuid", ctx, uid)
 
     def shutdown_eventfd(self, ctx: int) -> int | None:
         """The eventfd that asks the guest to stop in order, if this libkrun has one."""

@@ -86,6 +86,13 @@ def run(argv: Sequence[str]) -> int:
         ctx, eventfd = configure(lib, worker_spec)
     except KrunError as exc:
         return _fail(WorkerExit.CONFIG_FAILED, str(exc), pipe)
+    if worker_spec.groups is not None:
+        # The owner's supplementary groups; libkrun then drops uid and gid itself.
+        try:
+            os.setgroups(worker_spec.groups)
+        except OSError as exc:
+            return _fail(WorkerExit.CONFIG_FAILED,
+                         f"cannot take the sandbox owner's groups: {exc.strerror}", pipe)
 
     pipe.send(ENTERING)  # first, so no heartbeat can come before it
     guard.start(watchdog_fd=fds.WATCHDOG_FD, status=pipe,
@@ -124,4 +131,5 @@ def configure(lib: krun.Krun, s: WorkerSpec) -> tuple[int, int | None]:
     if s.workdir is not None:
         lib.set_workdir(ctx, s.workdir)
     lib.set_exec(ctx, s.exec, s.args, spec.guest_env(s))
+    lib.set_identity(ctx, s.uid, s.gid)
     return ctx, lib.shutdown_eventfd(ctx)

@@ -188,6 +188,7 @@ struct ctx {
     char **argv; /* arguments after the program name */
     char **envp;
     int shutdown_fd;
+    long uid, gid; /* -1: keep the caller's (krun_setuid/krun_setgid not called) */
 };
 
 static struct ctx contexts[MAX_CTX];
@@ -270,6 +271,8 @@ EXPORT int32_t krun_create_ctx(void)
     memset(&contexts[id], 0, sizeof contexts[id]);
     contexts[id].used = true;
     contexts[id].shutdown_fd = -1;
+    contexts[id].uid = -1;
+    contexts[id].gid = -1;
     pthread_mutex_unlock(&ctx_lock);
     return jb_end(&b, (int32_t)id);
 }
@@ -489,7 +492,7 @@ EXPORT int32_t krun_setuid(uint32_t ctx_id, uid_t uid)
     jb_key(&b, "uid");
     jb_int(&b, uid);
     CHECK(b, "krun_setuid", ctx_id, c);
-    (void)c;
+    c->uid = (long)uid;
     return jb_end(&b, 0);
 }
 
@@ -500,7 +503,7 @@ EXPORT int32_t krun_setgid(uint32_t ctx_id, gid_t gid)
     jb_key(&b, "gid");
     jb_int(&b, gid);
     CHECK(b, "krun_setgid", ctx_id, c);
-    (void)c;
+    c->gid = (long)gid;
     return jb_end(&b, 0);
 }
 
@@ -686,6 +689,12 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         int procfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (do_chroot && chroot(c->root) != 0)
             child_fail(125, "cannot chroot into", c->root, errno);
+        /* Like libkrun: the identity is dropped right before the "guest" starts
+         * (uid and gid only; supplementary groups are the worker's business). */
+        if (c->gid >= 0 && setgid((gid_t)c->gid) != 0)
+            child_fail(125, "cannot set gid for", c->root, errno);
+        if (c->uid >= 0 && setuid((uid_t)c->uid) != 0)
+            child_fail(125, "cannot set uid for", c->root, errno);
         if (chdir(cwd_at) != 0)
             child_fail(125, "cannot chdir to", cwd_at, errno);
         int seen[MAX_FDS];
