@@ -101,68 +101,64 @@ def _plant_live_run(db: Path, name: str, *, pid: int, proc_start: int | None,
         conn.execute("UPDATE sandboxes SET state = 'running' WHERE name = ?", (name,))
 
 
+@pytest.fixture
+def bystander() -> Any:
+    """A live process that is not a worker of any daemon."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _daemon_with_planted_run(make_daemon: Any, fakekrun: Path, root: Path, name: str, *,
+                             pid: int, proc_start: int | None, boot_id: str | None
+                             ) -> DaemonProc:
+    """A daemon restarted over a database that claims `name` ran as `pid` when it died."""
+    d: DaemonProc = make_daemon(libkrun=fakekrun)
+    d.call("sandbox.run", spec(name, root, "exit 0"))
+    d.call("sandbox.wait", {"name": name})
+    d.stop()
+    _plant_live_run(d.state_dir / "msbd.db", name, pid=pid, proc_start=proc_start,
+                    boot_id=boot_id)
+    return d.start()
+
+
 def test_a_reused_pid_is_never_adopted_or_killed(make_daemon: Any, fakekrun: Path,
-                                                 busybox_root: Path) -> None:
-    d: DaemonProc = make_daemon(libkrun=fakekrun)
-    d.call("sandbox.run", spec("reused", busybox_root, "exit 0"))
-    d.call("sandbox.wait", {"name": "reused"})
-    d.stop()
+                                                 busybox_root: Path, bystander: Any) -> None:
     # An unrelated live process now holds the recorded pid; its start time differs.
-    bystander = subprocess.Popen(["sleep", "600"])
-    try:
-        real_start = procfs.start_ticks(bystander.pid)
-        assert real_start is not None
-        _plant_live_run(d.state_dir / "msbd.db", "reused", pid=bystander.pid,
-                        proc_start=real_start - 1, boot_id=procfs.boot_id())
-        d.start()
-        run = d.call("sandbox.get", {"name": "reused"})["run"]
-        assert run["reason"] == "daemon_lost"
-        assert "another process" in run["detail"]
-        assert bystander.poll() is None, "an unrelated process was signalled"
-    finally:
-        bystander.kill()
-        bystander.wait()
+    start = procfs.start_ticks(bystander.pid)
+    assert start is not None
+    d = _daemon_with_planted_run(make_daemon, fakekrun, busybox_root, "reused",
+                                 pid=bystander.pid, proc_start=start - 1,
+                                 boot_id=procfs.boot_id())
+    run = d.call("sandbox.get", {"name": "reused"})["run"]
+    assert run["reason"] == "daemon_lost"
+    assert "another process" in run["detail"]
+    assert bystander.poll() is None, "an unrelated process was signalled"
 
 
-def test_a_recorded_worker_still_alive_is_killed_not_adopted(make_daemon: Any, fakekrun: Path,
-                                                             busybox_root: Path) -> None:
+def test_a_recorded_worker_still_alive_is_killed_not_adopted(
+        make_daemon: Any, fakekrun: Path, busybox_root: Path, bystander: Any) -> None:
     """Identity matches (boot id and start time): it is that worker, so it is ended."""
-    d: DaemonProc = make_daemon(libkrun=fakekrun)
-    d.call("sandbox.run", spec("survivor", busybox_root, "exit 0"))
-    d.call("sandbox.wait", {"name": "survivor"})
-    d.stop()
-    lingering = subprocess.Popen(["sleep", "600"])
-    try:
-        _plant_live_run(d.state_dir / "msbd.db", "survivor", pid=lingering.pid,
-                        proc_start=procfs.start_ticks(lingering.pid), boot_id=procfs.boot_id())
-        d.start()
-        assert lingering.wait(timeout=30) == -signal.SIGKILL
-        run = d.call("sandbox.get", {"name": "survivor"})["run"]
-        assert run["reason"] == "daemon_lost"
-        assert "outlived the daemon and was killed" in run["detail"]
-    finally:
-        if lingering.poll() is None:
-            lingering.kill()
-            lingering.wait()
+    d = _daemon_with_planted_run(make_daemon, fakekrun, busybox_root, "survivor",
+                                 pid=bystander.pid,
+                                 proc_start=procfs.start_ticks(bystander.pid),
+                                 boot_id=procfs.boot_id())
+    assert bystander.wait(timeout=30) == -signal.SIGKILL
+    run = d.call("sandbox.get", {"name": "survivor"})["run"]
+    assert run["reason"] == "daemon_lost"
+    assert "outlived the daemon and was killed" in run["detail"]
 
 
 def test_another_boots_pid_is_never_trusted(make_daemon: Any, fakekrun: Path,
-                                            busybox_root: Path) -> None:
-    d: DaemonProc = make_daemon(libkrun=fakekrun)
-    d.call("sandbox.run", spec("oldboot", busybox_root, "exit 0"))
-    d.call("sandbox.wait", {"name": "oldboot"})
-    d.stop()
-    bystander = subprocess.Popen(["sleep", "600"])
-    try:
-        _plant_live_run(d.state_dir / "msbd.db", "oldboot", pid=bystander.pid,
-                        proc_start=procfs.start_ticks(bystander.pid),
-                        boot_id="00000000-0000-0000-0000-000000000000")
-        d.start()
-        assert d.call("sandbox.get", {"name": "oldboot"})["run"]["reason"] == "daemon_lost"
-        assert bystander.poll() is None
-    finally:
-        bystander.kill()
-        bystander.wait()
+                                            busybox_root: Path, bystander: Any) -> None:
+    d = _daemon_with_planted_run(make_daemon, fakekrun, busybox_root, "oldboot",
+                                 pid=bystander.pid,
+                                 proc_start=procfs.start_ticks(bystander.pid),
+                                 boot_id="00000000-0000-0000-0000-000000000000")
+    assert d.call("sandbox.get", {"name": "oldboot"})["run"]["reason"] == "daemon_lost"
+    assert bystander.poll() is None
 
 
 def test_killed_at_any_point_loses_no_acknowledged_record(make_daemon: Any, fakekrun: Path,
