@@ -38,6 +38,10 @@ test: setup lint typecheck pytest
 demo: setup
 	@scripts/demo.sh
 
+bench: setup
+	$(BIN)/pip install -q -r bench/requirements.txt
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) .demo build *.egg-info
 	@$(MAKE) -s -C tests/fakekrun clean

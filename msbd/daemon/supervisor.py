@@ -24,14 +24,13 @@ output costs no heap operations.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
 import pwd
 import signal as signal_mod
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import assert_never
@@ -44,6 +43,7 @@ from msbd.config import Settings
 from msbd.daemon import procfs, states
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
+from msbd.daemon.pipes import LineSplitter, pump
 from msbd.daemon.spawn import Worker, spawn_worker, worker_environ
 from msbd.daemon.timers import Scheduler, TimerKind, heartbeat_deadline
 from msbd.db.store import RunEnd, Store
@@ -276,8 +276,11 @@ class Supervisor:
         result: tuple[int | None, int | None] | None = None
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_status, live)
-                tg.start_soon(self._read_console, live)
+                status = LineSplitter(functools.partial(self._on_status, live, tg),
+                                      limit=_LINE_MAX)
+                tg.start_soon(pump, live.worker.status_r, status.feed)
+                tg.start_soon(pump, live.worker.console_r,
+                              functools.partial(self._on_console, live))
                 await anyio.wait_readable(live.worker.pidfd)
                 result = self._reap(live)
                 # The pipes normally reach EOF with the process; never wait long for them.
@@ -309,22 +312,13 @@ class Supervisor:
         except ChildProcessError:
             return None, signal_mod.SIGKILL
 
-    async def _read_status(self, live: Live) -> None:
-        buf = b""
-        async for chunk in _chunks(live.worker.status_r, 4096):
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            if len(buf) > _LINE_MAX:
-                buf = b""
-            for raw in lines:
-                await self._on_status(live, raw.decode(errors="replace").strip())
-
-    async def _on_status(self, live: Live, line: str) -> None:
+    def _on_status(self, live: Live, tg: anyio.abc.TaskGroup, line: str) -> None:
+        """One line from fd 98 (called from the pipe's read callback: never blocks)."""
         if line == "heartbeat":
             live.last_beat = self._timers.now()
         elif line == "entering":
             live.entered = True
-            await self._entered(live)
+            tg.start_soon(self._entered, live)  # in the watcher's group: before the end
         elif line.startswith("error"):
             live.error_line = line[5:].strip()[:_LINE_MAX] or "unknown error"
             log.warning("worker error: %s", live.error_line, extra=ctx(sandbox=live.name))
@@ -345,21 +339,21 @@ class Supervisor:
         live.running.set()
         log.info("running", extra=ctx(sandbox=live.name, pid=live.pid))
 
-    async def _read_console(self, live: Live) -> None:
-        async for chunk in _chunks(live.worker.console_r, 65536):
-            live.last_activity = self._timers.now()
-            try:
-                live.console.write(chunk)
-            except OSError as exc:
-                if not live.console_full:
-                    log.warning("cannot write the console log: %s", exc.strerror,
-                                extra=ctx(sandbox=live.name))
-                live.console_full = True
-            tail = chunk.rstrip(b"\n").rpartition(b"\n")[2]
-            if tail:
-                live.last_output_line = tail[-_LINE_MAX:].decode(errors="replace")
-            live.output.set()
-            live.output = anyio.Event()
+    def _on_console(self, live: Live, chunk: bytes) -> None:
+        """Console output (from the pipe's read callback): into the log, and it is activity."""
+        live.last_activity = self._timers.now()
+        try:
+            live.console.write(chunk)
+        except OSError as exc:
+            if not live.console_full:
+                log.warning("cannot write the console log: %s", exc.strerror,
+                            extra=ctx(sandbox=live.name))
+            live.console_full = True
+        tail = chunk.rstrip(b"\n").rpartition(b"\n")[2]
+        if tail:
+            live.last_output_line = tail[-_LINE_MAX:].decode(errors="replace")
+        live.output.set()
+        live.output = anyio.Event()
 
     async def _finish(self, live: Live, exit_code: int | None, sig: int | None) -> None:
         """Record the end of `live`'s run and let go of everything it held (shielded)."""
@@ -414,32 +408,40 @@ class Supervisor:
 
     async def _request_stop(self, live: Live, reason: Reason, *, grace: float,
                             detail: str | None = None, sig: int = signal_mod.SIGTERM) -> None:
-        """Ask `live` to end for `reason` (the first reason asked sticks)."""
-        async with live.lock:
-            if live.ended.is_set():
-                return
-            if live.requested is None:
-                live.requested = reason
-                live.stop_detail = detail
-            if live.state in (State.STARTING, State.RUNNING) and reason is not \
-                    Reason.LAUNCH_FAILED:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self._store.transition(
-                            live.name, State.STOPPING, now=time.time(),
-                            expect={State.STARTING, State.RUNNING}, detail=str(reason))
-                    except Conflict:
-                        return  # it ended meanwhile; the watcher records the end
-                live.state = State.STOPPING
-                log.info("stopping", extra=ctx(sandbox=live.name, reason=reason))
+        """Ask `live` to end for `reason` (the first reason asked sticks).
+
+        The signal goes out first and the `stopping` record follows: a burst of
+        timers (a thousand idle deadlines in the same second) must not wait on
+        a thousand fsync'd commits before the workers hear about it. The reason
+        is already in memory, so the recorded end is right whichever lands first.
+        """
+        if live.ended.is_set():
+            return
+        if live.requested is None:
+            live.requested = reason
+            live.stop_detail = detail
         if grace <= 0 or sig == signal_mod.SIGKILL:
             self._kill_group(live)
-            return
-        self._signal(live, sig)
-        deadline = self._timers.now() + grace
-        current = self._timers.get(live.name, TimerKind.KILL_GRACE)
-        if current is None or deadline < current:
-            self._timers.set(live.name, TimerKind.KILL_GRACE, deadline)
+        else:
+            self._signal(live, sig)
+            deadline = self._timers.now() + grace
+            current = self._timers.get(live.name, TimerKind.KILL_GRACE)
+            if current is None or deadline < current:
+                self._timers.set(live.name, TimerKind.KILL_GRACE, deadline)
+        if reason is Reason.LAUNCH_FAILED:
+            return  # a start that timed out goes straight to `failed`
+        async with live.lock:
+            if live.ended.is_set() or live.state not in (State.STARTING, State.RUNNING):
+                return
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._store.transition(
+                        live.name, State.STOPPING, now=time.time(),
+                        expect={State.STARTING, State.RUNNING}, detail=str(reason))
+                except Conflict:
+                    return  # it ended meanwhile; the watcher records the end
+            live.state = State.STOPPING
+            log.info("stopping", extra=ctx(sandbox=live.name, reason=reason))
 
     def _signal(self, live: Live, sig: int) -> None:
         if live.reaped:
@@ -612,23 +614,6 @@ async def _first(*waits: Callable[[], Awaitable[object]]) -> None:
             tg.cancel_scope.cancel()
         for wait in waits:
             tg.start_soon(one, wait)
-
-
-async def _chunks(fd: int, size: int) -> AsyncIterator[bytes]:
-    """Chunks read from the non-blocking pipe `fd` until EOF, without blocking the loop."""
-    while True:
-        await anyio.wait_readable(fd)
-        try:
-            chunk = os.read(fd, size)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            if exc.errno in (errno.EBADF, errno.EIO):
-                return
-            raise
-        if not chunk:
-            return
-        yield chunk
 
 
 def _signame(num: int) -> str:

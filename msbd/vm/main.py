@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from msbd.errors import FdCheckFailed, InvalidParams, KrunError
 from msbd.model import WorkerSpec
@@ -45,8 +46,12 @@ def _fail(status: int, message: str, pipe: StatusPipe | None) -> int:
     return status
 
 
+# What the daemon's launches (no arguments at all) parse to, without building a parser.
+_DAEMON_LAUNCH: dict[str, Any] = {"spec_file": None, "disk": [], "mount": [], "libkrun": None}
+
+
 def run(argv: Sequence[str]) -> int:
-    opts = _parser().parse_args(argv)
+    opts = _parser().parse_args(argv) if argv else argparse.Namespace(**_DAEMON_LAUNCH)
     keep = {*fds.STDIO_FDS, fds.WATCHDOG_FD, fds.STATUS_FD}
     if opts.spec_file is None:
         keep.add(fds.SPEC_FD)

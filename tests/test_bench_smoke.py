@@ -1,0 +1,71 @@
+"""The benchmarks at a tiny size, so they cannot rot: they finish and print their figures.
+
+No timing is asserted: `--quick` figures mean nothing. The supervisord peer
+is optional (bench/requirements.txt): without it the bench says the peer
+part was not run, and the peer test here is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_SUPERVISOR = importlib.util.find_spec("supervisor") is not None
+
+pytestmark = pytest.mark.slow
+
+FIGURES = {
+    "control": ["ping.seq.floor.p50", "ping.seq.msbd.p50", "ping.seq.msbd.rate",
+                "ping.c16.msbd.rate", "ping.seq.msbd.server_cpu_per_call",
+                "list.seq.msbd.p50", "list.c16.floor.rate",
+                "ratio.ping.seq.msbd_p50_vs_floor"],
+    "launch": ["launch.seq.python.p50", "launch.seq.python_S.p50", "launch.seq.worker.p50",
+               "launch.seq.prespawned.p50", "launch.seq.msbd.p50", "launch.c8.msbd.rate",
+               "launch.seq.msbd.daemon_cpu_per_launch", "ratio.launch.seq.msbd_p50_vs_python",
+               "breakdown.interpreter", "breakdown.imports", "breakdown.configured",
+               "breakdown.daemon_share", "imports.worker_us"],
+    "scale": ["scale.rss_per_sandbox", "scale.daemon_cpu_steady", "scale.list_8.p50",
+              "idle.decided_late.p99", "idle.sigterm_late.p99", "idle.ended_late.p99",
+              "reconcile.restart_delta", "reconcile.in_process"],
+    "peer": ["ping.seq.supervisord.rate", "list.seq.supervisord.p50",
+             "ratio.ping.seq.msbd_rate_vs_supervisord", "launch.seq.supervisord.p50",
+             "launch.seq.supervisord_nowait.p50", "ratio.launch.c8.msbd_rate_vs_supervisord"],
+}
+
+
+@pytest.fixture(scope="module")
+def bench_output(fakekrun: Path, busybox_root: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def _printed(output: str) -> set[str]:
+    return {line.split("=")[0].strip() for line in output.splitlines()
+            if line.startswith("  ") and "=" in line and not line.lstrip().startswith("#")}
+
+
+@pytest.mark.parametrize("benchmark", ["control", "launch", "scale"])
+def test_each_benchmark_prints_its_figures(bench_output: str, benchmark: str) -> None:
+    missing = set(FIGURES[benchmark]) - _printed(bench_output)
+    assert not missing, bench_output
+
+
+def test_everything_started_was_ended(bench_output: str) -> None:
+    assert "all benchmarks done" in bench_output
+    assert "cleanup: killed" not in bench_output, bench_output
+
+
+def test_the_peer_part(bench_output: str) -> None:
+    if not HAVE_SUPERVISOR:
+        assert "the supervisord peer part was NOT run" in bench_output
+        pytest.skip("supervisor is not installed: the supervisord peer part of the bench "
+                    "was not run (pip install -r bench/requirements.txt)")
+    missing = set(FIGURES["peer"]) - _printed(bench_output)
+    assert not missing, bench_output
