@@ -41,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_inflight_per_connection: Count = 64
     connection_idle_timeout: Positive = 3600.0
     partial_frame_timeout: Positive = 30.0
+    connection_send_timeout: Positive = 30.0
     shutdown_timeout: Positive = 10.0
     # sandboxes
     max_sandboxes: Count = 1000

@@ -128,6 +128,52 @@ def test_request_rules(line: bytes, expected: Any) -> None:
     assert shape(parse_frame(line)) == expected
 
 
+P = b'"jsonrpc":"2.0","method":'
+
+HOSTILE_RULES = [
+    # valid JSON with a number msgspec cannot hold: an invalid request, not a parse error
+    pytest.param(b"{" + P + b'"daemon.ping","id":1e400}', (-32600, None), id="id-1e400"),
+    pytest.param(b"{" + P + b'"daemon.ping","id":1' + b"0" * 5000 + b"}", (-32600, None),
+                 id="id-5001-digits"),
+    pytest.param(b"{" + P + b'"daemon.ping","id":1' + b"0" * 4000 + b"}",
+                 ("call", "daemon.ping", 10**4000, False), id="id-4001-digits-echoed"),
+    pytest.param(b"{" + P + b'1,"id":1e400}', (-32600, None), id="bad-method-and-id-1e400"),
+    pytest.param(b"{" + P + b'1,"id":7,"x":1e400}', (-32600, 7), id="id-kept-past-1e400"),
+    pytest.param(b"1e400", (-32600, None), id="bare-1e400"),
+    pytest.param(b"[" + b"{" + P + b'"daemon.ping","id":1e400}]', [(-32600, None)],
+                 id="batch-entry-id-1e400"),
+    pytest.param(b"{" + P + b'"sandbox.logs","params":{"name":"a","wait":1e400},"id":2}',
+                 (-32602, 2), id="param-1e400"),
+    # not UTF-8: a parse error wherever it is (msgspec checks only what it decodes)
+    pytest.param(b"{" + P + b'"sandbox.get","params":{"name":"\xc3"},"id":1}', (-32700, None),
+                 id="utf8-in-params"),
+    pytest.param(b"{" + P + b'"daemon.ping","x":"\xff","id":1}', (-32700, None),
+                 id="utf8-in-ignored-member"),
+    pytest.param(b"[{" + P + b'"daemon.ping","x":"\xff","id":1}]', (-32700, None),
+                 id="utf8-in-batch"),
+    pytest.param(b"{" + P + b'"daemon.ping","x":"\xed\xa0\x80","id":1}', (-32700, None),
+                 id="utf8-encoded-surrogate"),
+    # lone surrogate escapes decode to no text: a parse error
+    pytest.param(b"{" + P + b'"daemon.ping","id":"\\ud800"}', (-32700, None),
+                 id="lone-surrogate"),
+    pytest.param(b"{" + P + b'"daemon.ping","id":"\\ud83d\\ude00"}',
+                 ("call", "daemon.ping", "\U0001f600", False), id="surrogate-pair"),
+    # duplicate members: the last wins
+    pytest.param(b"{" + P + b'"nope",' + P + b'"daemon.ping","id":1,"id":2}',
+                 ("call", "daemon.ping", 2, False), id="duplicate-members"),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), HOSTILE_RULES)
+def test_hostile_values(line: bytes, expected: Any) -> None:
+    assert shape(parse_frame(line)) == expected
+
+
+def test_duplicate_params_members_last_wins() -> None:
+    frame = parse_frame(b"{" + P + b'"sandbox.get","params":{"name":"a","name":"b"},"id":1}')
+    assert isinstance(frame, Call) and frame.params == NameParams(name="b")
+
+
 def test_batch_over_the_limit_is_one_error() -> None:
     line = b"[" + b",".join([b'{"jsonrpc":"2.0","method":"daemon.ping","id":1}'] * 3) + b"]"
     frame = parse_frame(line, max_batch=2)

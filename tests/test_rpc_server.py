@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
+import select
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -369,3 +371,53 @@ async def test_drain_cancels_after_its_timeout(sock_dir: Path) -> None:
         await server.drain(0.05)
         await handler.cancelled.wait()
         assert await w.line() is None
+
+
+def _wait_hangup(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    return bool(poller.poll(timeout * 1000))
+
+
+async def test_closed_with_unread_replies_is_aborted_after_the_send_timeout(
+        sock_dir: Path) -> None:
+    """An idle close while the client holds unread replies must not keep the socket
+    (and a descriptor) forever: it counts as open, then is aborted after send_timeout."""
+    limits = RpcLimits(idle_timeout=0.2, send_timeout=1.0, max_connections=1)
+    async with running(sock_dir, limits=limits) as (path, server):
+        deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        deaf.connect(path)
+        deaf.setblocking(False)
+        request = req("sandbox.logs", 1, {"name": "a", "limit": 64 * 1024}) + b"\n"
+        try:
+            with contextlib.suppress(BlockingIOError):
+                while True:  # until the server stops reading it
+                    deaf.send(request)
+            t0 = anyio.current_time()
+            closed = await anyio.to_thread.run_sync(_wait_hangup, deaf.fileno(), 10.0)
+            assert closed, "a connection closed with unread replies was never aborted"
+            assert anyio.current_time() - t0 >= 0.9
+        finally:
+            deaf.close()
+        async with wire(path) as w:  # its slot is free again
+            assert (await w.call("daemon.ping"))["result"] == "pong"
+        assert server.connection_count <= 1
+
+
+async def test_accepting_on_the_plain_asyncio_loop_refuses_over_the_cap_and_recovers(
+        sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    limits = RpcLimits(max_connections=1)
+    async with running(sock_dir, limits=limits) as (path, server), wire(path) as a:
+        assert (await a.call("daemon.ping"))["result"] == "pong"
+        for _ in range(5):
+            async with wire(path) as extra:
+                got = await extra.line()
+                assert (got["id"], got["error"]["code"]) == (None, -32004)
+                assert await extra.line() is None
+        await a.stream.send_eof()
+        assert await a.line() is None  # closed by the server: the slot is free
+        async with wire(path) as b:
+            assert (await b.call("daemon.ping"))["result"] == "pong"
+        assert server.connection_count == 1
+    assert caplog.text.count("refusing connections") == 1
+    assert "5 refused while at the limit of 1" in caplog.text

@@ -140,7 +140,8 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         max_connections=settings.max_connections,
         max_inflight_per_connection=settings.max_inflight_per_connection,
         idle_timeout=settings.connection_idle_timeout,
-        frame_timeout=settings.partial_frame_timeout)
+        frame_timeout=settings.partial_frame_timeout,
+        send_timeout=settings.connection_send_timeout)
     async with anyio.create_task_group() as tg:
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
                                 task_group=tg, host=host)

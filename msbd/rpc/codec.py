@@ -5,8 +5,16 @@ async client all reuse it. Every decoder is built once at import.
 
 How a frame is decided (JSON-RPC 2.0, params by name only):
 
-- not JSON (or nested too deeply)           -> -32700, id null
-- `[]`, or more entries than `max_batch`    -> one -32600, id null
+- not JSON, not UTF-8 (RFC 8259 requires it), a string with a lone surrogate
+  escape (`"\\ud800"`: no text to decode it to), or nested too deeply
+                                            -> -32700, id null
+- valid JSON that is not a request object: a bare string, number, null or
+  boolean, a member of the wrong type, a number out of range (`1e400`, an
+  integer of more than 4300 digits) where the envelope needs it (`id`)
+                                            -> -32600, with the id if one is
+  readable, else null
+- `[]`, or more entries than `max_batch`    -> one -32600 for the whole batch, id null,
+  data `{"limit": max_batch}`; none of its entries is run
 - an entry that is not a request object     -> -32600, with its id if one is
   readable (string, number or null), else null; answered even without an id
 - `params` neither absent, object nor array -> -32600 (the spec's "structured value")
@@ -15,6 +23,9 @@ How a frame is decided (JSON-RPC 2.0, params by name only):
 - params of the wrong type or value         -> -32602, data `{"field": "<path>"}`
 - a request without `id` is a notification: it is run, and never answered,
   not even with -32601/-32602 (those are dropped here).
+- duplicate member names: the last one wins (as in Python's `json` and
+  JavaScript's `JSON.parse`); members the envelope does not know are ignored.
+- an `id` is echoed as decoded: an integer of up to 4300 digits exactly.
 """
 
 from __future__ import annotations
@@ -148,7 +159,8 @@ class _Incoming(msgspec.Struct, frozen=True):
 _ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
 _BATCH: Final = msgspec.json.Decoder(list[Raw])
 _RAW: Final = msgspec.json.Decoder(Raw)
-_ANY: Final = msgspec.json.Decoder()
+_MEMBERS: Final = msgspec.json.Decoder(dict[str, Raw])
+_ID: Final = msgspec.json.Decoder(Id)
 _INCOMING: Final = msgspec.json.Decoder(_Incoming)
 _ENCODER: Final = msgspec.json.Encoder()
 
@@ -180,6 +192,11 @@ def parse_frame(line: bytes, *, max_batch: int = DEFAULT_MAX_BATCH) -> Frame:
     body = line.strip(_WS)
     if not body:
         return None
+    if not body.isascii():  # msgspec checks UTF-8 only in strings it decodes, not skips
+        try:
+            body.decode()
+        except UnicodeDecodeError as exc:
+            return Invalid(None, ParseError(f"parse error: invalid UTF-8 at byte {exc.start}"))
     if body[0] == 0x5B:  # "["
         return _parse_batch(body, max_batch)
     try:
@@ -238,6 +255,8 @@ def _call(env: _Envelope) -> Item | None:
             params.check()
     except msgspec.ValidationError as exc:
         return None if notification else Invalid(rid, invalid_params(exc))
+    except (msgspec.DecodeError, RecursionError) as exc:  # pragma: no cover - checked above
+        return Invalid(None, _parse_error(exc))
     except MsbdError as exc:
         return None if notification else Invalid(rid, exc)
     return Call(rid, env.method, params, notification)
@@ -249,19 +268,33 @@ def _empty_array(raw: Raw) -> bool:
 
 def _invalid_envelope(body: bytes | Raw, exc: msgspec.ValidationError,
                       *, whole_frame: bool) -> Invalid:
+    # Only the syntax is checked here (skipping values checks no number's range):
+    # malformed JSON after the first wrong member is still a parse error.
     try:
-        value = _ANY.decode(body)
+        _RAW.decode(body)
     except (msgspec.DecodeError, RecursionError) as bad:
-        if whole_frame:  # malformed JSON after the first wrong member
+        if whole_frame:
             return Invalid(None, _parse_error(bad))
-        value = None  # pragma: no cover - batch entries were validated
-    rid = value.get("id") if isinstance(value, dict) else None
-    if isinstance(rid, bool) or not isinstance(rid, str | int | float | None):
-        rid = None
+    try:
+        members = _MEMBERS.decode(body)  # member values stay raw: none can be out of range
+    except (msgspec.DecodeError, RecursionError):
+        members = {}  # valid JSON, but not an object
+    rid = _readable_id(members.get("id"))
     message, field = _describe(str(exc))
     if field is None:
         return Invalid(rid, InvalidRequest(f"invalid request: {message}"))
     return Invalid(rid, InvalidRequest(f"invalid request: {message}", data={"field": field}))
+
+
+def _readable_id(raw: Raw | None) -> Id:
+    """The id to answer an invalid request with: its own if it is a valid id, else null."""
+    if raw is None:
+        return None
+    try:
+        rid: Id = _ID.decode(raw)
+    except msgspec.DecodeError:  # an object, a boolean, a number out of range
+        return None
+    return rid
 
 
 def _parse_error(exc: Exception) -> ParseError:

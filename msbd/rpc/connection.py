@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import anyio
 import anyio.abc
 
-from msbd.errors import InvalidRequest, LimitReached, MsbdError
+from msbd.errors import InvalidRequest, MsbdError
 from msbd.model import Spec
 from msbd.rpc.codec import (
     Batch,
@@ -120,7 +120,6 @@ class ServerProtocol(asyncio.Protocol):
         self.closing = False
         self.lost = False
         self.eof = False
-        self.reading = True
         self.write_paused = False
         self.writable = anyio.Event()
         self.ended = anyio.Event()
@@ -132,6 +131,8 @@ class ServerProtocol(asyncio.Protocol):
         self.watch_deadline = math.inf
         self.watch_wake = anyio.Event()
         self.idle_workers: list[asyncio.Future[Call | list[Item]]] = []
+        self.lingering = False  # closed, still flushing replies: counted by the server
+        self.linger: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks ---
 
@@ -146,16 +147,10 @@ class ServerProtocol(asyncio.Protocol):
         except (OSError, AttributeError, struct.error):
             log.warning("connection %d: no peer credentials", self.conn_id, exc_info=True)
         self.conn = Connection(self, self.conn_id, pid, uid, gid)
+        # Not read until the connection's task runs. uvloop starts reading only
+        # after this returns, undoing this pause: `process` pauses again on the
+        # first data, and `update_reading` asks the transport, never a flag.
         transport.pause_reading()
-        self.reading = False
-        if not self.server._admit(self):
-            limit = self.limits.max_connections
-            log.warning("connection %d (uid %d pid %d) refused: too many connections (%d)",
-                        self.conn_id, uid, pid, limit)
-            self.closing = True
-            transport.write(encode_error(None, LimitReached(
-                "too many connections", data={"limit": limit})) + b"\n")
-            transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -177,6 +172,13 @@ class ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = self.closing = True
+        if self.lingering:
+            self.lingering = False
+            self.server._lingering -= 1
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
+        self.server._descriptor_released()
         self.writable.set()
         self.ended.set()
         if self.tg is not None:
@@ -201,6 +203,7 @@ class ServerProtocol(asyncio.Protocol):
         """Dispatch every complete frame in the buffer the inflight limit allows."""
         buf, limits = self.buf, self.limits
         if self.tg is None:  # data before the connection's task runs: keep it for then
+            self.update_reading()
             return
         start = 0
         server = self.server
@@ -363,7 +366,9 @@ class ServerProtocol(asyncio.Protocol):
     def after_work(self) -> None:
         if not self.inflight and not self.busy:
             self.last_active = self.loop.time()
-        if self.buf and not self.closing:
+        if not self.closing:
+            # Also with an empty buffer: reading may be paused on the inflight
+            # limit (a batch over it), and only `process` resumes it.
             self.process()
         self.check_ended()
 
@@ -379,27 +384,60 @@ class ServerProtocol(asyncio.Protocol):
             self.transport.write(data + b"\n")
 
     def update_reading(self) -> None:
+        if self.conn is None or self.transport.is_closing():  # not connected, or done
+            return
         want = (self.tg is not None and not self.closing and not self.eof
                 and not self.write_paused and not self.server._draining
                 and self.inflight < self.limits.max_inflight_per_connection)
-        if want != self.reading and not self.transport.is_closing():
-            self.reading = want
+        if want != self.transport.is_reading():
             if want:
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
 
     def close(self, *, abort: bool = False) -> None:
-        if not self.transport.is_closing():
+        """Close; `abort` drops unsent replies. A graceful close that leaves replies
+        unsent gives the client `send_timeout` to read them, then aborts."""
+        transport = self.transport
+        if not transport.is_closing():
             if abort:
-                self.transport.abort()
+                transport.abort()
             else:
-                self.transport.close()
+                pending = transport.get_write_buffer_size()
+                transport.close()
+                if pending and not self.lost:
+                    self.lingering = True
+                    self.server._lingering += 1
+                    if self.limits.send_timeout is not None:
+                        self.linger = self.loop.call_later(self.limits.send_timeout,
+                                                           self.abort_lingering)
         self.closing = True
         self.writable.set()
         self.ended.set()
 
+    def abort_lingering(self) -> None:
+        self.linger = None
+        if not self.lost:
+            log.warning("connection %d: client did not read its last replies within %ss, "
+                        "aborting", self.conn_id, self.limits.send_timeout)
+            self.transport.abort()
+
     # --- the connection's task ---
+
+    async def serve_socket(self, sock: socket.socket) -> None:
+        """Serve an accepted socket (admitted by the server) until the connection ends."""
+        try:
+            await self.loop.connect_accepted_socket(lambda: self, sock)
+        except BaseException as exc:
+            # The transport closed (or never took) the socket; closing the same
+            # socket object again is a no-op, never a second close of the fd.
+            sock.close()
+            self.server._connection_ended(self)
+            if isinstance(exc, OSError):
+                log.debug("connection %d: lost before it was set up: %s", self.conn_id, exc)
+                return
+            raise
+        await self.run()
 
     async def run(self) -> None:
         conn = self.conn
@@ -421,7 +459,7 @@ class ServerProtocol(asyncio.Protocol):
         except Exception:
             log.error("connection %d: unexpected error", conn.id, exc_info=True)
         finally:
-            self.server._protocols.discard(self)
+            self.server._connection_ended(self)
             self.close()
             log.debug("connection %d closed", conn.id)
 

@@ -1,12 +1,26 @@
 """The JSON-RPC server: serves newline-delimited JSON-RPC 2.0 on a listening Unix socket.
 
 How it works. The daemon creates and binds the socket; `serve_rpc` takes it
-over and reports an `RpcServer` through `task_status.started(server)`. Each
-connection is an asyncio protocol (the daemon runs on asyncio/uvloop; reading
-through a protocol keeps the ping round trip short) plus one task, owned by
-the server's task group, that owns the connection's task group: every call,
+over and reports an `RpcServer` through `task_status.started(server)`. The
+server accepts connections itself (a reader callback on the listening
+socket, up to `_ACCEPT_BURST` per wakeup); each admitted connection is an
+asyncio protocol (the daemon runs on asyncio/uvloop; reading through a
+protocol keeps the ping round trip short) plus one task, owned by the
+server's task group, that owns the connection's task group: every call,
 batch and deferred job runs in it, so closing the connection cancels them all
 and nothing escapes to the server.
+
+Accepting. Past `max_connections` a new connection gets one -32004 error
+line (id null) and is closed; one warning is logged per such episode, not
+one per connection. When `accept` fails for want of resources (EMFILE,
+ENFILE, ENOBUFS, ENOMEM) or any other reason, the server stops watching the
+listening socket, logs one warning for the episode, and tries again when one
+of its connections has released its descriptor or after a back-off (50 ms,
+doubling up to 1 s): never a busy loop. Meanwhile open connections are
+served as usual and new clients wait in the listen backlog. (uvloop's own
+server would instead apply libuv's EMFILE trick, closing waiting clients
+unanswered and logging nothing, and would stop serving for good on any other
+accept error.)
 
 Per connection: frames are split on b"\\n" from one buffer; a frame over
 `max_frame_bytes` is answered with -32600 and the connection closed. Calls
@@ -14,8 +28,11 @@ run concurrently and are answered as they finish (ids match them up); a
 batch is answered with one array line. While `max_inflight_per_connection`
 calls run, or the client is not reading its replies, the connection is not
 read (backpressure). Writes are whole frames through the transport, in the
-order they are made. A watchdog closes a connection that is idle, sends half
-a frame and stops, or stops reading its replies.
+order they are made. A watchdog closes a connection that is idle, stops
+reading its replies (`send_timeout`), or leaves a frame unfinished for
+`frame_timeout` (answered with -32600 first). A connection closed with
+replies still unsent gets `send_timeout` to take them, then is aborted: its
+descriptor is never held longer.
 
 After EOF from a client that only shut down its writing side, calls already
 read still run and are answered, then the connection closes. A client that
@@ -30,17 +47,32 @@ next call (handing a call to an idle worker is cheaper than a new task).
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
+import logging
 import socket
+import struct
 from dataclasses import dataclass
+from typing import Final
 
 import anyio
 import anyio.abc
 
+from msbd.errors import LimitReached
+from msbd.rpc.codec import encode_error
 from msbd.rpc.connection import CallContext, Connection, Deferred, Handler, ServerProtocol
 
 __all__ = ["CallContext", "Connection", "Deferred", "Handler", "RpcLimits", "RpcServer",
            "serve_rpc"]
+
+log = logging.getLogger("msbd.rpc")
+
+_ACCEPT_BURST: Final = 128
+"""Connections accepted per wakeup of the listening socket before others get the loop."""
+_BACKOFF_MIN: Final = 0.05
+_BACKOFF_MAX: Final = 1.0
+_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_CREDS: Final = struct.Struct("3i")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +99,23 @@ class RpcServer:
         self.limits = limits if limits is not None else RpcLimits()
         self._ids = itertools.count(1)
         self._protocols: set[ServerProtocol] = set()
+        self._lingering = 0  # closed connections still flushing their last replies
         self._tg: anyio.abc.TaskGroup | None = None
-        self._aserver: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self._watching = False  # the reader callback is on the listening socket
+        self._retry: asyncio.TimerHandle | None = None
+        self._backoff = 0.0
+        self._starved_since: float | None = None  # accept failing since (loop time)
+        self._refused = 0  # connections refused since the limit was last reached
         self._inflight = 0
         self._draining = False
         self._idle: anyio.Event | None = None
 
     @property
     def connection_count(self) -> int:
-        return len(self._protocols)
+        """Connections open now (those still flushing their last replies included)."""
+        return len(self._protocols) + self._lingering
 
     @property
     def inflight(self) -> int:
@@ -90,12 +130,13 @@ class RpcServer:
             raise RuntimeError("this RpcServer is already serving")
         sock = listener if isinstance(listener, socket.socket) else listener.extra(
             anyio.abc.SocketAttribute.raw_socket)
-        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            self._listener = sock
             try:
-                self._aserver = await loop.create_unix_server(
-                    lambda: ServerProtocol(self), sock=sock)
+                self._watch()
                 task_status.started(self)
                 await anyio.sleep_forever()
             finally:
@@ -104,8 +145,14 @@ class RpcServer:
 
     def close_listener(self) -> None:
         """Stop accepting connections (and close the listening socket)."""
-        if self._aserver is not None:
-            self._aserver.close()
+        sock, self._listener = self._listener, None
+        if sock is None:
+            return
+        self._unwatch(sock)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        sock.close()
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting and reading; wait up to `timeout` s for in-flight calls; cancel the rest.
@@ -123,19 +170,118 @@ class RpcServer:
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
+    # --- accepting ---
+
+    def _watch(self) -> None:
+        if self._listener is not None and not self._watching and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+            self._watching = True
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        if self._watching and self._loop is not None:
+            self._loop.remove_reader(sock.fileno())
+        self._watching = False
+
+    def _accept(self) -> None:
+        """The listening socket is readable: take what is waiting, up to a burst."""
+        for _ in range(_ACCEPT_BURST):
+            listener = self._listener
+            if listener is None:
+                return
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # gone before we took it
+            except OSError as exc:
+                self._starve(listener, exc)
+                return
+            if self._starved_since is not None:
+                assert self._loop is not None
+                log.warning("accepting connections again after %.1f s (%d open)",
+                            self._loop.time() - self._starved_since, self.connection_count)
+                self._starved_since = None
+            self._open(sock)
+
+    def _starve(self, listener: socket.socket, exc: OSError) -> None:
+        """`accept` failed: stop watching, retry on a released descriptor or after a back-off."""
+        loop = self._loop
+        assert loop is not None
+        self._unwatch(listener)
+        if self._starved_since is None:
+            self._starved_since = loop.time()
+            self._backoff = _BACKOFF_MIN
+            if exc.errno in _RESOURCE_ERRNOS:
+                log.warning("cannot accept connections: %s (%d open); new clients wait until "
+                            "a descriptor is released (retrying at least every %g s)",
+                            exc.strerror or exc, self.connection_count, _BACKOFF_MAX)
+            else:
+                log.error("cannot accept connections: %r; retrying at least every %g s", exc,
+                          _BACKOFF_MAX)
+        else:
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = loop.call_later(self._backoff, self._resume)
+
+    def _resume(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._watch()
+
+    def _open(self, sock: socket.socket) -> None:
+        tg = self._tg
+        if tg is None or self._draining:
+            sock.close()
+            return
+        if self.connection_count >= self.limits.max_connections:
+            self._refuse(sock)
+            return
+        if self._refused:
+            log.warning("accepting connections again: %d refused while at the limit of %d",
+                        self._refused, self.limits.max_connections)
+            self._refused = 0
+        proto = ServerProtocol(self)
+        self._protocols.add(proto)
+        tg.start_soon(proto.serve_socket, sock, name=f"msbd.rpc connection {proto.conn_id}")
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Over `max_connections`: one -32004 line (id null), then close. Never blocks."""
+        limit = self.limits.max_connections
+        self._refused += 1
+        try:
+            if self._refused == 1:
+                pid, uid, _ = _CREDS.unpack(sock.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+                log.warning("refusing connections: %d open, the limit (max_connections); "
+                            "first refused: uid %d pid %d", limit, uid, pid)
+            sock.setblocking(False)
+            sock.send(_too_many(limit))  # a fresh socket's buffer takes this small line
+        except OSError:
+            pass  # the client is gone already: nothing to tell it
+        finally:
+            sock.close()
+
     # --- used by ServerProtocol ---
 
-    def _admit(self, proto: ServerProtocol) -> bool:
-        if len(self._protocols) >= self.limits.max_connections or self._tg is None:
-            return False
-        self._protocols.add(proto)
-        self._tg.start_soon(proto.run, name=f"msbd.rpc connection {proto.conn_id}")
-        return True
+    def _connection_ended(self, proto: ServerProtocol) -> None:
+        self._protocols.discard(proto)
+
+    def _descriptor_released(self) -> None:
+        """A connection's socket is closed: a starved accept may succeed now."""
+        if self._starved_since is not None and self._listener is not None:
+            self._resume()
 
     def _calls_done(self, n: int) -> None:
         self._inflight -= n
         if not self._inflight and self._idle is not None:
             self._idle.set()
+
+
+def _too_many(limit: int) -> bytes:
+    return encode_error(None, LimitReached("too many connections", data={"limit": limit})) + b"\n"
 
 
 async def serve_rpc(listener: anyio.abc.SocketListener | socket.socket, handler: Handler,
@@ -148,4 +294,3 @@ async def serve_rpc(listener: anyio.abc.SocketListener | socket.socket, handler:
     `await server.drain(timeout)` for a graceful stop. Needs the asyncio backend.
     """
     await RpcServer(handler, limits=limits).serve(listener, task_status=task_status)
-
