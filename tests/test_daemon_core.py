@@ -260,3 +260,19 @@ def test_state_dir_is_made_private(make_daemon: Any) -> None:
     d.state_dir.chmod(0o755)
     d.start()
     assert stat.S_IMODE(d.state_dir.stat().st_mode) == 0o700
+
+
+def test_a_full_batch_then_another_call_on_the_same_connection(daemon: DaemonProc) -> None:
+    """A batch above the per-connection in-flight limit (64) pauses reading; reading
+    must resume once it is done, or the next call on that connection hangs."""
+    batch = [{"jsonrpc": "2.0", "id": i, "method": "daemon.ping"} for i in range(100)]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(30)
+        s.connect(str(daemon.socket))
+        lines = s.makefile("rb")
+        s.sendall(json.dumps(batch).encode() + b"\n")
+        replies = json.loads(lines.readline())
+        assert sorted(r["id"] for r in replies) == list(range(100))
+        s.sendall(b'{"jsonrpc":"2.0","id":"after","method":"daemon.ping"}\n')
+        assert json.loads(lines.readline()) == {"jsonrpc": "2.0", "result": "pong",
+                                                "id": "after"}
