@@ -39,6 +39,17 @@ def wait_end(d: DaemonProc, name: str, timeout: float = 60) -> dict[str, Any]:
     return d.call("sandbox.wait", {"name": name, "timeout": timeout})
 
 
+def wait_output(d: DaemonProc, name: str, text: str) -> str:
+    """Console output of `name` up to and including `text` (long-polls, no sleeps)."""
+    data, offset = "", 0
+    while text not in data:
+        chunk = d.call("sandbox.logs", {"name": name, "offset": offset, "wait": 30})
+        assert chunk["offset"] > offset or text in data, f"no {text!r} from {name}"
+        data += chunk["data"]
+        offset = chunk["offset"]
+    return data
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -86,7 +97,9 @@ def test_stop_requested(kdaemon: DaemonProc, busybox_root: Path) -> None:
 def test_stop_escalates_to_sigkill_after_the_grace(kdaemon: DaemonProc,
                                                    busybox_root: Path) -> None:
     kdaemon.call("sandbox.run", spec("stubborn", busybox_root,
-                                     "trap '' TERM; while :; do sleep 1; done"))
+                                     "trap '' TERM; echo deaf; while :; do sleep 1; done"))
+    # `run` answers when the worker enters libkrun; the trap is set once "deaf" is out.
+    wait_output(kdaemon, "stubborn", "deaf\n")
     t0 = time.monotonic()
     end = kdaemon.call("sandbox.stop", {"name": "stubborn", "timeout": 1})
     elapsed = time.monotonic() - t0
