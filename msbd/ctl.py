@@ -101,6 +101,10 @@ def _print_info(info: dict[str, Any]) -> None:
     lim = info["limits"]
     print(f"limits     {lim['max_sandboxes']} sandboxes, {lim['max_vcpus']} vcpus, "
           f"{lim['max_memory_mib']} MiB")
+    t = info["timers"]
+    if t["fired"]:
+        print(f"timers     {t['fired']} fired, late p50 {t['late_p50'] * 1000:.1f} ms, "
+              f"p99 {t['late_p99'] * 1000:.1f} ms")
     for check in info["checks"]:
         mark = "ok " if check["ok"] else "!! "
         print(f"{mark} {check['name']}: {check['detail']}")

@@ -596,3 +596,16 @@ async def test_on_event_sees_committed_events_in_seq_order(db_path: Path) -> Non
     assert published[-1] == (32, "o1", State.CREATED, 10)
     assert {(name, uid) for _, name, _, uid in published[1:-1]} == {
         (f"p{i}", i) for i in range(30)}
+
+
+async def test_end_runs_returns_the_events_as_stored(store: Store) -> None:
+    for i in range(5):
+        await store.create_sandbox(spec(f"s{i}"), owner_uid=1, now=T0)
+        await start(store, f"s{i}", T0 + 1)
+    before = await store.last_seq()
+    results = await store.end_runs([(f"s{i}", RunEnd(reason=Reason.DAEMON_LOST, detail=str(i)))
+                                    for i in range(5)], now=T0 + 5)
+    stored = await store.events_since(before)
+    assert [e for _, e in results] == stored
+    assert [e.seq for e in stored] == list(range(before + 1, before + 6))
+    assert [e.detail for e in stored] == ["0", "1", "2", "3", "4"]

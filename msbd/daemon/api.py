@@ -57,6 +57,7 @@ from msbd.rpc.methods import (
     StopSandboxParams,
     SubscribeEventsParams,
     Subscription,
+    TimerInfo,
     WaitSandboxParams,
 )
 from msbd.rpc.openrpc import openrpc_document
@@ -163,13 +164,16 @@ class Api:
         report = await self._host.refresh(max_age=30.0)
         s = self._settings
         libkrun = self._sup.libkrun_path()
+        late = self._sup.timer_lateness()
         return DaemonInfo(
             version=__version__, pid=os.getpid(), uid=self._daemon_uid,
             uptime=time.monotonic() - self._started, socket=s.socket, state_dir=s.state_dir,
             libkrun=libkrun, libkrun_problem=None if libkrun else self._sup.missing_libkrun(),
             checks=report.checks, counts=await self._counts(caller),
             limits=LimitsInfo(max_sandboxes=s.max_sandboxes, max_vcpus=s.max_vcpus,
-                              max_memory_mib=s.max_memory_mib))
+                              max_memory_mib=s.max_memory_mib),
+            timers=TimerInfo(fired=late.fired, late_p50=late.p50, late_p99=late.p99,
+                             late_max=late.max))
 
     async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
                        ) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.pipes import LineSplitter, pump
 from msbd.daemon.spawn import Worker, spawn_worker, worker_environ
-from msbd.daemon.timers import Scheduler, TimerKind, heartbeat_deadline
+from msbd.daemon.timers import Lateness, Scheduler, TimerKind, heartbeat_deadline
 from msbd.db.store import RunEnd, Store
 from msbd.errors import Conflict, LaunchFailed, LimitReached, TimedOut
 from msbd.log import ctx
@@ -408,15 +408,22 @@ class Supervisor:
 
     async def _request_stop(self, live: Live, reason: Reason, *, grace: float,
                             detail: str | None = None, sig: int = signal_mod.SIGTERM) -> None:
-        """Ask `live` to end for `reason` (the first reason asked sticks).
+        """Ask `live` to end for `reason` (the first reason asked sticks), then record it."""
+        if self._ask_stop(live, reason, grace=grace, detail=detail, sig=sig):
+            await self._record_stopping(live, reason)
 
-        The signal goes out first and the `stopping` record follows: a burst of
-        timers (a thousand idle deadlines in the same second) must not wait on
-        a thousand fsync'd commits before the workers hear about it. The reason
-        is already in memory, so the recorded end is right whichever lands first.
+    def _ask_stop(self, live: Live, reason: Reason, *, grace: float, detail: str | None = None,
+                  sig: int = signal_mod.SIGTERM) -> bool:
+        """The signal, at once (no await): SIGTERM and a KILL_GRACE deadline, or SIGKILL.
+
+        The `stopping` record follows separately: a burst of timers (a thousand
+        idle deadlines in one second) must not wait on a thousand fsync'd
+        commits before the workers hear about it. The reason is already in
+        memory, so the recorded end is right whichever lands first. Returns
+        whether a `stopping` record is due.
         """
         if live.ended.is_set():
-            return
+            return False
         if live.requested is None:
             live.requested = reason
             live.stop_detail = detail
@@ -428,8 +435,10 @@ class Supervisor:
             current = self._timers.get(live.name, TimerKind.KILL_GRACE)
             if current is None or deadline < current:
                 self._timers.set(live.name, TimerKind.KILL_GRACE, deadline)
-        if reason is Reason.LAUNCH_FAILED:
-            return  # a start that timed out goes straight to `failed`
+        # A start that timed out goes straight to `failed`, not through `stopping`.
+        return reason is not Reason.LAUNCH_FAILED
+
+    async def _record_stopping(self, live: Live, reason: Reason) -> None:
         async with live.lock:
             if live.ended.is_set() or live.state not in (State.STARTING, State.RUNNING):
                 return
@@ -531,41 +540,56 @@ class Supervisor:
                              + live.spec.idle_timeout)
 
     def fire(self, name: str, kind: TimerKind) -> None:
-        """Scheduler callback: must not block, so the work runs in our task group."""
+        """Scheduler callback, for one due deadline. Decides and signals right here
+        (no await, so a thousand due deadlines are a thousand signals in a row);
+        only the database record is left to a task in our group."""
         live = self.live.get(name)
-        if live is not None:
-            self._tg.start_soon(self._on_timer, live, kind)
+        if live is None:
+            return
+        reason = self._due(live, kind, self._timers.now())
+        if reason is None:
+            return
+        if self._ask_stop(live, reason, grace=self._settings.stop_timeout,
+                          detail=self._timer_detail(live, reason)):
+            self._tg.start_soon(self._record_stopping, live, reason)
 
-    async def _on_timer(self, live: Live, kind: TimerKind) -> None:
-        now = self._timers.now()
-        grace = self._settings.stop_timeout
+    def _due(self, live: Live, kind: TimerKind, now: float) -> Reason | None:
+        """The reason `kind` ends `live` now, or None (re-armed, or the grace SIGKILL sent)."""
         match kind:
             case TimerKind.IDLE:
                 assert live.spec.idle_timeout is not None
                 deadline = live.last_activity + live.spec.idle_timeout
-                if deadline > now:
+                if deadline > now:  # there was activity: look again then
                     self._timers.set(live.name, kind, deadline)
-                else:
-                    await self._request_stop(live, Reason.IDLE_TIMEOUT, grace=grace,
-                                             detail=f"idle for {live.spec.idle_timeout:g}s")
+                    return None
+                return Reason.IDLE_TIMEOUT
             case TimerKind.MAX_DURATION:
-                await self._request_stop(live, Reason.MAX_DURATION, grace=grace,
-                                         detail=f"ran for {live.spec.max_duration:g}s")
+                return Reason.MAX_DURATION
             case TimerKind.HEARTBEAT:
                 s = self._settings
                 deadline = heartbeat_deadline(live.last_beat, s.heartbeat_interval,
                                               s.heartbeat_misses)
                 if deadline > now:
                     self._timers.set(live.name, kind, deadline)
-                else:
-                    await self._request_stop(
-                        live, Reason.HEARTBEAT_LOST, grace=grace,
-                        detail=f"no heartbeat for {now - live.last_beat:.1f}s")
+                    return None
+                return Reason.HEARTBEAT_LOST
             case TimerKind.KILL_GRACE:
                 log.warning("grace over, killing the worker", extra=ctx(sandbox=live.name))
                 self._kill_group(live)
+                return None
             case _:
                 assert_never(kind)
+
+    def _timer_detail(self, live: Live, reason: Reason) -> str:
+        if reason is Reason.IDLE_TIMEOUT:
+            return f"idle for {live.spec.idle_timeout:g}s"
+        if reason is Reason.MAX_DURATION:
+            return f"ran for {live.spec.max_duration:g}s"
+        return f"no heartbeat for {self._timers.now() - live.last_beat:.1f}s"
+
+    def timer_lateness(self) -> Lateness:
+        """How late deadlines fired (seconds), over the scheduler's recent samples."""
+        return self._timers.lateness()
 
     # --- observing --------------------------------------------------------------------
 

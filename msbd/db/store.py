@@ -282,11 +282,55 @@ class Store:
         """End the current run of each named live sandbox and move it to `to`.
 
         All in one transaction (restart reconciliation: all or nothing), one
-        event each; `Conflict` if one of them is not live.
+        event each; `Conflict` if one of them is not live. Set-based (a few
+        statements for any number of runs), so reconciling a thousand runs
+        costs milliseconds, not a thousand round trips to the database thread.
         """
+        todo = list(ends)
+        if not todo:
+            return []
+        names = [name for name, _ in todo]
+        wanted = _ENCODER.encode(names).decode()
         async with self._write() as db:
-            return [await self._transition(db, name, to, now=now, expect=LIVE_STATES, end=end)
-                    for name, end in ends]
+            rows = await db.execute_fetchall(
+                "SELECT s.name, s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
+                " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
+                " WHERE s.name IN (SELECT value FROM json_each(?))", (wanted,))
+            found = {row[0]: row for row in rows}
+            for name in names:
+                if name not in found:
+                    raise NotFound(name)
+                _, state_value, _, run_id, run_open = found[name]
+                if _STATES[state_value] not in LIVE_STATES:
+                    raise _wrong_state(name, _STATES[state_value])
+                if run_id is None or not run_open:
+                    raise StoreError(f"cannot end the run of {name!r}: it has no open run",
+                                     data={"sandbox": name})
+            await db.executemany(
+                "UPDATE runs SET ended_at = ?, reason = ?, exit_code = ?, signal = ?,"
+                " detail = ? WHERE id = ?",
+                [(now, end.reason.value, end.exit_code, end.signal, end.detail, found[name][3])
+                 for name, end in todo])
+            await db.executemany(
+                "UPDATE sandboxes SET state = ?, updated_at = ? WHERE name = ?",
+                [(to.value, now, name) for name in names])
+            events = [Event(seq=0, time=_time(now), sandbox=name, state=to,
+                            run_id=found[name][3], reason=end.reason, exit_code=end.exit_code,
+                            signal=end.signal, detail=end.detail) for name, end in todo]
+            before = await db.execute_fetchall(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+            first = (next(iter(before))[0] if before else 0) + 1
+            await db.executemany(_INSERT_EVENT, [
+                (now, e.sandbox, found[e.sandbox][2], e.state.value, e.run_id,
+                 None if e.reason is None else e.reason.value, e.exit_code, e.signal, e.detail)
+                for e in events])
+            # One writer inside BEGIN IMMEDIATE: AUTOINCREMENT gave consecutive numbers.
+            events = [msgspec.structs.replace(e, seq=first + i) for i, e in enumerate(events)]
+            self._appended.extend((e, found[e.sandbox][2]) for e in events)
+            infos = {info.name: info for info in map(_sandbox, await db.execute_fetchall(
+                _SANDBOX_SELECT + "WHERE s.name IN (SELECT value FROM json_each(?))",
+                (wanted,)))}
+        return [(infos[e.sandbox], e) for e in events]
 
     async def set_run_process(self, name: str, run_id: int, *, pid: int,
                               proc_start: int | None, boot_id: str | None) -> None:

@@ -120,6 +120,16 @@ class CheckInfo(Result, frozen=True):
     hint: str | None = None
 
 
+class TimerInfo(Result, frozen=True):
+    """How late the deadline scheduler fired (idle, max-duration, heartbeat, grace), in
+    seconds: `fired` counts every deadline; the percentiles cover the recent ones."""
+
+    fired: int
+    late_p50: float
+    late_p99: float
+    late_max: float
+
+
 class DaemonInfo(Result, frozen=True):
     version: str
     pid: int
@@ -132,6 +142,7 @@ class DaemonInfo(Result, frozen=True):
     checks: list[CheckInfo]
     counts: dict[str, int]
     limits: LimitsInfo
+    timers: TimerInfo
 
 
 class LogsResult(Result, frozen=True):
