@@ -20,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from msbd.daemon.api import Api
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub
 from msbd.daemon.reconcile import reconcile
+from msbd.daemon.signaller import Signaller
 from msbd.daemon.sockets import AlreadyRunning, bind_control_socket, lock_state_dir
 from msbd.daemon.spawn import worker_environ
 from msbd.daemon.supervisor import Supervisor
@@ -49,6 +51,11 @@ log = logging.getLogger("msbd.daemon")
 def run(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit status."""
     setup_logging(settings.log_level)
+    # The event loop shares the GIL with the database thread (aiosqlite) and
+    # the signalling thread. At the default 5 ms switch interval, a busy
+    # database thread made every loop wake-up (timers included) wait up to
+    # 5 ms for the GIL, many times over in a burst of a thousand transitions.
+    sys.setswitchinterval(0.0005)
     _close_on_exec_inherited()
     _raise_fd_limit()
     try:
@@ -143,8 +150,10 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         frame_timeout=settings.partial_frame_timeout,
         send_timeout=settings.connection_send_timeout)
     async with anyio.create_task_group() as tg:
+        signaller = Signaller()
+        await tg.start(signaller.serve)
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
-                                task_group=tg, host=host)
+                                task_group=tg, host=host, signaller=signaller)
         await tg.start(scheduler.run, supervisor.fire)
         api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,
                   started=started)

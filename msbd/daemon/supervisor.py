@@ -44,6 +44,7 @@ from msbd.daemon import procfs, states
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.pipes import LineSplitter, pump
+from msbd.daemon.signaller import Signaller
 from msbd.daemon.spawn import Worker, spawn_worker, worker_environ
 from msbd.daemon.timers import Lateness, Scheduler, TimerKind, heartbeat_deadline
 from msbd.db.store import RunEnd, Store
@@ -97,11 +98,13 @@ class Live:
 
 class Supervisor:
     def __init__(self, *, settings: Settings, store: Store, scheduler: Scheduler,
-                 task_group: anyio.abc.TaskGroup, host: HostCheck) -> None:
+                 task_group: anyio.abc.TaskGroup, host: HostCheck,
+                 signaller: Signaller | None = None) -> None:
         self._settings = settings
         self._store = store
         self._timers = scheduler
         self._tg = task_group
+        self._signaller = signaller
         self._host = host
         self.log_dir = Path(settings.state_dir) / "logs"
         self.live: dict[str, Live] = {}
@@ -453,7 +456,11 @@ class Supervisor:
             log.info("stopping", extra=ctx(sandbox=live.name, reason=reason))
 
     def _signal(self, live: Live, sig: int) -> None:
+        """Send `sig` to the worker (through the signalling thread when there is one)."""
         if live.reaped:
+            return
+        if self._signaller is not None:
+            self._signaller.send(live.worker.pidfd, sig)
             return
         with contextlib.suppress(ProcessLookupError):
             signal_mod.pidfd_send_signal(live.worker.pidfd, sig)

@@ -98,10 +98,6 @@ SYSTEMD_VARIABLES: tuple[str, ...] = (
     "SYSTEMD_EXEC_PID",
 )
 
-# A datagram to systemd's notify socket waits at most this long for room in
-# the receive queue: notifications are sent from the event loop.
-_SEND_TIMEOUT = 1.0
-
 
 # --------------------------------------------------------------------- notify
 
@@ -144,7 +140,9 @@ class Notifier:
         except OSError as exc:
             log.debug("cannot open a socket for NOTIFY_SOCKET: %s; not notifying", exc)
             return cls()
-        sock.settimeout(_SEND_TIMEOUT)
+        # Non-blocking: with a timeout set, Python would wait for room in the
+        # peer's queue (up to the timeout) inside the event loop.
+        sock.setblocking(False)
         return cls(sock, address)
 
     @property
