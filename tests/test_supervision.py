@@ -472,3 +472,24 @@ def _assert_no_fd_leaks(record: Path, *, expected_workers: int) -> None:
     children = by_fn["child"]
     assert len(children) == expected_workers
     assert all(c["fds"] == [0, 1, 2] for c in children)
+
+
+def test_msbctl_logs_follow_ends_with_the_run(kdaemon: DaemonProc, busybox_root: Path) -> None:
+    """`logs -f` prints output as it comes (long polls, no client-side sleeps) and
+    returns once the sandbox's run has ended and everything was printed."""
+    kdaemon.call("sandbox.run", spec("follow", busybox_root,
+                                     "for i in 1 2 3; do echo line $i; sleep 0.3; done"))
+    done = msbctl(kdaemon, "logs", "-f", "follow")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "line 1\nline 2\nline 3\n"
+    assert run_info(kdaemon, "follow")["state"] == "stopped"
+
+
+def test_msbctl_events_replay(kdaemon: DaemonProc, busybox_root: Path) -> None:
+    kdaemon.call("sandbox.run", spec("evs", busybox_root, "exit 5"))
+    kdaemon.call("sandbox.wait", {"name": "evs"})
+    done = msbctl(kdaemon, "events", "--since", "0", "--no-follow")
+    assert done.returncode == 0, done.stderr
+    states = [line.split()[3:] for line in done.stdout.splitlines()]
+    assert [s[0] for s in states] == ["created", "starting", "running", "stopped"]
+    assert states[-1][1:] == ["exited", "exit=5"]
