@@ -342,7 +342,7 @@ async def test_serve_watchdog_stops_while_the_event_loop_is_stuck(
             # The stall itself, not a synchroniser: block the event loop for
             # five intervals, as a stuck daemon would. The collector thread
             # stamps anything that arrives meanwhile.
-            time.sleep(5 * interval)
+            time.sleep(5 * interval)  # a stuck loop on purpose; noqa: sleep-ok
             stall_end = time.monotonic()
             with anyio.fail_after(10):
                 await anyio.to_thread.run_sync(collector.join)
