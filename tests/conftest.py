@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from daemonproc import DaemonProc
+from workerproc import Workers, fake_spec
 
 TESTS = Path(__file__).resolve().parent
 FAKEKRUN_DIR = TESTS / "fakekrun"
@@ -55,6 +56,20 @@ def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("tmp", "proc", "dev", "etc", "work"):
         (root / d).mkdir(exist_ok=True)
     return root
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    """Worker processes started by a test (with exact fd maps); all reaped at the end."""
+    started = Workers()
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def make_spec(fakekrun: Path, busybox_root: Path) -> Callable[..., bytes]:
+    """A worker spec (JSON) that runs in the busybox root with the libkrun test double."""
+    return lambda **fields: fake_spec(fakekrun, busybox_root, **fields)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,6 @@ def real_libkrun() -> str:
         pytest.skip(reason)
     return os.environ["MSBD_LIBKRUN"]
 
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    started = Workers()
-    yield started
-    started.close()
 
 
 def test_workload_exit_status(real_libkrun: str, busybox_root: Path,

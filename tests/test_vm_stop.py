@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from workerproc import Workers, fake_spec
+from workerproc import Workers
 
 
 @pytest.fixture
@@ -17,16 +17,6 @@ def log(tmp_path: Path) -> Path:
     return tmp_path / "fakekrun.jsonl"
 
 
-@pytest.fixture
-def make_spec(fakekrun: Path, busybox_root: Path) -> Callable[..., bytes]:
-    return lambda **fields: fake_spec(fakekrun, busybox_root, **fields)
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    started = Workers()
-    yield started
-    started.close()
 
 
 GRACE_TOLERANCE = 3.0  # seconds a loaded CI machine may add to an expected stop time

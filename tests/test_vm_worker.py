@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ from workerproc import (
     STATUS_FD,
     WATCHDOG_FD,
     Workers,
-    fake_spec,
     pipe_with,
 )
 
@@ -24,16 +23,6 @@ def log(tmp_path: Path) -> Path:
     return tmp_path / "fakekrun.jsonl"
 
 
-@pytest.fixture
-def make_spec(fakekrun: Path, busybox_root: Path) -> Callable[..., bytes]:
-    return lambda **fields: fake_spec(fakekrun, busybox_root, **fields)
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    started = Workers()
-    yield started
-    started.close()
 
 
 # --- fd checks: status 2, one stderr line, no libkrun call ---------------------------

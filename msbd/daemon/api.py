@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import pwd
 import signal as signal_mod
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +33,7 @@ from msbd.daemon.access import (
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, Lagged, stream_events
-from msbd.daemon.supervisor import Supervisor
+from msbd.daemon.supervisor import Supervisor, vm_identity
 from msbd.db.store import Store
 from msbd.errors import Conflict, InvalidParams, LimitReached, NotFound
 from msbd.model import Event, LaunchSpec, SandboxInfo, State
@@ -132,15 +131,13 @@ class Api:
             lambda: check_spec_paths(spec, caller, daemon=self._daemon))
 
     async def _check_launch(self, info: SandboxInfo, caller: Caller) -> None:
-        """Paths as the caller, and as the owner the VM will run as (if another uid)."""
+        """Paths as the caller, and as the identity the VM will run as, if another one
+        (the owner's uid, gid and groups: exactly what the worker will be given)."""
         await self._check_paths(info.spec, caller)
-        owner = info.owner_uid
-        if owner != caller.uid and owner not in (0, self._daemon_uid):
-            try:
-                gid = pwd.getpwuid(owner).pw_gid
-            except KeyError:
-                gid = owner
-            await self._check_paths(info.spec, Caller(uid=owner, gid=gid))
+        uid, gid, groups = vm_identity(info.owner_uid)
+        if uid is not None and gid is not None and uid != caller.uid:
+            await self._check_paths(info.spec, Caller(
+                uid=uid, gid=gid, groups=frozenset(groups or ())))
 
     def _owner_filter(self, caller: Caller) -> int | None:
         """None (everything) for an admin, else the caller's uid."""
