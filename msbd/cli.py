@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from msbd import __version__
-from msbd.config import load_settings
+from msbd.config import load_settings, settable_from_text
 from msbd.errors import ConfigError
 
 
@@ -21,8 +21,10 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "socket_group": args.socket_group,
     }
+    options = {name: value for name in settable_from_text()
+               if (value := getattr(args, f"set_{name}", None)) is not None}
     try:
-        settings = load_settings(config=args.config, flags=flags)
+        settings = load_settings(config=args.config, flags=flags, options=options)
     except ConfigError as exc:
         print(f"msbd: {exc}", file=sys.stderr)
         return 2
@@ -60,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--libkrun", metavar="PATH", help="libkrun shared library to launch with")
     serve.add_argument("--socket-group", metavar="GROUP", help="group owning the socket")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    named = {"socket", "state_dir", "libkrun", "socket_group", "log_level"}
+    extra = serve.add_argument_group(
+        "other settings", "every setting of the settings file, by its name "
+        "(e.g. --max-sandboxes-per-user 20); flags rank above MSBD_* and the file")
+    for name in settable_from_text():
+        if name not in named:
+            extra.add_argument(f"--{name.replace('_', '-')}", dest=f"set_{name}",
+                               metavar="VALUE", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     doctor = sub.add_parser("doctor", help="check this host can run sandboxes",
                             description="Check virtualization, /dev/kvm, libkrun and libkrunfw.")

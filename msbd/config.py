@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     max_connections: Count = 1024
+    max_connections_per_user: Count = 64
+    max_subscriptions_per_connection: Count = 8
     max_inflight_per_connection: Count = 64
     connection_idle_timeout: Positive = 3600.0
     partial_frame_timeout: Positive = 30.0
@@ -47,6 +49,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_sandboxes: Count = 1000
     max_vcpus: Count = 4096
     max_memory_mib: Count = 4 * 1024 * 1024
+    # per user (root and the daemon's own uid are exempt)
+    max_sandboxes_per_user: Count = 100
+    max_live_sandboxes_per_user: Count = 50
+    max_memory_mib_per_user: Count = 64 * 1024
+    max_spec_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     start_timeout: Positive = 30.0
     stop_timeout: Positive = 10.0
     heartbeat_interval: Positive = 1.0
@@ -79,14 +86,20 @@ def load_settings(
     config: str | None = None,
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge every source into one `Settings`, or raise `ConfigError` naming the culprit."""
+    """Merge every source into one `Settings`, or raise `ConfigError` naming the culprit.
+
+    `flags` are typed values; `options` are `--<setting>` flags given as text
+    (converted like `MSBD_*` variables). Both rank above the environment.
+    """
     env = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     path = Path(config) if config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if path is not None:
         merged |= _from_file(path)
     merged |= _from_env(env)
+    merged |= _from_text(dict(options or {}), lambda key: f"flag --{key.replace('_', '-')}")
     merged |= {k: v for k, v in (flags or {}).items() if v is not None}
     socket, state_dir = default_paths(environ=env)
     merged.setdefault("socket", socket)
@@ -125,16 +138,29 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if name not in fields:
             known = ", ".join(ENV_PREFIX + f.upper() for f in sorted(fields))
             raise ConfigError(f"unknown environment setting {key} (known: {known})")
-        if name == "worker_env":
-            try:
-                data[name] = msgspec.json.decode(value)
-            except msgspec.DecodeError as exc:
-                raise ConfigError(f"environment {key}: expected a JSON object: {exc}") from exc
-        else:
-            data[name] = value
+        data[name] = value
+    return _from_text(data, lambda key: f"environment {ENV_PREFIX}{key.upper()}")
+
+
+def _from_text(data: dict[str, str], source: Callable[[str], str]) -> dict[str, Any]:
+    """Settings given as text (environment, flags) as typed values; `source(key)` names
+    where one came from in an error."""
+    typed: dict[str, Any] = {}
     for key, value in data.items():
-        _convert({key: value}, f"environment {ENV_PREFIX}{key.upper()}", strict=False)
-    return _convert_partial(data)
+        if key == "worker_env":
+            try:
+                typed[key] = msgspec.json.decode(value)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(f"{source(key)}: expected a JSON object: {exc}") from exc
+        else:
+            typed[key] = value
+        _convert({key: typed[key]}, source(key), strict=False)
+    return _convert_partial(typed)
+
+
+def settable_from_text() -> list[str]:
+    """The settings a `--<setting>` flag may give (every scalar one)."""
+    return [name for name in Settings.__struct_fields__ if name != "worker_env"]
 
 
 def _convert_partial(data: dict[str, Any]) -> dict[str, Any]:

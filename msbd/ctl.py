@@ -81,8 +81,8 @@ def _print_sandboxes(items: list[dict[str, Any]]) -> None:
     rows = []
     for info in items:
         run = info.get("run") or {}
-        spec = info["spec"]
-        command = " ".join([spec["exec"], *spec.get("args", [])])
+        spec = info.get("spec") or {}
+        command = " ".join([spec.get("exec", "?"), *spec.get("args", [])])
         rows.append([
             info["name"], info["state"], str(run.get("pid") or "-"),
             _ago(run.get("started_at"), now), _status(info),
@@ -101,8 +101,8 @@ def _print_info(info: dict[str, Any]) -> None:
     lim = info["limits"]
     print(f"limits     {lim['max_sandboxes']} sandboxes, {lim['max_vcpus']} vcpus, "
           f"{lim['max_memory_mib']} MiB")
-    t = info["timers"]
-    if t["fired"]:
+    t = info.get("timers")
+    if t and t["fired"]:
         print(f"timers     {t['fired']} fired, late p50 {t['late_p50'] * 1000:.1f} ms, "
               f"p99 {t['late_p99'] * 1000:.1f} ms")
     for check in info["checks"]:
@@ -213,9 +213,18 @@ def cmd_run(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_ls(c: Client, a: argparse.Namespace) -> int:
-    params = {k: v for k, v in (("state", a.state), ("label", a.label)) if v is not None}
-    result = c.call("sandbox.list", params)
-    _emit(a, result, lambda r: _print_sandboxes(r["sandboxes"]))
+    """Every page of `sandbox.list`, as one table (or one JSON object)."""
+    params: dict[str, Any] = {k: v for k, v in (("state", a.state), ("label", a.label))
+                              if v is not None}
+    params |= {"spec": True, "limit": 1000}
+    items: list[dict[str, Any]] = []
+    while True:
+        page = c.call("sandbox.list", params)
+        items += page["sandboxes"]
+        if not page.get("next"):
+            break
+        params["cursor"] = page["next"]
+    _emit(a, {"sandboxes": items}, lambda r: _print_sandboxes(r["sandboxes"]))
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from typing import Annotated, Final, TypeVar
+from typing import Annotated, Final, NamedTuple, TypeVar
 
 import msgspec
 
@@ -292,15 +292,45 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     detail: str | None = None
 
 
+class SandboxRef(NamedTuple):
+    """Which sandbox record: its immutable `id` (never reused) and its name.
+
+    Everything that acts on a record after an await names it by `id`: a name
+    can be removed and taken by someone else's new sandbox meanwhile.
+    """
+
+    id: int
+    name: str
+
+
+class Owner(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a sandbox belongs to, as the kernel told the daemon when it was created.
+
+    `gid` and `groups` come from `SO_PEERCRED` and `SO_PEERGROUPS`; they are
+    None for records made before they were kept (then the user database is
+    asked, at launch).
+    """
+
+    uid: int
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+
+
 class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
     name: str
     state: State
     owner_uid: int
-    spec: LaunchSpec
     created_at: dt.datetime
     updated_at: dt.datetime
     labels: dict[str, str]
     run: RunInfo | None = None
+    # None in `sandbox.list` entries unless the caller asks for specs.
+    spec: LaunchSpec | None = None
+
+    @property
+    def ref(self) -> SandboxRef:
+        return SandboxRef(self.id, self.name)
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
@@ -310,6 +340,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     time: dt.datetime
     sandbox: str
     state: State
+    sandbox_id: int | None = None  # None only for events recorded before ids existed
     run_id: int | None = None
     reason: Reason | None = None
     exit_code: int | None = None

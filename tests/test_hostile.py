@@ -281,7 +281,8 @@ def test_connections_past_the_cap_are_answered_and_closed(
                     extra.send(PING + b"\n")  # it may be refused before this arrives
                 refused = extra.line()
                 assert refused == {"jsonrpc": "2.0", "id": None, "error": {
-                    "code": -32004, "message": "too many connections", "data": {"limit": 4}}}
+                    "code": -32004, "message": "too many connections",
+                    "data": {"limit": "max_connections", "max": 4}}}
                 assert extra.line() is None
         for i, c in enumerate(held):  # the admitted ones are served throughout
             assert c.call("daemon.ping", rid=f"again-{i}") == pong(f"again-{i}")

@@ -23,7 +23,7 @@ def test_statements_are_single_statements() -> None:
 
 
 @pytest.mark.parametrize(("current", "expected"), [
-    (0, [1]),
+    (0, [1, 2]),
     (schema.LATEST, []),
 ])
 def test_pending(current: int, expected: list[int]) -> None:

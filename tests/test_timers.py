@@ -59,7 +59,7 @@ def test_ties_fire_in_the_order_they_were_set() -> None:
     for name in ["z", "a", "m"]:
         d.set(name, IDLE, 5.0)
     d.set("a", MAX, 5.0)
-    assert [(due.name, due.kind) for due in d.pop_due(5.0)] == [
+    assert [(due.key, due.kind) for due in d.pop_due(5.0)] == [
         ("z", IDLE), ("a", IDLE), ("m", IDLE), ("a", MAX)]
 
 

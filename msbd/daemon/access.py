@@ -2,8 +2,11 @@
 
 The rules
 ---------
-- Identity. A connection's uid, gid and pid come from `SO_PEERCRED` (taken
-  by the rpc layer when the client connected). A connection without them
+- Identity. A connection's uid, gid and pid come from `SO_PEERCRED`, its
+  supplementary groups from `SO_PEERGROUPS` (taken by the rpc layer when the
+  client connected); the user database is never asked. A sandbox records its
+  creator's uid, gid and groups, and its VM runs with exactly those. A
+  connection without them
   (uid or gid -1) gets -32003 permission denied for every method but
   `daemon.ping` and `rpc.discover`: an unknown caller owns nothing.
 - Ownership. A sandbox belongs to the uid that created it (`owner_uid`).
@@ -41,12 +44,11 @@ The rules
 
 Limits, said plainly: the check uses mode bits and group membership (POSIX
 ACLs, capabilities other than root's and LSMs are not consulted); group
-membership is the peer's primary gid plus its groups in the user database.
-The check is made before the launch and the worker opens the paths later, as
-the daemon's uid; a caller who can rename entries on the way can swap them in
-between (time of check to time of use). Only running the worker as the
-sandbox's owner closes that gap, and the one of a guest writing files deep in
-a shared directory as the worker's uid.
+membership is the peer's primary gid plus the groups `SO_PEERGROUPS` gave.
+This check is for a clear, early error. It is not what keeps a user out of
+files they may not use: a path can change between this check and the launch.
+That is kept by the launch itself, which opens every host file with the
+owner's rights (see docs/failure-cases.md, "What is opened as whom").
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from msbd.errors import InvalidParams, PermissionDenied
-from msbd.model import LaunchSpec, SandboxInfo
+from msbd.model import LaunchSpec, Owner, SandboxInfo
 
 # Methods a connection whose identity is unknown may still call.
 OPEN_METHODS: Final = frozenset({"daemon.ping", "rpc.discover"})
@@ -77,7 +79,8 @@ class Caller:
     gid: int
     pid: int = 0
     groups: frozenset[int] | None = None
-    """Supplementary groups when known (`SO_PEERGROUPS`); else looked up by uid."""
+    """Supplementary groups (`SO_PEERGROUPS`); None when the kernel did not say: then
+    the caller counts as a member of its primary group only."""
 
     @property
     def known(self) -> bool:
@@ -87,14 +90,12 @@ class Caller:
         return self.known and self.uid in (0, daemon_uid)
 
     def all_groups(self) -> frozenset[int]:
-        """The primary gid and the supplementary groups (looked up fresh: no stale grants)."""
-        if self.groups is not None:
-            return self.groups | {self.gid}
-        try:
-            name = pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return frozenset({self.gid})
-        return frozenset(os.getgrouplist(name, self.gid)) | {self.gid}
+        """The primary gid and the supplementary groups, exactly as the kernel gave them."""
+        return (self.groups or frozenset()) | {self.gid}
+
+    def as_owner(self) -> Owner:
+        """What a sandbox this caller creates records about its owner."""
+        return Owner(uid=self.uid, gid=self.gid, groups=tuple(sorted(self.all_groups())))
 
 
 def daemon_identity() -> Caller:
@@ -221,3 +222,27 @@ def _walk(path: str, uid: int, groups: frozenset[int], refuse: Callable[[str], I
     except OSError as exc:
         raise refuse(f": {exc.strerror or exc}") from None
     return current, st
+
+
+def vm_identity(owner: Owner, daemon_uid: int) -> tuple[int | None, int | None, list[int] | None]:
+    """(uid, gid, groups) a sandbox's VM runs as: its owner's, as recorded when the sandbox
+    was created, unless the owner is root or the daemon's own uid (then the worker keeps
+    the daemon's). A record from before gids were kept falls back to the user database."""
+    if owner.uid in (0, daemon_uid):
+        return None, None, None
+    if owner.gid is not None and owner.groups is not None:
+        return owner.uid, owner.gid, sorted(set(owner.groups))
+    try:
+        entry = pwd.getpwuid(owner.uid)
+    except KeyError:  # no passwd entry and nothing recorded: its own number, no groups
+        return owner.uid, owner.uid, []
+    return owner.uid, entry.pw_gid, sorted(os.getgrouplist(entry.pw_name, entry.pw_gid))
+
+
+def owner_caller(owner: Owner, daemon_uid: int) -> Caller | None:
+    """The identity the VM of `owner`'s sandbox uses, as a `Caller` for path checks;
+    None when the VM keeps the daemon's identity."""
+    uid, gid, groups = vm_identity(owner, daemon_uid)
+    if uid is None or gid is None:
+        return None
+    return Caller(uid=uid, gid=gid, groups=frozenset(groups or ()))

@@ -7,6 +7,12 @@ the error reply. Who may do what is `msbd.daemon.access`: every handler that
 names a sandbox looks it up through `_visible`, so a sandbox the caller does
 not own is not found, and every launch checks the spec's host paths as the
 caller first.
+
+After its first read a handler names the sandbox by its immutable id
+(`SandboxRef`) in everything it does: when a call waits (a path check on a
+thread, a stop) and meanwhile the sandbox is removed and its name taken by
+someone else's, the call acts on nothing of the newcomer's; it gets
+"not found". Ownership is fixed with the id, so it holds after every await.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import msgspec
 
 from msbd import __version__
 from msbd.config import Settings
@@ -29,14 +36,15 @@ from msbd.daemon.access import (
     check_spec_paths,
     daemon_identity,
     may_see,
+    owner_caller,
 )
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, Lagged, stream_events
-from msbd.daemon.supervisor import Supervisor, vm_identity
+from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
 from msbd.errors import Conflict, InvalidParams, LimitReached, NotFound
-from msbd.model import Event, LaunchSpec, SandboxInfo, State
+from msbd.model import Event, LaunchSpec, SandboxInfo
 from msbd.rpc.methods import (
     DaemonInfo,
     EventParams,
@@ -73,6 +81,9 @@ def parse_signal(value: str | int) -> int:
         return int(signal_mod.Signals[name])
     except KeyError:
         raise InvalidParams(f"`signal`: unknown signal {value!r}", field="signal") from None
+
+
+_SPEC_ENCODER = msgspec.json.Encoder()
 
 
 class Api:
@@ -114,7 +125,7 @@ class Api:
 
     async def __call__(self, ctx: CallContext, method: str, params: Any) -> Any:
         conn = ctx.connection
-        caller = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid)
+        caller = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid, groups=conn.groups)
         check_identity(caller, method)
         return await self._table[method](caller, params, ctx)
 
@@ -124,7 +135,7 @@ class Api:
         info = await self._store.get_sandbox(name)
         if not may_see(caller, info, self._daemon_uid):
             raise NotFound(name)
-        return info
+        return self._sup.overlay(info)
 
     async def _check_paths(self, spec: LaunchSpec, caller: Caller) -> None:
         await anyio.to_thread.run_sync(
@@ -132,25 +143,23 @@ class Api:
 
     async def _check_launch(self, info: SandboxInfo, caller: Caller) -> None:
         """Paths as the caller, and as the identity the VM will run as, if another one
-        (the owner's uid, gid and groups: exactly what the worker will be given)."""
+        (the owner's uid, gid and groups as recorded: exactly what the worker is given)."""
+        assert info.spec is not None
         await self._check_paths(info.spec, caller)
-        uid, gid, groups = vm_identity(info.owner_uid)
-        if uid is not None and gid is not None and uid != caller.uid:
-            await self._check_paths(info.spec, Caller(
-                uid=uid, gid=gid, groups=frozenset(groups or ())))
+        owner = owner_caller(await self._store.owner(info.ref), self._daemon_uid)
+        if owner is not None and owner.uid != caller.uid:
+            await self._check_paths(info.spec, owner)
 
     def _owner_filter(self, caller: Caller) -> int | None:
         """None (everything) for an admin, else the caller's uid."""
         return None if caller.is_admin(self._daemon_uid) else caller.uid
 
-    async def _counts(self, caller: Caller) -> dict[str, int]:
-        owner = self._owner_filter(caller)
-        if owner is None:
-            return await self._store.counts_by_state()
-        counts = dict.fromkeys((s.value for s in State), 0)
-        for info in await self._store.list_sandboxes(owner_uid=owner):
-            counts[info.state.value] += 1
-        return counts
+    def _check_spec_size(self, spec: LaunchSpec) -> None:
+        size = len(_SPEC_ENCODER.encode(spec))
+        limit = self._settings.max_spec_bytes
+        if size > limit:
+            raise InvalidParams(f"the launch spec is {size} bytes as JSON, over the limit of "
+                                f"{limit} (max_spec_bytes)", field="spec")
 
     # --- daemon -------------------------------------------------------------------
 
@@ -161,16 +170,28 @@ class Api:
         report = await self._host.refresh(max_age=30.0)
         s = self._settings
         libkrun = self._sup.libkrun_path()
-        late = self._sup.timer_lateness()
+        admin = caller.is_admin(self._daemon_uid)
+        timers = None
+        if admin:
+            late = self._sup.timer_lateness()
+            timers = TimerInfo(fired=late.fired, late_p50=late.p50, late_p99=late.p99,
+                               late_max=late.max)
         return DaemonInfo(
             version=__version__, pid=os.getpid(), uid=self._daemon_uid,
             uptime=time.monotonic() - self._started, socket=s.socket, state_dir=s.state_dir,
             libkrun=libkrun, libkrun_problem=None if libkrun else self._sup.missing_libkrun(),
-            checks=report.checks, counts=await self._counts(caller),
-            limits=LimitsInfo(max_sandboxes=s.max_sandboxes, max_vcpus=s.max_vcpus,
-                              max_memory_mib=s.max_memory_mib),
-            timers=TimerInfo(fired=late.fired, late_p50=late.p50, late_p99=late.p99,
-                             late_max=late.max))
+            checks=report.checks,
+            counts=await self._store.counts_by_state(self._owner_filter(caller)),
+            limits=LimitsInfo(
+                max_sandboxes=s.max_sandboxes, max_vcpus=s.max_vcpus,
+                max_memory_mib=s.max_memory_mib,
+                max_sandboxes_per_user=s.max_sandboxes_per_user,
+                max_live_sandboxes_per_user=s.max_live_sandboxes_per_user,
+                max_memory_mib_per_user=s.max_memory_mib_per_user,
+                max_connections_per_user=s.max_connections_per_user,
+                max_subscriptions_per_connection=s.max_subscriptions_per_connection,
+                max_spec_bytes=s.max_spec_bytes),
+            timers=timers, unreadable=dict(self._store.unreadable) if admin else None)
 
     async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
                        ) -> dict[str, Any]:
@@ -181,8 +202,14 @@ class Api:
     # --- records ------------------------------------------------------------------
 
     async def create(self, caller: Caller, spec: LaunchSpec, ctx: CallContext) -> SandboxInfo:
+        self._check_spec_size(spec)
         await self._check_paths(spec, caller)
-        info, _ = await self._store.create_sandbox(spec, owner_uid=caller.uid, now=time.time())
+        admin = caller.is_admin(self._daemon_uid)
+        info, _ = await self._store.create_sandbox(
+            spec, owner=caller.as_owner(), now=time.time(),
+            max_owned=None if admin else self._settings.max_sandboxes_per_user)
+        # Ids are never reused, but a log left by a replaced database must not show.
+        await anyio.to_thread.run_sync(remove_log, log_path(self._log_dir, info.id))
         return info
 
     async def get(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
@@ -190,37 +217,43 @@ class Api:
 
     async def list(self, caller: Caller, params: ListSandboxParams, ctx: CallContext
                    ) -> SandboxList:
-        owner = self._owner_filter(caller)
-        items = await self._store.list_sandboxes(state=params.state, label=params.label_pair(),
-                                                 owner_uid=owner)
-        return SandboxList(sandboxes=items)
+        after = int(params.cursor) if params.cursor is not None else 0
+        items = await self._store.list_sandboxes(
+            state=params.state, label=params.label_pair(), owner_uid=self._owner_filter(caller),
+            after=after, limit=params.limit + 1, with_spec=params.spec)
+        more = len(items) > params.limit
+        items = [self._sup.overlay(info) for info in items[:params.limit]]
+        return SandboxList(sandboxes=items, next=str(items[-1].id) if more else None)
 
     async def remove(self, caller: Caller, params: RemoveSandboxParams, ctx: CallContext
                      ) -> SandboxInfo:
-        name = params.name
-        info = await self._visible(caller, name)
-        if self._sup.busy(name) or info.state not in states.removable:
+        info = await self._visible(caller, params.name)
+        ref = info.ref
+        if self._sup.busy(ref) or info.state not in states.removable:
             if not params.force:
-                raise Conflict(f"sandbox {name!r} is {info.state}; stop it first or use force",
-                               data={"sandbox": name, "state": info.state})
-            await self._sup.stop(name, timeout=self._settings.stop_timeout,
+                raise Conflict(f"sandbox {ref.name!r} is {info.state}; stop it first or use "
+                               "force", data={"sandbox": ref.name, "state": info.state})
+            await self._sup.stop(ref, timeout=self._settings.stop_timeout,
                                  detail="removed with force")
-        removed, _ = await self._store.remove_sandbox(name, now=time.time(),
+        if self._sup.busy(ref):  # started again while we waited: leave it alone
+            raise Conflict(f"sandbox {ref.name!r} was started again; not removed",
+                           data={"sandbox": ref.name})
+        removed, _ = await self._store.remove_sandbox(ref, now=time.time(),
                                                       expect=states.removable)
-        await anyio.to_thread.run_sync(remove_log, log_path(self._log_dir, name))
+        await anyio.to_thread.run_sync(remove_log, log_path(self._log_dir, ref.id))
         return removed
 
     # --- runs ---------------------------------------------------------------------
 
     async def run(self, caller: Caller, spec: LaunchSpec, ctx: CallContext) -> SandboxInfo:
         self._sup.check_can_launch()
-        self._sup.check_limits(spec)
+        self._check_spec_size(spec)
         info = await self.create(caller, spec, ctx)
         try:
             return await self._sup.start(info, timeout=None)
         except LimitReached:
-            # Lost a race for the last slot: start nothing, keep nothing.
-            await self._store.remove_sandbox(spec.name, now=time.time(),
+            # No room to start it: start nothing, keep nothing.
+            await self._store.remove_sandbox(info.ref, now=time.time(),
                                              expect=states.removable)
             raise
 
@@ -232,39 +265,38 @@ class Api:
 
     async def stop(self, caller: Caller, params: StopSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
-        await self._visible(caller, params.name)
-        return await self._sup.stop(params.name, timeout=params.timeout)
+        info = await self._visible(caller, params.name)
+        return await self._sup.stop(info.ref, timeout=params.timeout)
 
     async def kill(self, caller: Caller, params: KillSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
         sig = parse_signal(params.signal)
-        await self._visible(caller, params.name)
-        return await self._sup.kill(params.name, sig)
+        info = await self._visible(caller, params.name)
+        return await self._sup.kill(info.ref, sig)
 
     async def restart(self, caller: Caller, params: RestartSandboxParams, ctx: CallContext
                       ) -> SandboxInfo:
         info = await self._visible(caller, params.name)
         # Checked before the stop: a restart the caller may not make leaves the run alone.
         await self._check_launch(info, caller)
-        if self._sup.busy(params.name):
-            info = await self._sup.stop(params.name, timeout=params.timeout,
-                                        detail="restarted")
+        if self._sup.busy(info.ref):
+            info = await self._sup.stop(info.ref, timeout=params.timeout, detail="restarted")
         return await self._sup.start(info, timeout=None)
 
     async def wait(self, caller: Caller, params: WaitSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
-        await self._visible(caller, params.name)
-        return await self._sup.wait(params.name, timeout=params.timeout)
+        info = await self._visible(caller, params.name)
+        return await self._sup.wait(info.ref, timeout=params.timeout)
 
     async def touch(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
         info = await self._visible(caller, params.name)
-        self._sup.touch(params.name)
+        self._sup.touch(info.ref)
         return info
 
     async def logs(self, caller: Caller, params: LogsSandboxParams, ctx: CallContext
                    ) -> LogsResult:
-        await self._visible(caller, params.name)
-        chunk = await self._sup.logs(params.name, offset=params.offset, tail=params.tail,
+        info = await self._visible(caller, params.name)
+        chunk = await self._sup.logs(info.ref, offset=params.offset, tail=params.tail,
                                      limit=params.limit, wait=params.wait)
         # Never split a UTF-8 sequence: hold an incomplete tail back for the next call.
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -274,10 +306,8 @@ class Api:
 
     async def metrics(self, caller: Caller, params: NameParams, ctx: CallContext
                       ) -> MetricsResult:
-        await self._visible(caller, params.name)
-        pid = self._sup.pid_of(params.name)
-        usage = self._sup.metrics(params.name)
-        assert pid is not None
+        info = await self._visible(caller, params.name)
+        pid, usage = self._sup.metrics(info.ref)
         return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes, cpu_seconds=usage.cpu_seconds,
                              uptime=usage.uptime)
 
@@ -285,11 +315,17 @@ class Api:
 
     async def subscribe(self, caller: Caller, params: SubscribeEventsParams, ctx: CallContext
                         ) -> Subscription:
-        owner = self._owner_filter(caller)
-        last = await self._store.last_seq()
-        since = last if params.since is None else params.since
         conn = ctx.connection
-        registered = anyio.Event()
+        cap = self._settings.max_subscriptions_per_connection
+        if conn.subscriptions >= cap and not caller.is_admin(self._daemon_uid):
+            raise LimitReached(f"limit reached: this connection already has {cap} event "
+                               "subscriptions (max_subscriptions_per_connection)",
+                               data={"limit": "max_subscriptions_per_connection"})
+        owner = self._owner_filter(caller)
+        # A non-admin learns only its own newest event, never the global head.
+        last = await self._store.last_seq(owner)
+        since = last if params.since is None else params.since
+        conn.subscriptions += 1
 
         async def replay(after: int) -> list[Event]:
             return await self._store.events_since(after, limit=500, owner_uid=owner)
@@ -300,11 +336,13 @@ class Api:
         async def stream() -> None:
             try:
                 await stream_events(self._hub, since=since, owner_uid=owner, replay=replay,
-                                    deliver=deliver, registered=registered)
+                                    deliver=deliver)
             except Lagged:
                 await conn.notify("events.lagged", LaggedParams(
                     message="this subscriber fell behind and was dropped; resubscribe with "
                             "`since` set to the last seq received"))
+            finally:
+                conn.subscriptions -= 1
 
         ctx.defer(stream)
         # The newest event now: the replay runs from `since` up to it, live events follow.

@@ -32,6 +32,7 @@ from msbd import __version__
 from msbd.config import Settings
 from msbd.daemon import systemd
 from msbd.daemon.api import Api
+from msbd.daemon.console import remove_orphans
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub
 from msbd.daemon.reconcile import reconcile
@@ -112,6 +113,10 @@ async def _serve(settings: Settings) -> None:
     try:
         async with open_store(settings.db_path, on_event=hub.publish) as store:
             closed = await reconcile(store)
+            orphans = await anyio.to_thread.run_sync(
+                remove_orphans, state_dir / "logs", await store.sandbox_ids())
+            if orphans:
+                log.info("deleted %d console log files that belong to no sandbox", orphans)
             if inherited is not None:
                 # systemd's socket, used as is: report where it really is.
                 settings = msgspec.structs.replace(settings, socket=inherited.getsockname())
@@ -145,6 +150,8 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
     limits = RpcLimits(
         max_frame_bytes=settings.max_frame_bytes, max_batch=settings.max_batch,
         max_connections=settings.max_connections,
+        max_connections_per_user=settings.max_connections_per_user,
+        exempt_uids=frozenset({0, os.getuid()}),
         max_inflight_per_connection=settings.max_inflight_per_connection,
         idle_timeout=settings.connection_idle_timeout,
         frame_timeout=settings.partial_frame_timeout,
@@ -191,8 +198,8 @@ async def _prune_events(store: Store, keep: int) -> None:
 
 
 def _status(supervisor: Supervisor) -> str:
-    count, vcpus, memory = supervisor.usage()
-    return f"{count} live sandboxes, {vcpus} vcpus, {memory} MiB"
+    used = supervisor.usage()
+    return f"{used.sandboxes} live sandboxes, {used.vcpus} vcpus, {used.memory_mib} MiB"
 
 
 async def _report_status(notifier: systemd.Notifier, supervisor: Supervisor) -> None:

@@ -1,9 +1,15 @@
 """Per-sandbox console logs: a size-capped file plus one rotated file, read by offset.
 
+Logs are named by the sandbox's immutable id (`<id>.log`), never by its
+name: ids are never reused, so a new sandbox never sees an old one's output,
+whatever name it takes. The log goes with the record (`sandbox.remove`), and
+at startup every log that belongs to no record is deleted (`remove_orphans`:
+a crash between the two, or a database replaced by another).
+
 Offsets are positions in the sandbox's whole console stream since the log was
-created, so a follower's offset stays valid across rotation: `<name>.log`
-holds bytes from `base` on, `<name>.log.1` the bytes just before `base`, and
-`<name>.log.base` remembers `base` across daemon restarts. Writes are small
+created, so a follower's offset stays valid across rotation: `<id>.log`
+holds bytes from `base` on, `<id>.log.1` the bytes just before `base`, and
+`<id>.log.base` remembers `base` across daemon restarts. Writes are small
 appends done inline (page cache); reads run in a worker thread (`read_log`
 is plain blocking code, the caller decides where it runs).
 """
@@ -22,8 +28,30 @@ class LogChunk:
     offset: int  # stream offset just after `data`: pass it back to continue
 
 
-def log_path(log_dir: Path, name: str) -> Path:
-    return log_dir / f"{name}.log"
+_SUFFIXES = ("", ".1", ".base", ".base.tmp")
+
+
+def log_path(log_dir: Path, sandbox_id: int) -> Path:
+    return log_dir / f"{int(sandbox_id)}.log"
+
+
+def remove_orphans(log_dir: Path, ids: set[int]) -> int:
+    """Delete every file in `log_dir` that is not the log of one of `ids`; how many went.
+
+    Files named otherwise (logs named by sandbox name, from before ids) go too.
+    """
+    keep = {log_path(log_dir, i).name + suffix for i in ids for suffix in _SUFFIXES}
+    removed = 0
+    try:
+        entries = list(os.scandir(log_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name not in keep and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _read_base(path: Path) -> int:
@@ -74,7 +102,7 @@ class ConsoleLog:
 
 
 def remove_log(path: Path) -> None:
-    for suffix in ("", ".1", ".base", ".base.tmp"):
+    for suffix in _SUFFIXES:
         with contextlib.suppress(FileNotFoundError):
             path.with_name(path.name + suffix).unlink()
 

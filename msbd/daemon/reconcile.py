@@ -50,7 +50,7 @@ async def reconcile(store: Store) -> int:
     runs = await store.live_runs()
     if not runs:
         return 0
-    ends = [(run.name, RunEnd(reason=Reason.DAEMON_LOST, detail=_end_old_worker(run)))
+    ends = [(run.ref, RunEnd(reason=Reason.DAEMON_LOST, detail=_end_old_worker(run)))
             for run in runs]
     await store.end_runs(ends, now=time.time())
     log.info("reconciled %d runs left live by a previous daemon as daemon_lost", len(runs))

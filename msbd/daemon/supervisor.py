@@ -2,38 +2,44 @@
 
 How it works
 ------------
-`start` reserves the sandbox's share of the limits (synchronously, so two
-starts cannot both pass the check), records a new run (`starting`) in one
-transaction, spawns the worker with the fd map of DESIGN.md, records its pid
-with its process start time and boot id, and hands it to a watcher task
-owned by the supervisor's task group. The watcher reads the status pipe
-(`entering` -> `running`, `heartbeat`, `error ...`), copies the console pipe
-into the sandbox's log, and waits on the worker's pidfd. When the worker is
-gone it reaps it, decides the reason (`states.end_reason`: a reason the
-daemon requested wins) and writes the end in one shielded transaction.
+Every live run is a `Live` (see `msbd.daemon.live`), keyed by the sandbox's
+immutable id, never by its name: a call that read sandbox `x` and then
+waited acts on that very record or on nothing.
 
-Stops of every kind (a call, a kill, a timer) go through `_request_stop`:
-the first requested reason sticks, the sandbox moves to `stopping`, the
-worker gets SIGTERM (it asks the guest to shut down) and a KILL_GRACE
-deadline is set; when it falls the worker's whole process group gets
-SIGKILL. Timers live in one `Scheduler`; idle and heartbeat deadlines are
-re-checked when they fall (activity only updates a timestamp), so console
-output costs no heap operations.
+`start` takes the sandbox's share of the limits (synchronously, so two
+starts cannot both pass the check), then in one transaction opens a new run
+and moves the record to `starting`, reading the record in that same
+transaction: the worker is launched with exactly what the transaction saw.
+It spawns the worker with the fd map of `msbd.vm`, records its pid with its
+process start time and boot id, and hands it to a watcher task owned by the
+supervisor's task group. The watcher reads the status pipe (`entering` ->
+`running`, `heartbeat`, `error ...`), copies the console pipe into the
+sandbox's log, and waits on the worker's pidfd. When the worker is gone it
+reaps it, gives back what the run held, decides the reason (a reason the
+daemon requested wins) and records the end, retrying with back-off while
+the database refuses (a full disk): until the end is on disk the run stays
+in memory (`Live.pending`), reads show it ended, and a new start waits.
+
+Stops of every kind (a call, a kill, a timer) go through `_ask_stop`: the
+first requested reason sticks, the worker gets SIGTERM (it asks the guest
+to shut down) and a KILL_GRACE deadline is set; when it falls the worker's
+whole process group gets SIGKILL. The `stopping` record follows; failing to
+write it changes nothing (the end is what counts). Timers live in one
+`Scheduler`; idle and heartbeat deadlines are re-checked when they fall
+(activity only updates a timestamp), so console output costs no heap work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import logging
 import os
-import pwd
 import signal as signal_mod
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import assert_never
 
 import anyio
 import anyio.abc
@@ -41,16 +47,33 @@ import msgspec
 
 from msbd.config import Settings
 from msbd.daemon import procfs, states
+from msbd.daemon.access import vm_identity
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
+from msbd.daemon.limits import Limits, Share, Usage
+from msbd.daemon.live import Live, end_detail, end_reason
 from msbd.daemon.pipes import LineSplitter, pump
 from msbd.daemon.signaller import Signaller
-from msbd.daemon.spawn import Worker, spawn_worker, worker_environ
-from msbd.daemon.timers import Lateness, Scheduler, TimerKind, heartbeat_deadline
+from msbd.daemon.spawn import spawn_worker, worker_environ
+from msbd.daemon.timers import (
+    Lateness,
+    Scheduler,
+    TimerKind,
+    heartbeat_deadline,
+    idle_deadline,
+    max_duration_deadline,
+)
 from msbd.db.store import RunEnd, Store
-from msbd.errors import Conflict, LaunchFailed, LimitReached, TimedOut
+from msbd.errors import Conflict, LaunchFailed, StoreError, TimedOut
 from msbd.log import ctx
-from msbd.model import LIVE_STATES, LaunchSpec, Reason, SandboxInfo, State, WorkerSpec
+from msbd.model import (
+    LIVE_STATES,
+    Reason,
+    SandboxInfo,
+    SandboxRef,
+    State,
+    WorkerSpec,
+)
 
 log = logging.getLogger("msbd.supervisor")
 
@@ -63,37 +86,10 @@ _NON_FATAL = frozenset({signal_mod.SIGSTOP, signal_mod.SIGCONT, signal_mod.SIGTS
 # guest's console can lag the process by a few buffered writes).
 _DRAIN_TIMEOUT = 2.0
 _LINE_MAX = 4096
-
-
-@dataclass(eq=False)
-class Live:
-    """One running worker, as the daemon tracks it in memory."""
-
-    name: str
-    spec: LaunchSpec
-    run_id: int
-    worker: Worker
-    console: ConsoleLog
-    state: State = State.STARTING
-    started: float = 0.0
-    last_activity: float = 0.0
-    last_beat: float = 0.0
-    requested: Reason | None = None
-    stop_detail: str | None = None
-    entered: bool = False
-    reaped: bool = False
-    console_full: bool = False
-    error_line: str | None = None
-    last_output_line: str = ""
-    running: anyio.Event = field(default_factory=anyio.Event)
-    ended: anyio.Event = field(default_factory=anyio.Event)
-    output: anyio.Event = field(default_factory=anyio.Event)
-    final: SandboxInfo | None = None
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-
-    @property
-    def pid(self) -> int:
-        return self.worker.pid
+# Recording a run's end is retried with this back-off while the database refuses.
+_RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
+# How long a call that waits for a run's end waits for a refused write to land.
+_RECORD_WAIT = 10.0
 
 
 class Supervisor:
@@ -106,13 +102,14 @@ class Supervisor:
         self._tg = task_group
         self._signaller = signaller
         self._host = host
+        self._daemon_uid = os.getuid()
         self.log_dir = Path(settings.state_dir) / "logs"
-        self.live: dict[str, Live] = {}
-        # name -> (vcpus, memory_mib) for every starting or live sandbox.
-        self._reserved: dict[str, tuple[int, int]] = {}
-        # name -> set once a launch in progress has a live worker (or failed).
-        self._launching: dict[str, anyio.Event] = {}
+        self.live: dict[int, Live] = {}
+        self._limits = Limits(settings, admins=frozenset({0, self._daemon_uid}))
+        # sandbox id -> set once a launch in progress has a live worker (or failed).
+        self._launching: dict[int, anyio.Event] = {}
         self._changed = anyio.Event()
+        self._give_up = anyio.Event()  # shutdown: stop retrying refused writes
 
     def _notify_change(self) -> None:
         self._changed.set()
@@ -143,134 +140,126 @@ class Supervisor:
 
     # --- limits ------------------------------------------------------------
 
-    def usage(self) -> tuple[int, int, int]:
+    def usage(self, owner_uid: int | None = None) -> Usage:
         """(sandboxes, vcpus, memory MiB) held by starting and live sandboxes."""
-        values = self._reserved.values()
-        return len(values), sum(v for v, _ in values), sum(m for _, m in values)
+        return self._limits.usage(owner_uid)
 
-    def _reserve(self, spec: LaunchSpec) -> None:
-        self.check_limits(spec)
-        self._reserved[spec.name] = (spec.vcpus, spec.memory_mib)
+    def check_limits(self, info: SandboxInfo) -> None:
+        """`LimitReached` if starting `info`'s sandbox now would pass a limit."""
+        self._limits.check(_share(info), name=info.name)
 
-    def check_limits(self, spec: LaunchSpec) -> None:
-        """`LimitReached` if starting `spec` now would pass a configured limit."""
-        s = self._settings
-        count, vcpus, memory = self.usage()
-        data = {"sandbox": spec.name}
-        if count + 1 > s.max_sandboxes:
-            raise LimitReached(f"limit reached: at most {s.max_sandboxes} live sandboxes",
-                               data=data | {"limit": "max_sandboxes"})
-        if vcpus + spec.vcpus > s.max_vcpus:
-            raise LimitReached(f"limit reached: {vcpus} of {s.max_vcpus} vcpus in use, "
-                               f"{spec.vcpus} more asked", data=data | {"limit": "max_vcpus"})
-        if memory + spec.memory_mib > s.max_memory_mib:
-            raise LimitReached(f"limit reached: {memory} of {s.max_memory_mib} MiB in use, "
-                               f"{spec.memory_mib} more asked",
-                               data=data | {"limit": "max_memory_mib"})
-
-    def busy(self, name: str) -> bool:
-        return name in self._reserved
+    def busy(self, ref: SandboxRef) -> bool:
+        """Whether `ref` has a launch, a worker, or an unrecorded end."""
+        return self._limits.holds(ref.id) or ref.id in self.live
 
     # --- start ------------------------------------------------------------------
 
     async def start(self, info: SandboxInfo, *, timeout: float | None) -> SandboxInfo:
         """Start `info`'s sandbox; answers once the worker entered libkrun."""
-        name = info.name
+        ref = info.ref
         libkrun = self.check_can_launch()
-        if self.busy(name):
-            raise Conflict(f"sandbox {name!r} is already {self._live_state(name)}",
-                           data={"sandbox": name})
+        if self.busy(ref):
+            raise Conflict(f"sandbox {ref.name!r} is {self._live_state(ref)}",
+                           data={"sandbox": ref.name})
         if info.state not in states.startable:
-            raise Conflict(f"sandbox {name!r} is {info.state}",
-                           data={"sandbox": name, "state": info.state})
-        self._reserve(info.spec)
-        launched = self._launching[name] = anyio.Event()
+            raise Conflict(f"sandbox {ref.name!r} is {info.state}",
+                           data={"sandbox": ref.name, "state": info.state})
+        self._limits.reserve(ref.id, _share(info), name=ref.name)
+        launched = self._launching[ref.id] = anyio.Event()
         try:
             with anyio.CancelScope(shield=True):
-                live = await self._launch(info.spec, libkrun, owner_uid=info.owner_uid)
+                live = await self._launch(ref, libkrun)
         except BaseException:
-            self._reserved.pop(name, None)
+            self._limits.release(ref.id)
             raise
         finally:
-            del self._launching[name]
+            del self._launching[ref.id]
             launched.set()
         timeout = self._settings.start_timeout if timeout is None else timeout
         with anyio.move_on_after(timeout):
-            await _first(live.running.wait, live.ended.wait)
+            await _first(live.running.wait, live.exited.wait)
         if live.running.is_set():
-            return await self._store.get_sandbox(name)
-        if not live.ended.is_set():
+            return await self._store.get(ref)
+        if not live.exited.is_set():
             await self._request_stop(live, Reason.LAUNCH_FAILED, grace=0.0,
                                      detail=f"the worker did not enter libkrun within "
                                             f"{timeout:g}s")
-            await live.ended.wait()
         final = await self._final(live)
         run = final.run
         if run is not None and run.reason is Reason.STOP_REQUESTED:
-            raise Conflict(f"sandbox {name!r} was stopped while starting",
-                           data={"sandbox": name})
+            raise Conflict(f"sandbox {ref.name!r} was stopped while starting",
+                           data={"sandbox": ref.name})
         detail = (run.detail if run is not None else None) or "the worker ended before libkrun"
-        raise LaunchFailed(f"sandbox {name!r} failed to launch: {detail}",
-                           data={"sandbox": name,
+        raise LaunchFailed(f"sandbox {ref.name!r} failed to launch: {detail}",
+                           data={"sandbox": ref.name,
                                  "reason": str(run.reason) if run and run.reason else None,
                                  "exit_code": run.exit_code if run else None})
 
-    async def _launch(self, spec: LaunchSpec, libkrun: str, *, owner_uid: int) -> Live:
+    async def _launch(self, ref: SandboxRef, libkrun: str) -> Live:
         """Record the new run, spawn its worker, hand it to a watcher (shielded by the caller)."""
-        name = spec.name
-        info, _ = await self._store.transition(name, State.STARTING, now=time.time(),
-                                               expect=states.startable, start_run=True)
-        assert info.run is not None
-        run_id = info.run.id
+        record, owner = await self._store.begin_run(ref, now=time.time(),
+                                                    expect=states.startable)
+        assert record.run is not None and record.spec is not None
+        spec, run_id = record.spec, record.run.id
         fields = {f: getattr(spec, f) for f in spec.__struct_fields__}
-        uid, gid, groups = vm_identity(owner_uid)
+        uid, gid, groups = vm_identity(owner, self._daemon_uid)
         worker_spec = WorkerSpec(**fields, heartbeat_interval=self._settings.heartbeat_interval,
                                  shutdown_grace=self._settings.stop_timeout, libkrun=libkrun,
                                  uid=uid, gid=gid, groups=groups)
         try:
-            console = ConsoleLog(log_path(self.log_dir, name),
+            console = ConsoleLog(log_path(self.log_dir, ref.id),
                                  max_bytes=self._settings.log_max_bytes)
         except OSError as exc:
             message = f"cannot open the console log: {exc.strerror}"
-            await self._end_unspawned(name, message)
-            raise LaunchFailed(f"sandbox {name!r} failed to launch: {message}",
-                               data={"sandbox": name}) from exc
+            await self._end_unspawned(ref, message)
+            raise LaunchFailed(f"sandbox {ref.name!r} failed to launch: {message}",
+                               data={"sandbox": ref.name}) from exc
         argv = [self._settings.worker_python, "-m", "msbd.vm"]
         try:
             worker = spawn_worker(argv, worker_environ(self._settings.worker_env),
                                   _ENCODER.encode(worker_spec))
         except LaunchFailed as exc:
             console.close()
-            await self._end_unspawned(name, exc.message)
-            raise LaunchFailed(f"sandbox {name!r} failed to launch: {exc.message}",
-                               data={"sandbox": name}) from exc
+            await self._end_unspawned(ref, exc.message)
+            raise LaunchFailed(f"sandbox {ref.name!r} failed to launch: {exc.message}",
+                               data={"sandbox": ref.name}) from exc
         now = self._timers.now()
-        live = Live(name=name, spec=spec, run_id=run_id, worker=worker, console=console,
-                    started=now, last_activity=now, last_beat=now)
-        self.live[name] = live
+        live = Live(ref=ref, owner_uid=record.owner_uid, spec=spec, run_id=run_id,
+                    worker=worker, console=console, started=now, last_activity=now,
+                    last_beat=now)
+        self.live[ref.id] = live
         self._notify_change()
-        log.info("worker spawned", extra=ctx(sandbox=name, pid=worker.pid, run=run_id))
+        log.info("worker spawned", extra=ctx(sandbox=ref.name, pid=worker.pid, run=run_id))
         self._tg.start_soon(self._watch, live)
-        if spec.max_duration is not None:
-            self._timers.set(name, TimerKind.MAX_DURATION, now + spec.max_duration)
-        await self._store.set_run_process(name, run_id, pid=worker.pid,
-                                          proc_start=procfs.start_ticks(worker.pid),
-                                          boot_id=procfs.boot_id())
+        if (deadline := max_duration_deadline(now, spec.max_duration)) is not None:
+            self._timers.set(ref.id, TimerKind.MAX_DURATION, deadline)
+        with contextlib.suppress(StoreError):  # the end, when it comes, is what matters
+            await self._store.set_run_process(ref, run_id, pid=worker.pid,
+                                              proc_start=procfs.start_ticks(worker.pid),
+                                              boot_id=procfs.boot_id())
         return live
 
-    async def _end_unspawned(self, name: str, detail: str) -> None:
-        await self._store.transition(name, State.FAILED, now=time.time(),
+    async def _end_unspawned(self, ref: SandboxRef, detail: str) -> None:
+        await self._store.transition(ref, State.FAILED, now=time.time(),
                                      expect={State.STARTING},
                                      end=RunEnd(reason=Reason.LAUNCH_FAILED, detail=detail))
 
-    def _live_state(self, name: str) -> str:
-        live = self.live.get(name)
-        return str(live.state) if live is not None else "starting"
+    def _live_state(self, ref: SandboxRef) -> str:
+        live = self.live.get(ref.id)
+        return live.describe() if live is not None else "starting"
 
     async def _final(self, live: Live) -> SandboxInfo:
+        """The run's end as recorded; `StoreError` if it still is not on disk a while later."""
+        await live.exited.wait()
+        with anyio.move_on_after(_RECORD_WAIT):
+            await live.ended.wait()
         if live.final is not None:
             return live.final
-        return await self._store.get_sandbox(live.name)
+        if not live.ended.is_set():
+            raise StoreError(f"sandbox {live.name!r} ended, but the database refused to record "
+                             f"it ({live.write_error}); msbd keeps retrying",
+                             data={"sandbox": live.name})
+        return await self._store.get(live.ref)
 
     # --- the watcher ------------------------------------------------------------------
 
@@ -333,11 +322,11 @@ class Supervisor:
             if live.state is not State.STARTING or live.requested is not None:
                 return
             with anyio.CancelScope(shield=True):
-                await self._store.transition(live.name, State.RUNNING, now=time.time(),
+                await self._store.transition(live.ref, State.RUNNING, now=time.time(),
                                              expect={State.STARTING})
             live.state = State.RUNNING
-        self._arm_idle(live, now)
-        self._timers.set(live.name, TimerKind.HEARTBEAT, heartbeat_deadline(
+        self._arm_idle(live)
+        self._timers.set(live.ref.id, TimerKind.HEARTBEAT, heartbeat_deadline(
             now, self._settings.heartbeat_interval, self._settings.heartbeat_misses))
         live.running.set()
         log.info("running", extra=ctx(sandbox=live.name, pid=live.pid))
@@ -359,53 +348,49 @@ class Supervisor:
         live.output = anyio.Event()
 
     async def _finish(self, live: Live, exit_code: int | None, sig: int | None) -> None:
-        """Record the end of `live`'s run and let go of everything it held (shielded)."""
-        name = live.name
-        reason = self._end_reason(live, exit_code, sig)
-        detail = self._end_detail(live, reason, exit_code, sig)
+        """Give back what the run held, then record its end until it is on disk (shielded)."""
+        ref, ended_at = live.ref, time.time()
+        reason = end_reason(live, exit_code, sig)
+        end = RunEnd(reason=reason, exit_code=exit_code, signal=sig,
+                     detail=end_detail(live, reason, exit_code, sig))
         to = states.final_state(reason)
+        self._timers.cancel_all(ref.id)
+        live.worker.close()
+        live.console.close()
+        self._limits.release(ref.id)
+        live.pending = (to, end, ended_at)
+        live.exited.set()
+        live.output.set()
+        delay = _RETRY_FIRST
         try:
-            live.final, _ = await self._store.transition(
-                name, to, now=time.time(), expect=LIVE_STATES & states.sources(to),
-                end=RunEnd(reason=reason, exit_code=exit_code, signal=sig, detail=detail))
-        except Exception:
-            log.exception("could not record the end of a run", extra=ctx(sandbox=name))
+            while True:
+                try:
+                    live.final, _ = await self._store.transition(
+                        ref, to, now=ended_at, expect=LIVE_STATES & states.sources(to), end=end)
+                    break
+                except StoreError as exc:
+                    if live.write_error is None:
+                        log.error("cannot record the end of a run, retrying: %s", exc,
+                                  extra=ctx(sandbox=ref.name))
+                    live.write_error = exc.message
+                except Exception:
+                    log.exception("could not record the end of a run", extra=ctx(sandbox=ref.name))
+                    break
+                with anyio.move_on_after(delay):
+                    await self._give_up.wait()
+                if self._give_up.is_set():
+                    log.error("daemon stopping: the end of this run was not recorded; the "
+                              "next start records it as daemon_lost", extra=ctx(sandbox=ref.name))
+                    break
+                delay = min(delay * 2, _RETRY_MAX)
+            if live.write_error is not None and live.final is not None:
+                log.info("recorded the end of the run after all", extra=ctx(sandbox=ref.name))
         finally:
-            self._timers.cancel_all(name)
-            live.worker.close()
-            live.console.close()
-            self.live.pop(name, None)
-            self._reserved.pop(name, None)
+            self.live.pop(ref.id, None)
             self._notify_change()
             live.ended.set()
-            live.output.set()
-        log.info("run ended", extra=ctx(sandbox=name, reason=reason, exit_code=exit_code,
+        log.info("run ended", extra=ctx(sandbox=ref.name, reason=reason, exit_code=exit_code,
                                         signal=sig, pid=live.pid))
-
-    def _end_reason(self, live: Live, exit_code: int | None, sig: int | None) -> Reason:
-        if live.requested is Reason.LAUNCH_FAILED:
-            return Reason.LAUNCH_FAILED
-        if exit_code is None and sig is None:
-            sig = signal_mod.SIGKILL
-        return states.end_reason(requested=live.requested, exit_code=exit_code, signal=sig,
-                                 entered=live.entered, worker_error=live.error_line is not None)
-
-    @staticmethod
-    def _end_detail(live: Live, reason: Reason, exit_code: int | None, sig: int | None
-                    ) -> str | None:
-        parts: list[str] = []
-        if live.stop_detail:
-            parts.append(live.stop_detail)
-        if reason in (Reason.LAUNCH_FAILED, Reason.WORKER_CRASHED):
-            if live.error_line:
-                parts.append(live.error_line)
-            elif sig is not None:
-                parts.append(f"the worker was killed by {_signame(sig)}")
-            elif exit_code is not None:
-                parts.append(f"the worker exited with status {exit_code}")
-            if live.last_output_line and live.last_output_line not in parts:
-                parts.append(f"last output: {live.last_output_line}")
-        return "; ".join(parts) or None
 
     # --- stopping -------------------------------------------------------------------
 
@@ -425,7 +410,7 @@ class Supervisor:
         memory, so the recorded end is right whichever lands first. Returns
         whether a `stopping` record is due.
         """
-        if live.ended.is_set():
+        if live.exited.is_set():
             return False
         if live.requested is None:
             live.requested = reason
@@ -435,23 +420,27 @@ class Supervisor:
         else:
             self._signal(live, sig)
             deadline = self._timers.now() + grace
-            current = self._timers.get(live.name, TimerKind.KILL_GRACE)
+            current = self._timers.get(live.ref.id, TimerKind.KILL_GRACE)
             if current is None or deadline < current:
-                self._timers.set(live.name, TimerKind.KILL_GRACE, deadline)
+                self._timers.set(live.ref.id, TimerKind.KILL_GRACE, deadline)
         # A start that timed out goes straight to `failed`, not through `stopping`.
         return reason is not Reason.LAUNCH_FAILED
 
     async def _record_stopping(self, live: Live, reason: Reason) -> None:
         async with live.lock:
-            if live.ended.is_set() or live.state not in (State.STARTING, State.RUNNING):
+            if live.exited.is_set() or live.state not in (State.STARTING, State.RUNNING):
                 return
             with anyio.CancelScope(shield=True):
                 try:
                     await self._store.transition(
-                        live.name, State.STOPPING, now=time.time(),
+                        live.ref, State.STOPPING, now=time.time(),
                         expect={State.STARTING, State.RUNNING}, detail=str(reason))
                 except Conflict:
                     return  # it ended meanwhile; the watcher records the end
+                except StoreError as exc:
+                    # The worker has its signal; the end is what gets recorded.
+                    log.warning("cannot record stopping: %s", exc, extra=ctx(sandbox=live.name))
+                    return
             live.state = State.STOPPING
             log.info("stopping", extra=ctx(sandbox=live.name, reason=reason))
 
@@ -478,80 +467,95 @@ class Supervisor:
         except ProcessLookupError:
             self._signal(live, signal_mod.SIGKILL)
 
-    async def stop(self, name: str, *, timeout: float, reason: Reason = Reason.STOP_REQUESTED,
+    async def stop(self, ref: SandboxRef, *, timeout: float,
+                   reason: Reason = Reason.STOP_REQUESTED,
                    detail: str | None = None) -> SandboxInfo:
-        live = await self._current(name)
+        live = await self._current(ref)
         if live is None:
-            return await self._store.get_sandbox(name)
+            return await self._store.get(ref)
         await self._request_stop(live, reason, grace=timeout, detail=detail)
-        await live.ended.wait()
         return await self._final(live)
 
-    async def kill(self, name: str, sig: int) -> SandboxInfo:
-        live = await self._current(name)
-        if live is None:
-            raise Conflict(f"sandbox {name!r} is not running", data={"sandbox": name})
+    async def kill(self, ref: SandboxRef, sig: int) -> SandboxInfo:
+        live = await self._current(ref)
+        if live is None or live.exited.is_set():
+            raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
         if sig in _NON_FATAL:
             live.last_activity = self._timers.now()
             self._signal(live, sig)
-            return await self._store.get_sandbox(name)
+            return await self._store.get(ref)
         await self._request_stop(live, Reason.KILLED, grace=self._settings.stop_timeout, sig=sig)
         if sig == signal_mod.SIGKILL:
-            await live.ended.wait()
             return await self._final(live)
-        return await self._store.get_sandbox(name)
+        return await self._store.get(ref)
 
-    async def wait(self, name: str, *, timeout: float | None) -> SandboxInfo:
-        live = await self._current(name)
+    async def wait(self, ref: SandboxRef, *, timeout: float | None) -> SandboxInfo:
+        live = await self._current(ref)
         if live is None:
-            return await self._store.get_sandbox(name)
-        if timeout is None:
-            await live.ended.wait()
-        else:
-            with anyio.move_on_after(timeout):
-                await live.ended.wait()
-            if not live.ended.is_set():
-                raise TimedOut(f"sandbox {name!r} still running after {timeout:g}s",
-                               data={"sandbox": name})
+            return await self._store.get(ref)
+        with anyio.move_on_after(timeout if timeout is not None else float("inf")):
+            await live.exited.wait()
+        if not live.exited.is_set():
+            raise TimedOut(f"sandbox {ref.name!r} still running after {timeout:g}s",
+                           data={"sandbox": ref.name})
         return await self._final(live)
 
-    def touch(self, name: str) -> None:
-        live = self.live.get(name)
-        if live is None:
-            raise Conflict(f"sandbox {name!r} is not running", data={"sandbox": name})
+    def touch(self, ref: SandboxRef) -> None:
+        live = self.live.get(ref.id)
+        if live is None or live.exited.is_set():
+            raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
         live.last_activity = self._timers.now()
 
-    async def _current(self, name: str) -> Live | None:
-        """The live worker of `name`, waiting out a launch in progress."""
-        launching = self._launching.get(name)
+    async def _current(self, ref: SandboxRef) -> Live | None:
+        """The live worker of `ref`, waiting out a launch in progress."""
+        launching = self._launching.get(ref.id)
         if launching is not None:
             await launching.wait()
-        return self.live.get(name)
+        return self.live.get(ref.id)
+
+    def overlay(self, info: SandboxInfo) -> SandboxInfo:
+        """`info` as it really is: a run that ended but is not recorded yet shows its end."""
+        live = self.live.get(info.id)
+        if live is None or live.pending is None or info.run is None:
+            return info
+        to, end, ended_at = live.pending
+        when = dt.datetime.fromtimestamp(ended_at, dt.UTC)
+        run = msgspec.structs.replace(info.run, ended_at=when, reason=end.reason,
+                                      exit_code=end.exit_code, signal=end.signal,
+                                      detail=end.detail)
+        return msgspec.structs.replace(info, state=to, updated_at=when, run=run)
 
     async def shutdown(self, *, grace: float) -> None:
         """Stop every live sandbox (daemon exit): SIGTERM, SIGKILL after `grace`."""
         lives = list(self.live.values())
-        if not lives:
-            return
-        log.info("stopping %d sandboxes", len(lives))
-        async with anyio.create_task_group() as tg:
-            for live in lives:
-                tg.start_soon(functools.partial(self.stop, live.name, timeout=grace,
-                                                detail="daemon shutting down"))
+        if lives:
+            log.info("stopping %d sandboxes", len(lives))
+        with anyio.move_on_after(grace + _RECORD_WAIT):
+            async with anyio.create_task_group() as tg:
+                for live in lives:
+                    tg.start_soon(self._stop_quietly, live.ref, grace)
+        self._give_up.set()
+        with anyio.move_on_after(_RECORD_WAIT):
+            for live in list(self.live.values()):
+                await live.ended.wait()
+
+    async def _stop_quietly(self, ref: SandboxRef, grace: float) -> None:
+        with contextlib.suppress(StoreError):
+            await self.stop(ref, timeout=grace, detail="daemon shutting down")
 
     # --- timers ---------------------------------------------------------------------
 
-    def _arm_idle(self, live: Live, now: float) -> None:
-        if live.spec.idle_timeout is not None:
-            self._timers.set(live.name, TimerKind.IDLE, live.last_activity
-                             + live.spec.idle_timeout)
+    def _arm_idle(self, live: Live) -> None:
+        deadline = idle_deadline(live.last_activity, live.spec.idle_timeout)
+        if deadline is not None:
+            self._timers.set(live.ref.id, TimerKind.IDLE, deadline)
 
-    def fire(self, name: str, kind: TimerKind) -> None:
+    def fire(self, key: int, kind: TimerKind) -> None:
         """Scheduler callback, for one due deadline. Decides and signals right here
         (no await, so a thousand due deadlines are a thousand signals in a row);
         only the database record is left to a task in our group."""
-        live = self.live.get(name)
-        if live is None:
+        live = self.live.get(key)
+        if live is None or live.exited.is_set():
             return
         reason = self._due(live, kind, self._timers.now())
         if reason is None:
@@ -562,12 +566,13 @@ class Supervisor:
 
     def _due(self, live: Live, kind: TimerKind, now: float) -> Reason | None:
         """The reason `kind` ends `live` now, or None (re-armed, or the grace SIGKILL sent)."""
+        key = live.ref.id
         match kind:
             case TimerKind.IDLE:
-                assert live.spec.idle_timeout is not None
-                deadline = live.last_activity + live.spec.idle_timeout
+                deadline = idle_deadline(live.last_activity, live.spec.idle_timeout)
+                assert deadline is not None
                 if deadline > now:  # there was activity: look again then
-                    self._timers.set(live.name, kind, deadline)
+                    self._timers.set(key, kind, deadline)
                     return None
                 return Reason.IDLE_TIMEOUT
             case TimerKind.MAX_DURATION:
@@ -577,15 +582,13 @@ class Supervisor:
                 deadline = heartbeat_deadline(live.last_beat, s.heartbeat_interval,
                                               s.heartbeat_misses)
                 if deadline > now:
-                    self._timers.set(live.name, kind, deadline)
+                    self._timers.set(key, kind, deadline)
                     return None
                 return Reason.HEARTBEAT_LOST
             case TimerKind.KILL_GRACE:
                 log.warning("grace over, killing the worker", extra=ctx(sandbox=live.name))
                 self._kill_group(live)
                 return None
-            case _:
-                assert_never(kind)
 
     def _timer_detail(self, live: Live, reason: Reason) -> str:
         if reason is Reason.IDLE_TIMEOUT:
@@ -600,41 +603,34 @@ class Supervisor:
 
     # --- observing --------------------------------------------------------------------
 
-    async def logs(self, name: str, *, offset: int | None, tail: int | None, limit: int,
+    async def logs(self, ref: SandboxRef, *, offset: int | None, tail: int | None, limit: int,
                    wait: float | None) -> LogChunk:
-        path = log_path(self.log_dir, name)
+        path = log_path(self.log_dir, ref.id)
         read = functools.partial(read_log, path, offset=offset, tail=tail, limit=limit)
         chunk = await anyio.to_thread.run_sync(read)
-        live = self.live.get(name)
-        if chunk.data or not wait or tail is not None or live is None:
+        live = self.live.get(ref.id)
+        if chunk.data or not wait or tail is not None or live is None or live.exited.is_set():
             return chunk
         output = live.output
         with anyio.move_on_after(wait):
             await output.wait()
         return await anyio.to_thread.run_sync(read)
 
-    def metrics(self, name: str) -> procfs.Usage:
-        live = self.live.get(name)
-        usage = procfs.usage(live.pid) if live is not None else None
+    def metrics(self, ref: SandboxRef) -> tuple[int, procfs.Usage]:
+        """(pid, usage) of the running worker. Read only while the worker is unreaped,
+        on the event loop that alone reaps it: the pid cannot belong to anyone else."""
+        live = self.live.get(ref.id)
+        usage = None
+        if live is not None and not live.reaped:
+            usage = procfs.usage(live.pid)
         if live is None or usage is None:
-            raise Conflict(f"sandbox {name!r} is not running", data={"sandbox": name})
-        return usage
-
-    def pid_of(self, name: str) -> int | None:
-        live = self.live.get(name)
-        return live.pid if live is not None else None
+            raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
+        return live.pid, usage
 
 
-def vm_identity(owner_uid: int) -> tuple[int | None, int | None, list[int] | None]:
-    """(uid, gid, groups) a sandbox's VM runs as: its owner's, looked up now, unless the
-    owner is root or the daemon's own uid (then the worker keeps the daemon's)."""
-    if owner_uid in (0, os.getuid()):
-        return None, None, None
-    try:
-        entry = pwd.getpwuid(owner_uid)
-    except KeyError:
-        return owner_uid, owner_uid, []  # no passwd entry: its own number, no groups
-    return owner_uid, entry.pw_gid, sorted(os.getgrouplist(entry.pw_name, entry.pw_gid))
+def _share(info: SandboxInfo) -> Share:
+    assert info.spec is not None
+    return Share(info.owner_uid, info.spec.vcpus, info.spec.memory_mib)
 
 
 async def _first(*waits: Callable[[], Awaitable[object]]) -> None:
@@ -645,10 +641,3 @@ async def _first(*waits: Callable[[], Awaitable[object]]) -> None:
             tg.cancel_scope.cancel()
         for wait in waits:
             tg.start_soon(one, wait)
-
-
-def _signame(num: int) -> str:
-    try:
-        return signal_mod.Signals(num).name
-    except ValueError:
-        return f"signal {num}"

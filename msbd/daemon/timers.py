@@ -2,18 +2,18 @@
 
 How it works
 ------------
-`Deadlines` holds at most one absolute monotonic deadline per (sandbox name,
-`TimerKind`). Setting a key again replaces its deadline (every console write
-moves IDLE later); the old heap entry is left in place and skipped when it
-surfaces (lazy invalidation), and the heap is rebuilt from the live entries
-once stale entries outnumber them. So set, cancel and pop are O(log n)
-amortised for thousands of sandboxes. A deadline fires once: `pop_due`
-removes it. Ties fire in the order they were set. Nothing here reads a
-clock: every method takes the numbers.
+`Deadlines` holds at most one absolute monotonic deadline per (key,
+`TimerKind`); the daemon's key is the sandbox id. Setting a key again replaces
+its deadline (every console write moves IDLE later); the old heap entry is
+left in place and skipped when it surfaces (lazy invalidation), and the heap
+is rebuilt from the live entries once stale entries outnumber them. So set,
+cancel and pop are O(log n) amortised for thousands of sandboxes. A
+deadline fires once: `pop_due` removes it. Ties fire in the order they were
+set. Nothing here reads a clock: every method takes the numbers.
 
 `Scheduler` is the I/O shell: one task waits until the earliest deadline or
 until a new deadline earlier than the one it waits for is set, then pops
-everything due by its clock and calls `fire(name, kind)` for each. It never
+everything due by its clock and calls `fire(key, kind)` for each. It never
 fires early: a deadline fires only once `clock() >= deadline`.
 """
 
@@ -26,8 +26,8 @@ import heapq
 import math
 import statistics
 import time
-from collections.abc import Awaitable, Callable
-from typing import Final, NamedTuple
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Final, NamedTuple
 
 import anyio
 import anyio.abc
@@ -44,8 +44,12 @@ class TimerKind(enum.StrEnum):
     """The grace after SIGTERM is over: the worker gets SIGKILL."""
 
 
+Key = Hashable
+"""Whose deadline: any hashable value (the daemon uses sandbox ids)."""
+
+
 class Due(NamedTuple):
-    name: str
+    key: Key
     kind: TimerKind
     deadline: float
 
@@ -97,17 +101,17 @@ def _check_timeout(what: str, timeout: float) -> None:
 
 # --- the pure core --------------------------------------------------------------
 
-_Key = tuple[str, TimerKind]
+_Slot = tuple[Key, TimerKind]
 _MIN_COMPACT: Final = 64
 
 
 class Deadlines:
-    """At most one deadline per (name, kind), earliest first. No clock, no I/O."""
+    """At most one deadline per (key, kind), earliest first. No clock, no I/O."""
 
     def __init__(self) -> None:
         # Live deadlines: key -> (deadline, seq); a heap entry is live iff its seq matches.
-        self._live: dict[_Key, tuple[float, int]] = {}
-        self._heap: list[tuple[float, int, str, TimerKind]] = []
+        self._live: dict[_Slot, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, Key, TimerKind]] = []
         self._seq = 0
 
     def __len__(self) -> int:
@@ -118,28 +122,28 @@ class Deadlines:
         """Heap entries held, live and stale: never more than `max(2 * len(self), 64)`."""
         return len(self._heap)
 
-    def set(self, name: str, kind: TimerKind, deadline: float) -> None:
-        """Set (or move, earlier or later) the deadline of (name, kind)."""
+    def set(self, key: Key, kind: TimerKind, deadline: float) -> None:
+        """Set (or move, earlier or later) the deadline of (key, kind)."""
         if math.isnan(deadline):
             raise ValueError("a deadline cannot be NaN")
         self._seq += 1
-        self._live[name, kind] = (deadline, self._seq)
-        heapq.heappush(self._heap, (deadline, self._seq, name, kind))
+        self._live[key, kind] = (deadline, self._seq)
+        heapq.heappush(self._heap, (deadline, self._seq, key, kind))
         self._maybe_compact()
 
-    def cancel(self, name: str, kind: TimerKind) -> None:
-        """Forget the deadline of (name, kind), if any."""
-        if self._live.pop((name, kind), None) is not None:
+    def cancel(self, key: Key, kind: TimerKind) -> None:
+        """Forget the deadline of (key, kind), if any."""
+        if self._live.pop((key, kind), None) is not None:
             self._maybe_compact()
 
-    def cancel_all(self, name: str) -> None:
-        """Forget every deadline of sandbox `name`."""
+    def cancel_all(self, key: Key) -> None:
+        """Forget every deadline of `key`."""
         for kind in TimerKind:
-            self._live.pop((name, kind), None)
+            self._live.pop((key, kind), None)
         self._maybe_compact()
 
-    def get(self, name: str, kind: TimerKind) -> float | None:
-        live = self._live.get((name, kind))
+    def get(self, key: Key, kind: TimerKind) -> float | None:
+        live = self._live.get((key, kind))
         return None if live is None else live[0]
 
     def next_deadline(self) -> float | None:
@@ -152,19 +156,19 @@ class Deadlines:
         due: list[Due] = []
         heap, live = self._heap, self._live
         while heap and heap[0][0] <= now:
-            deadline, seq, name, kind = heapq.heappop(heap)
-            current = live.get((name, kind))
+            deadline, seq, key, kind = heapq.heappop(heap)
+            current = live.get((key, kind))
             if current is not None and current[1] == seq:
-                del live[name, kind]
-                due.append(Due(name, kind, deadline))
+                del live[key, kind]
+                due.append(Due(key, kind, deadline))
         self._maybe_compact()
         return due
 
     def _drop_stale_top(self) -> None:
         heap, live = self._heap, self._live
         while heap:
-            _, seq, name, kind = heap[0]
-            current = live.get((name, kind))
+            _, seq, key, kind = heap[0]
+            current = live.get((key, kind))
             if current is not None and current[1] == seq:
                 return
             heapq.heappop(heap)
@@ -173,13 +177,13 @@ class Deadlines:
         # Stale entries outnumber live ones: rebuild from the live set (O(n),
         # after at least n stale operations, so O(1) amortised).
         if len(self._heap) > _MIN_COMPACT and len(self._heap) > 2 * len(self._live):
-            self._heap = [(d, seq, name, kind) for (name, kind), (d, seq) in self._live.items()]
+            self._heap = [(d, seq, key, kind) for (key, kind), (d, seq) in self._live.items()]
             heapq.heapify(self._heap)
 
 
 # --- the async shell ------------------------------------------------------------
 
-Fire = Callable[[str, TimerKind], Awaitable[None] | None]
+Fire = Callable[[Any, TimerKind], Awaitable[None] | None]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -223,26 +227,26 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._deadlines)
 
-    def set(self, name: str, kind: TimerKind, deadline: float) -> None:
+    def set(self, key: Key, kind: TimerKind, deadline: float) -> None:
         """Set or move a deadline; wakes the loop only if it now has to fire sooner."""
-        self._deadlines.set(name, kind, deadline)
+        self._deadlines.set(key, kind, deadline)
         if deadline < self._waiting_for and self._changed is not None:
             self._changed.set()
 
-    def cancel(self, name: str, kind: TimerKind) -> None:
-        self._deadlines.cancel(name, kind)
+    def cancel(self, key: Key, kind: TimerKind) -> None:
+        self._deadlines.cancel(key, kind)
 
-    def cancel_all(self, name: str) -> None:
-        self._deadlines.cancel_all(name)
+    def cancel_all(self, key: Key) -> None:
+        self._deadlines.cancel_all(key)
 
-    def get(self, name: str, kind: TimerKind) -> float | None:
-        return self._deadlines.get(name, kind)
+    def get(self, key: Key, kind: TimerKind) -> float | None:
+        return self._deadlines.get(key, kind)
 
     async def run(self, fire: Fire, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Fire deadlines as they fall due, until cancelled.
 
-        `fire(name, kind)` is called once per due deadline, in deadline order,
+        `fire(key, kind)` is called once per due deadline, in deadline order,
         from this task. It must not block: it should record the fact or start
         the work in a task group its caller owns (`tg.start_soon`). If it
         returns an awaitable, that is awaited before the next deadline fires.
@@ -256,7 +260,7 @@ class Scheduler:
             while True:
                 for due in self._deadlines.pop_due(self._clock()):
                     self._record(self._clock() - due.deadline)
-                    result = fire(due.name, due.kind)
+                    result = fire(due.key, due.kind)
                     if result is not None:
                         await result
                 # No await from here to the wait: a `set` cannot slip between.

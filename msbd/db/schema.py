@@ -26,6 +26,19 @@ Schema decisions (version 1):
 - No `STRICT` tables and no CHECK on state values: both would tie the file to
   newer SQLite or force a table rebuild to add a state. Values are checked
   when the store decodes them.
+
+Version 2: every sandbox gets an immutable `id` (AUTOINCREMENT, never reused),
+and everything that acts on a record names it by id: a call that read
+sandbox `x` and then waited can never act on a newer sandbox that took the
+name meanwhile. `runs` reference the sandbox id; `events` carry it. The
+owner's gid and supplementary groups, as the kernel gave them when the
+sandbox was created (`SO_PEERCRED`, `SO_PEERGROUPS`), are recorded with it:
+path checks and the VM use exactly those (NULL for rows from version 1,
+which fall back to the user database). SQLite cannot add a primary key to a
+table, so `sandboxes` and `runs` are rebuilt; foreign keys are off while
+migrations run (see `store.open_store`), so the old tables can be dropped
+in any order. The highest run id ever used is carried over, so run ids are
+never reused either.
 """
 
 from __future__ import annotations
@@ -88,6 +101,65 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
             detail      TEXT
         )
         """,
+    )),
+    Migration(2, (
+        """
+        CREATE TABLE sandboxes_v2 (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            name         TEXT NOT NULL UNIQUE,
+            owner_uid    INTEGER NOT NULL,
+            owner_gid    INTEGER,                  -- NULL: created before version 2
+            owner_groups TEXT,                     -- JSON list of gids, or NULL
+            state        TEXT NOT NULL,
+            spec         BLOB NOT NULL,
+            labels       TEXT NOT NULL CHECK (json_type(labels) = 'object'),
+            created_at   REAL NOT NULL,
+            updated_at   REAL NOT NULL,
+            current_run  INTEGER
+        )
+        """,
+        """
+        INSERT INTO sandboxes_v2 (name, owner_uid, state, spec, labels, created_at,
+                                  updated_at, current_run)
+        SELECT name, owner_uid, state, spec, labels, created_at, updated_at, current_run
+        FROM sandboxes ORDER BY created_at, name
+        """,
+        """
+        CREATE TABLE runs_v2 (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            sandbox_id  INTEGER NOT NULL REFERENCES sandboxes (id) ON DELETE CASCADE,
+            pid         INTEGER,
+            proc_start  INTEGER,
+            boot_id     TEXT,
+            started_at  REAL NOT NULL,
+            ended_at    REAL,
+            reason      TEXT,
+            exit_code   INTEGER,
+            signal      INTEGER,
+            detail      TEXT
+        )
+        """,
+        # Never reuse a run id, even one whose rows were removed.
+        """
+        INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'runs_v2', seq FROM sqlite_sequence WHERE name = 'runs'
+        """,
+        """
+        INSERT INTO runs_v2 (id, sandbox_id, pid, proc_start, boot_id, started_at, ended_at,
+                             reason, exit_code, signal, detail)
+        SELECT r.id, s.id, r.pid, r.proc_start, r.boot_id, r.started_at, r.ended_at,
+               r.reason, r.exit_code, r.signal, r.detail
+        FROM runs AS r JOIN sandboxes_v2 AS s ON s.name = r.sandbox
+        """,
+        "DROP TABLE runs",
+        "DROP TABLE sandboxes",
+        "ALTER TABLE sandboxes_v2 RENAME TO sandboxes",
+        "ALTER TABLE runs_v2 RENAME TO runs",
+        "CREATE INDEX sandboxes_by_state ON sandboxes (state)",
+        "CREATE INDEX sandboxes_by_owner ON sandboxes (owner_uid, id)",
+        "CREATE INDEX runs_by_sandbox ON runs (sandbox_id)",
+        "ALTER TABLE events ADD COLUMN sandbox_id INTEGER",
+        "CREATE INDEX events_by_owner ON events (owner_uid, seq)",
     )),
 )
 

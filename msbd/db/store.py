@@ -5,25 +5,33 @@ the daemon's tasks. Every change is one short `BEGIN IMMEDIATE … COMMIT` that
 also appends its event, so a state and its event are never seen apart. Writes
 take `now` (unix seconds) from the caller; the store never reads the clock.
 
+Records are named by their immutable id (`SandboxRef`) in every write: a
+caller that read sandbox `x`, waited, then acts, acts on that record or gets
+`NotFound`, never on a newer sandbox that took the name meanwhile. Only
+`get_sandbox` and `create_sandbox` take a name.
+
 Concurrency: all statements on one connection share its transaction, so a read
 made while another task is between BEGIN and COMMIT would see uncommitted rows
 (and a write would join that transaction). An `anyio.Lock` therefore
 serialises every operation, reads included; each holds it for one statement
-(reads) or a handful (writes). A second, read-only connection would avoid
-that, at the price of "one connection".
+(reads) or a handful (writes).
 
 Cancellation: a write transaction that has begun runs to COMMIT or ROLLBACK in
 a shielded scope (bounded by `busy_timeout`): a cancelled caller never leaves
 the shared connection inside a half-done transaction, though its change may
 have landed. sqlite3 errors become `StoreError` here, once.
+
+One unreadable row (see `records`) fails only a call about that sandbox:
+lists and counts skip it, log it once, and keep it in `unreadable` for admins.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -33,20 +41,40 @@ import anyio
 import msgspec
 
 from msbd.db import schema
-from msbd.errors import Conflict, NotFound, StoreError
-from msbd.model import LIVE_STATES, Event, LaunchSpec, Reason, RunInfo, SandboxInfo, State
+from msbd.db.records import (
+    ENCODER,
+    EVENT_SELECT,
+    INSERT_EVENT,
+    SANDBOX_COLUMNS,
+    SANDBOX_FROM,
+    SANDBOX_SELECT,
+    STATES,
+    Row,
+    Unreadable,
+    event_row,
+    event_values,
+    owner_row,
+    sandbox_row,
+    utc,
+)
+from msbd.errors import Conflict, LimitReached, NotFound, StoreError
+from msbd.model import LIVE_STATES, Event, LaunchSpec, Owner, Reason, SandboxInfo, SandboxRef, State
 
 __all__ = ["LiveRun", "OnEvent", "RunEnd", "Store", "open_store"]
 
-_Row = Sequence[Any]  # a raw sqlite3 row (a tuple): the untyped edge
+log = logging.getLogger("msbd.store")
+
 OnEvent = Callable[[Event, int], None]
 """Called with each committed event and its sandbox's owner uid, in `seq` order."""
 
-_SPEC_DECODER: Final = msgspec.json.Decoder(LaunchSpec)
-_ENCODER: Final = msgspec.json.Encoder()
-_STATES: Final = {s.value: s for s in State}
-_REASONS: Final = {r.value: r for r in Reason}
-_UTC: Final = dt.UTC
+_LIVE_VALUES: Final = tuple(sorted(s.value for s in LIVE_STATES))
+_LIVE_SELECT: Final = f"""
+SELECT s.id, s.name, r.id, s.state, r.pid, r.proc_start, r.boot_id, r.started_at
+FROM sandboxes AS s JOIN runs AS r ON r.id = s.current_run
+WHERE s.state IN ({", ".join("?" * len(_LIVE_VALUES))}) ORDER BY r.id
+"""
+_END_RUN: Final = ("UPDATE runs SET ended_at = ?, reason = ?, exit_code = ?, signal = ?,"
+                   " detail = ? WHERE id = ?")
 
 
 class RunEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -57,11 +85,15 @@ class RunEnd(msgspec.Struct, frozen=True, kw_only=True):
     signal: int | None = None
     detail: str | None = None
 
+    def values(self, now: float, run_id: int) -> tuple[Any, ...]:
+        """The parameters of `_END_RUN`."""
+        return (now, self.reason.value, self.exit_code, self.signal, self.detail, run_id)
+
 
 class LiveRun(msgspec.Struct, frozen=True, kw_only=True):
     """A run the database believes alive: what restart reconciliation checks."""
 
-    name: str
+    ref: SandboxRef
     run_id: int
     state: State
     pid: int | None
@@ -70,66 +102,8 @@ class LiveRun(msgspec.Struct, frozen=True, kw_only=True):
     started_at: dt.datetime
 
 
-# --- rows to records -------------------------------------------------------------
-
-_SANDBOX_SELECT: Final = """
-SELECT s.name, s.state, s.owner_uid, s.spec, s.created_at, s.updated_at,
-       r.id, r.pid, r.started_at, r.ended_at, r.reason, r.exit_code, r.signal, r.detail
-FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run
-"""
-_EVENT_SELECT: Final = """
-SELECT seq, time, sandbox, state, run_id, reason, exit_code, signal, detail FROM events
-"""
-_INSERT_EVENT: Final = """
-INSERT INTO events (time, sandbox, owner_uid, state, run_id, reason, exit_code, signal, detail)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-
-_LIVE_VALUES: Final = tuple(sorted(s.value for s in LIVE_STATES))
-_LIVE_SELECT: Final = f"""
-SELECT s.name, r.id, s.state, r.pid, r.proc_start, r.boot_id, r.started_at
-FROM sandboxes AS s JOIN runs AS r ON r.id = s.current_run
-WHERE s.state IN ({", ".join("?" * len(_LIVE_VALUES))}) ORDER BY r.id
-"""
-
-
-def _time(value: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(value, _UTC)
-
-
-def _sandbox(row: _Row) -> SandboxInfo:
-    (name, state, owner_uid, spec_json, created_at, updated_at,
-     run_id, pid, started_at, ended_at, reason, exit_code, signal, detail) = row
-    try:
-        spec = _SPEC_DECODER.decode(spec_json)
-        run = None if run_id is None else RunInfo(
-            id=run_id, pid=pid, started_at=_time(started_at),
-            ended_at=None if ended_at is None else _time(ended_at),
-            reason=None if reason is None else _REASONS[reason],
-            exit_code=exit_code, signal=signal, detail=detail)
-        return SandboxInfo(name=name, state=_STATES[state], owner_uid=owner_uid, spec=spec,
-                           created_at=_time(created_at), updated_at=_time(updated_at),
-                           labels=spec.labels, run=run)
-    except (msgspec.DecodeError, KeyError) as exc:
-        raise StoreError(f"the record of sandbox {name!r} is unreadable: {exc}",
-                         data={"sandbox": name}) from exc
-
-
-def _event(row: _Row) -> Event:
-    seq, time, sandbox, state, run_id, reason, exit_code, signal, detail = row
-    try:
-        return Event(seq=seq, time=_time(time), sandbox=sandbox, state=_STATES[state],
-                     run_id=run_id, reason=None if reason is None else _REASONS[reason],
-                     exit_code=exit_code, signal=signal, detail=detail)
-    except KeyError as exc:
-        raise StoreError(f"event {seq} is unreadable: {exc}", data={"seq": seq}) from exc
-
-
 def _wrong_state(name: str, state: State) -> Conflict:
     return Conflict(f"sandbox {name!r} is {state}", data={"sandbox": name, "state": state.value})
-
-
-# --- the store -------------------------------------------------------------------
 
 
 class Store:
@@ -140,14 +114,13 @@ class Store:
         self._lock = anyio.Lock()
         self._on_event = on_event
         self._appended: list[tuple[Event, int]] = []  # by the transaction under way
+        self.unreadable: dict[str, str] = {}
+        """Sandboxes whose rows lists and counts skipped: name -> the problem."""
 
     async def _append(self, db: aiosqlite.Connection, now: float, owner_uid: int,
                       event: Event) -> Event:
         """Insert `event` (its `seq` is ignored); return it with the `seq` it was given."""
-        cursor = await db.execute(_INSERT_EVENT, (
-            now, event.sandbox, owner_uid, event.state.value, event.run_id,
-            None if event.reason is None else event.reason.value,
-            event.exit_code, event.signal, event.detail))
+        cursor = await db.execute(INSERT_EVENT, event_values(event, owner_uid, now))
         assert cursor.lastrowid is not None
         event = msgspec.structs.replace(event, seq=cursor.lastrowid)
         self._appended.append((event, owner_uid))
@@ -179,7 +152,7 @@ class Store:
                 for event, owner_uid in self._appended:
                     self._on_event(event, owner_uid)
 
-    async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[_Row]:
+    async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         """A one-statement read (under the lock: see the module docstring)."""
         async with self._lock:
             try:
@@ -187,55 +160,105 @@ class Store:
             except sqlite3.Error as exc:
                 raise StoreError(f"database read failed: {exc}") from exc
 
+    def _readable(self, rows: Iterable[Row]) -> list[SandboxInfo]:
+        """Decode rows, skipping (and reporting once) the ones that cannot be read."""
+        out: list[SandboxInfo] = []
+        for row in rows:
+            try:
+                out.append(sandbox_row(row))
+            except Unreadable as exc:
+                if exc.name not in self.unreadable:
+                    log.error("skipping an unreadable record: %s", exc)
+                self.unreadable[exc.name] = exc.message
+        return out
+
     @staticmethod
-    async def _select_sandbox(db: aiosqlite.Connection, name: str) -> SandboxInfo:
-        for row in await db.execute_fetchall(_SANDBOX_SELECT + "WHERE s.name = ?", (name,)):
-            return _sandbox(row)
-        raise NotFound(name)
+    async def _select(db: aiosqlite.Connection, ref: SandboxRef) -> SandboxInfo:
+        for row in await db.execute_fetchall(SANDBOX_SELECT + "WHERE s.id = ?", (ref.id,)):
+            return sandbox_row(row)
+        raise NotFound(ref.name)
 
     # --- sandboxes -----------------------------------------------------------
 
-    async def create_sandbox(self, spec: LaunchSpec, *, owner_uid: int,
-                             now: float) -> tuple[SandboxInfo, Event]:
-        """Record a new sandbox in state `created`; `Conflict` if the name is taken."""
+    async def create_sandbox(self, spec: LaunchSpec, *, owner: Owner, now: float,
+                             max_owned: int | None = None) -> tuple[SandboxInfo, Event]:
+        """Record a new sandbox in state `created`.
+
+        `Conflict` if the name is taken; `LimitReached` if `owner` already has
+        `max_owned` sandboxes (counted in the same transaction).
+        """
         name = spec.name
-        spec_json = _ENCODER.encode(spec)
-        labels_json = _ENCODER.encode(spec.labels).decode()  # TEXT, for json_each
+        spec_json = ENCODER.encode(spec)
+        labels_json = ENCODER.encode(spec.labels).decode()  # TEXT, for json_each
+        groups = None if owner.groups is None else ENCODER.encode(owner.groups).decode()
         async with self._write() as db:
+            if max_owned is not None:
+                rows = await db.execute_fetchall(
+                    "SELECT count(*) FROM sandboxes WHERE owner_uid = ?", (owner.uid,))
+                if next(iter(rows))[0] >= max_owned:
+                    raise LimitReached(
+                        f"limit reached: uid {owner.uid} has {max_owned} sandboxes "
+                        "(max_sandboxes_per_user); remove some first",
+                        data={"sandbox": name, "limit": "max_sandboxes_per_user"})
             # ON CONFLICT DO NOTHING + rowcount says "taken" without parsing error text.
             cursor = await db.execute(
-                "INSERT INTO sandboxes (name, owner_uid, state, spec, labels, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
-                (name, owner_uid, State.CREATED.value, spec_json, labels_json, now, now))
+                "INSERT INTO sandboxes (name, owner_uid, owner_gid, owner_groups, state, spec,"
+                " labels, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (name, owner.uid, owner.gid, groups, State.CREATED.value, spec_json,
+                 labels_json, now, now))
             if cursor.rowcount != 1:
                 raise Conflict(f"sandbox {name!r} already exists", data={"sandbox": name})
-            created = _time(now)
-            event = await self._append(db, now, owner_uid, Event(
-                seq=0, time=created, sandbox=name, state=State.CREATED))
-        info = SandboxInfo(name=name, state=State.CREATED, owner_uid=owner_uid, spec=spec,
-                           created_at=created, updated_at=created, labels=spec.labels)
+            assert cursor.lastrowid is not None
+            sandbox_id = cursor.lastrowid
+            created = utc(now)
+            event = await self._append(db, now, owner.uid, Event(
+                seq=0, time=created, sandbox=name, sandbox_id=sandbox_id, state=State.CREATED))
+        info = SandboxInfo(id=sandbox_id, name=name, state=State.CREATED, owner_uid=owner.uid,
+                           spec=spec, created_at=created, updated_at=created, labels=spec.labels)
         return info, event
 
     async def get_sandbox(self, name: str) -> SandboxInfo:
-        for row in await self._fetch(_SANDBOX_SELECT + "WHERE s.name = ?", (name,)):
-            return _sandbox(row)
+        for row in await self._fetch(SANDBOX_SELECT + "WHERE s.name = ?", (name,)):
+            return sandbox_row(row)
         raise NotFound(name)
+
+    async def get(self, ref: SandboxRef) -> SandboxInfo:
+        """The record `ref` names; `NotFound` if it is gone (even if its name is reused)."""
+        for row in await self._fetch(SANDBOX_SELECT + "WHERE s.id = ?", (ref.id,)):
+            return sandbox_row(row)
+        raise NotFound(ref.name)
 
     async def list_sandboxes(self, *, state: State | None = None,
                              label: tuple[str, str] | None = None,
-                             owner_uid: int | None = None) -> list[SandboxInfo]:
-        """Sandboxes matching every filter given, oldest first (then by name)."""
+                             owner_uid: int | None = None, after: int = 0,
+                             limit: int | None = None, with_spec: bool = True,
+                             ) -> list[SandboxInfo]:
+        """Sandboxes matching every filter given, by id (creation order) after `after`."""
         filters = [  # fixed SQL with placeholders; values only ever go in as parameters
+            ("s.id > ?", (after,)),
             ("s.state = ?", None if state is None else (state.value,)),
             ("EXISTS (SELECT 1 FROM json_each(s.labels) WHERE key = ? AND value = ?)", label),
             ("s.owner_uid = ?", None if owner_uid is None else (owner_uid,))]
         used = [(sql, args) for sql, args in filters if args is not None]
-        where = " AND ".join(["TRUE", *(sql for sql, _ in used)])
-        rows = await self._fetch(f"{_SANDBOX_SELECT} WHERE {where} ORDER BY s.created_at, s.name",
-                                 [arg for _, args in used for arg in args])
-        return [_sandbox(row) for row in rows]
+        where = " AND ".join(sql for sql, _ in used)
+        params: list[Any] = [arg for _, args in used for arg in args]
+        sql = ("SELECT" + SANDBOX_COLUMNS.format(spec="s.spec" if with_spec else "NULL")
+               + SANDBOX_FROM + f"WHERE {where} ORDER BY s.id")
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return self._readable(await self._fetch(sql, params))
 
-    async def remove_sandbox(self, name: str, *, now: float,
+    async def owner(self, ref: SandboxRef) -> Owner:
+        """Who owns `ref`, with the gid and groups recorded when it was created."""
+        rows = await self._fetch(
+            "SELECT owner_uid, owner_gid, owner_groups FROM sandboxes WHERE id = ?", (ref.id,))
+        for uid, gid, groups in rows:
+            return owner_row(uid, gid, groups)
+        raise NotFound(ref.name)
+
+    async def remove_sandbox(self, ref: SandboxRef, *, now: float,
                              expect: Collection[State] | None = None,
                              ) -> tuple[SandboxInfo, Event]:
         """Delete a sandbox and its runs; return what it was.
@@ -246,39 +269,109 @@ class Store:
         run's record goes too: stop its worker first.
         """
         async with self._write() as db:
-            info = await self._select_sandbox(db, name)
-            if expect is not None and info.state not in expect:
-                raise _wrong_state(name, info.state)
-            await db.execute("DELETE FROM sandboxes WHERE name = ?", (name,))
-            event = await self._append(db, now, info.owner_uid, Event(
-                seq=0, time=_time(now), sandbox=name, state=info.state,
-                run_id=None if info.run is None else info.run.id, detail="removed"))
+            rows = list(await db.execute_fetchall(
+                "SELECT owner_uid, state, current_run, created_at, updated_at"
+                " FROM sandboxes WHERE id = ?", (ref.id,)))
+            if not rows:
+                raise NotFound(ref.name)
+            owner_uid, state_value, run_id, created_at, updated_at = rows[0]
+            state = STATES.get(state_value, State.STOPPED)
+            if expect is not None and state_value not in {s.value for s in expect}:
+                raise Conflict(f"sandbox {ref.name!r} is {state_value}",
+                               data={"sandbox": ref.name, "state": state_value})
+            try:
+                info = await self._select(db, ref)
+            except Unreadable:  # an unreadable record can still be removed
+                info = SandboxInfo(id=ref.id, name=ref.name, state=state, owner_uid=owner_uid,
+                                   created_at=utc(created_at), updated_at=utc(updated_at),
+                                   labels={})
+            await db.execute("DELETE FROM sandboxes WHERE id = ?", (ref.id,))
+            event = await self._append(db, now, owner_uid, Event(
+                seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=state,
+                run_id=run_id, detail="removed"))
+        self.unreadable.pop(ref.name, None)
         return info, event
 
-    async def transition(self, name: str, to: State, *, now: float, expect: Collection[State],
-                         start_run: bool = False, pid: int | None = None,
-                         proc_start: int | None = None, boot_id: str | None = None,
-                         end: RunEnd | None = None, detail: str | None = None,
-                         ) -> tuple[SandboxInfo, Event]:
+    async def begin_run(self, ref: SandboxRef, *, now: float,
+                        expect: Collection[State]) -> tuple[SandboxInfo, Owner]:
+        """Open a new run and move the sandbox to `starting`, from a state in `expect`.
+
+        Returns the record as read inside that same transaction, with its
+        owner: what gets launched is exactly what this transaction saw.
+        """
+        async with self._write() as db:
+            info, _ = await self._transition(db, ref, State.STARTING, now=now, expect=expect,
+                                             start_run=True)
+            rows = await db.execute_fetchall(
+                "SELECT owner_uid, owner_gid, owner_groups FROM sandboxes WHERE id = ?",
+                (ref.id,))
+            uid, gid, groups = next(iter(rows))
+        return info, owner_row(uid, gid, groups)
+
+    async def transition(self, ref: SandboxRef, to: State, *, now: float,
+                         expect: Collection[State], end: RunEnd | None = None,
+                         detail: str | None = None) -> tuple[SandboxInfo, Event]:
         """Move a sandbox to `to` in one transaction and record one event.
 
-        `Conflict` unless the current state is in `expect`. `start_run` opens a
-        new run (started at `now`) and makes it current; otherwise `pid`,
-        `proc_start`, `boot_id` (when given) update the current run. `end`
-        closes the current run at `now`. The event's `detail` is `detail`, or
-        else `end.detail`.
+        `Conflict` unless the current state is in `expect`. `end` closes the
+        current run at `now`. The event's `detail` is `detail`, or else
+        `end.detail`.
 
         Invariant, checked before anything is written (`StoreError` if broken,
         a caller's bug): a sandbox in a live state (starting, running,
         stopping) has an open current run, and one in any other state has none.
         """
         async with self._write() as db:
-            return await self._transition(
-                db, name, to, now=now, expect=expect, start_run=start_run, pid=pid,
-                proc_start=proc_start, boot_id=boot_id, end=end, detail=detail)
+            return await self._transition(db, ref, to, now=now, expect=expect, end=end,
+                                          detail=detail)
 
-    async def end_runs(self, ends: Iterable[tuple[str, RunEnd]], *, now: float,
-                       to: State = State.STOPPED) -> list[tuple[SandboxInfo, Event]]:
+    async def _transition(self, db: aiosqlite.Connection, ref: SandboxRef, to: State, *,
+                          now: float, expect: Collection[State], start_run: bool = False,
+                          end: RunEnd | None = None, detail: str | None = None,
+                          ) -> tuple[SandboxInfo, Event]:
+        """`transition`'s work, inside the caller's transaction."""
+        rows = list(await db.execute_fetchall(
+            "SELECT s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
+            " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
+            " WHERE s.id = ?", (ref.id,)))
+        if not rows:
+            raise NotFound(ref.name)
+        state_value, owner_uid, run_id, run_open = rows[0]
+        state = STATES[state_value]
+        if state not in expect:
+            raise _wrong_state(ref.name, state)
+        run_open = run_id is not None and bool(run_open)
+        problem = None
+        if start_run and run_open:
+            problem = f"run {run_id} is still open"
+        elif not start_run and end is not None and not run_open:
+            problem = "there is no open run to end"
+        elif (to in LIVE_STATES) != ((start_run or run_open) and end is None):
+            problem = (f"a {to} sandbox must have an open run" if to in LIVE_STATES
+                       else f"a {to} sandbox must not have an open run")
+        if problem is not None:
+            raise StoreError(f"cannot move sandbox {ref.name!r} from {state} to {to}: {problem}",
+                             data={"sandbox": ref.name, "state": state.value, "to": to.value})
+        if start_run:
+            cursor = await db.execute(
+                "INSERT INTO runs (sandbox_id, started_at) VALUES (?, ?)", (ref.id, now))
+            run_id = cursor.lastrowid
+        if end is not None:
+            await db.execute(_END_RUN, end.values(now, run_id))
+        await db.execute(
+            "UPDATE sandboxes SET state = ?, updated_at = ?, current_run = ? WHERE id = ?",
+            (to.value, now, run_id, ref.id))
+        event = Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
+                      run_id=run_id, detail=detail)
+        if end is not None:
+            event = msgspec.structs.replace(
+                event, reason=end.reason, exit_code=end.exit_code, signal=end.signal,
+                detail=end.detail if detail is None else detail)
+        event = await self._append(db, now, owner_uid, event)
+        return await self._select(db, ref), event
+
+    async def end_runs(self, ends: Iterable[tuple[SandboxRef, RunEnd]], *, now: float,
+                       to: State = State.STOPPED) -> list[Event]:
         """End the current run of each named live sandbox and move it to `to`.
 
         All in one transaction (restart reconciliation: all or nothing), one
@@ -289,52 +382,44 @@ class Store:
         todo = list(ends)
         if not todo:
             return []
-        names = [name for name, _ in todo]
-        wanted = _ENCODER.encode(names).decode()
+        wanted = ENCODER.encode([ref.id for ref, _ in todo]).decode()
         async with self._write() as db:
             rows = await db.execute_fetchall(
-                "SELECT s.name, s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
+                "SELECT s.id, s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
                 " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
-                " WHERE s.name IN (SELECT value FROM json_each(?))", (wanted,))
+                " WHERE s.id IN (SELECT value FROM json_each(?))", (wanted,))
             found = {row[0]: row for row in rows}
-            for name in names:
-                if name not in found:
-                    raise NotFound(name)
-                _, state_value, _, run_id, run_open = found[name]
-                if _STATES[state_value] not in LIVE_STATES:
-                    raise _wrong_state(name, _STATES[state_value])
+            for ref, _ in todo:
+                if ref.id not in found:
+                    raise NotFound(ref.name)
+                _, state_value, _, run_id, run_open = found[ref.id]
+                if STATES[state_value] not in LIVE_STATES:
+                    raise _wrong_state(ref.name, STATES[state_value])
                 if run_id is None or not run_open:
-                    raise StoreError(f"cannot end the run of {name!r}: it has no open run",
-                                     data={"sandbox": name})
+                    raise StoreError(f"cannot end the run of {ref.name!r}: it has no open run",
+                                     data={"sandbox": ref.name})
+            await db.executemany(_END_RUN, [end.values(now, found[ref.id][3])
+                                            for ref, end in todo])
             await db.executemany(
-                "UPDATE runs SET ended_at = ?, reason = ?, exit_code = ?, signal = ?,"
-                " detail = ? WHERE id = ?",
-                [(now, end.reason.value, end.exit_code, end.signal, end.detail, found[name][3])
-                 for name, end in todo])
-            await db.executemany(
-                "UPDATE sandboxes SET state = ?, updated_at = ? WHERE name = ?",
-                [(to.value, now, name) for name in names])
-            events = [Event(seq=0, time=_time(now), sandbox=name, state=to,
-                            run_id=found[name][3], reason=end.reason, exit_code=end.exit_code,
-                            signal=end.signal, detail=end.detail) for name, end in todo]
+                "UPDATE sandboxes SET state = ?, updated_at = ? WHERE id = ?",
+                [(to.value, now, ref.id) for ref, _ in todo])
+            events = [Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
+                            run_id=found[ref.id][3], reason=end.reason, exit_code=end.exit_code,
+                            signal=end.signal, detail=end.detail) for ref, end in todo]
+            owners = [found[ref.id][2] for ref, _ in todo]
             before = await db.execute_fetchall(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'events'")
             first = (next(iter(before))[0] if before else 0) + 1
-            await db.executemany(_INSERT_EVENT, [
-                (now, e.sandbox, found[e.sandbox][2], e.state.value, e.run_id,
-                 None if e.reason is None else e.reason.value, e.exit_code, e.signal, e.detail)
-                for e in events])
+            await db.executemany(INSERT_EVENT, [event_values(e, owner, now)
+                                                for e, owner in zip(events, owners, strict=True)])
             # One writer inside BEGIN IMMEDIATE: AUTOINCREMENT gave consecutive numbers.
             events = [msgspec.structs.replace(e, seq=first + i) for i, e in enumerate(events)]
-            self._appended.extend((e, found[e.sandbox][2]) for e in events)
-            infos = {info.name: info for info in map(_sandbox, await db.execute_fetchall(
-                _SANDBOX_SELECT + "WHERE s.name IN (SELECT value FROM json_each(?))",
-                (wanted,)))}
-        return [(infos[e.sandbox], e) for e in events]
+            self._appended.extend(zip(events, owners, strict=True))
+        return events
 
-    async def set_run_process(self, name: str, run_id: int, *, pid: int,
+    async def set_run_process(self, ref: SandboxRef, run_id: int, *, pid: int,
                               proc_start: int | None, boot_id: str | None) -> None:
-        """Record which process run `run_id` of `name` is, once it is spawned.
+        """Record which process run `run_id` of `ref` is, once it is spawned.
 
         Not a state change, so no event. The run may have ended already (the
         worker died at once); its record still gets the pid. `NotFound` if the
@@ -343,82 +428,33 @@ class Store:
         async with self._write() as db:
             cursor = await db.execute(
                 "UPDATE runs SET pid = ?, proc_start = ?, boot_id = ?"
-                " WHERE id = ? AND sandbox = ?", (pid, proc_start, boot_id, run_id, name))
+                " WHERE id = ? AND sandbox_id = ?", (pid, proc_start, boot_id, run_id, ref.id))
             if cursor.rowcount != 1:
-                raise NotFound(name)
+                raise NotFound(ref.name)
 
-    async def _transition(self, db: aiosqlite.Connection, name: str, to: State, *, now: float,
-                          expect: Collection[State], start_run: bool = False,
-                          pid: int | None = None, proc_start: int | None = None,
-                          boot_id: str | None = None, end: RunEnd | None = None,
-                          detail: str | None = None) -> tuple[SandboxInfo, Event]:
-        """`transition`'s work, inside the caller's transaction."""
-        rows = list(await db.execute_fetchall(
-            "SELECT s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
-            " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
-            " WHERE s.name = ?", (name,)))
-        if not rows:
-            raise NotFound(name)
-        state_value, owner_uid, run_id, run_open = rows[0]
-        state = _STATES[state_value]
-        if state not in expect:
-            raise _wrong_state(name, state)
-        run_open = run_id is not None and bool(run_open)
-        updates_run = pid is not None or proc_start is not None or boot_id is not None
-        problem = None
-        if start_run and run_open:
-            problem = f"run {run_id} is still open"
-        elif not start_run and (updates_run or end is not None) and not run_open:
-            problem = "there is no open run to update"
-        elif (to in LIVE_STATES) != ((start_run or run_open) and end is None):
-            problem = (f"a {to} sandbox must have an open run" if to in LIVE_STATES
-                       else f"a {to} sandbox must not have an open run")
-        if problem is not None:
-            raise StoreError(f"cannot move sandbox {name!r} from {state} to {to}: {problem}",
-                             data={"sandbox": name, "state": state.value, "to": to.value})
-
-        if start_run:
-            cursor = await db.execute(
-                "INSERT INTO runs (sandbox, pid, proc_start, boot_id, started_at)"
-                " VALUES (?, ?, ?, ?, ?)", (name, pid, proc_start, boot_id, now))
-            run_id = cursor.lastrowid
-        elif updates_run:
-            await db.execute(
-                "UPDATE runs SET pid = coalesce(?, pid), proc_start = coalesce(?, proc_start),"
-                " boot_id = coalesce(?, boot_id) WHERE id = ?",
-                (pid, proc_start, boot_id, run_id))
-        if end is not None:
-            await db.execute(
-                "UPDATE runs SET ended_at = ?, reason = ?, exit_code = ?, signal = ?,"
-                " detail = ? WHERE id = ?",
-                (now, end.reason.value, end.exit_code, end.signal, end.detail, run_id))
-        await db.execute(
-            "UPDATE sandboxes SET state = ?, updated_at = ?, current_run = ? WHERE name = ?",
-            (to.value, now, run_id, name))
-        event = Event(seq=0, time=_time(now), sandbox=name, state=to, run_id=run_id,
-                      detail=detail)
-        if end is not None:
-            event = msgspec.structs.replace(
-                event, reason=end.reason, exit_code=end.exit_code, signal=end.signal,
-                detail=end.detail if detail is None else detail)
-        event = await self._append(db, now, owner_uid, event)
-        info = await self._select_sandbox(db, name)
-        return info, event
-
-    async def counts_by_state(self) -> dict[str, int]:
-        """Number of sandboxes in each state; every state is present."""
+    async def counts_by_state(self, owner_uid: int | None = None) -> dict[str, int]:
+        """Number of sandboxes in each state (of `owner_uid`'s); every state is present."""
         counts = dict.fromkeys((s.value for s in State), 0)
-        for state, count in await self._fetch(
-                "SELECT state, count(*) FROM sandboxes GROUP BY state"):
-            counts[state] = count
+        sql, params = "SELECT state, count(*) FROM sandboxes", []
+        if owner_uid is not None:
+            sql, params = sql + " WHERE owner_uid = ?", [owner_uid]
+        for state, count in await self._fetch(sql + " GROUP BY state", params):
+            if state in counts:
+                counts[state] = count
         return counts
 
     async def live_runs(self) -> list[LiveRun]:
         """Current runs of sandboxes in starting, running or stopping, by run id."""
         rows = await self._fetch(_LIVE_SELECT, _LIVE_VALUES)
-        return [LiveRun(name=name, run_id=run_id, state=_STATES[state], pid=pid,
-                        proc_start=proc_start, boot_id=boot_id, started_at=_time(started_at))
-                for name, run_id, state, pid, proc_start, boot_id, started_at in rows]
+        return [LiveRun(ref=SandboxRef(sandbox_id, name), run_id=run_id, state=STATES[state],
+                        pid=pid, proc_start=proc_start, boot_id=boot_id,
+                        started_at=utc(started_at))
+                for sandbox_id, name, run_id, state, pid, proc_start, boot_id, started_at
+                in rows]
+
+    async def sandbox_ids(self) -> set[int]:
+        """The id of every sandbox on record (to find console logs that belong to none)."""
+        return {row[0] for row in await self._fetch("SELECT id FROM sandboxes")}
 
     # --- events ----------------------------------------------------------------
 
@@ -428,13 +464,24 @@ class Store:
         sql, params = "WHERE seq > ?", [seq]
         if owner_uid is not None:
             sql, params = sql + " AND owner_uid = ?", [seq, owner_uid]
-        rows = await self._fetch(_EVENT_SELECT + sql + " ORDER BY seq LIMIT ?", [*params, limit])
-        return [_event(row) for row in rows]
+        rows = await self._fetch(EVENT_SELECT + sql + " ORDER BY seq LIMIT ?", [*params, limit])
+        events: list[Event] = []
+        for row in rows:
+            try:
+                events.append(event_row(row))
+            except Unreadable as exc:
+                log.error("skipping an unreadable event: %s", exc)
+        return events
 
-    async def last_seq(self) -> int:
-        """The last sequence number ever given to an event (0 for none), pruned or not."""
-        rows = await self._fetch(
-            "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)")
+    async def last_seq(self, owner_uid: int | None = None) -> int:
+        """The last sequence number given to an event (0 for none), pruned or not;
+        with `owner_uid`, the last one of that owner's events still kept."""
+        if owner_uid is not None:
+            rows = await self._fetch(
+                "SELECT coalesce(max(seq), 0) FROM events WHERE owner_uid = ?", (owner_uid,))
+        else:
+            rows = await self._fetch(
+                "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0)")
         return int(rows[0][0])
 
     async def prune_events(self, *, keep: int) -> int:
@@ -451,7 +498,6 @@ class Store:
 # --- opening -----------------------------------------------------------------------
 
 _PRAGMAS: Final = (
-    "PRAGMA foreign_keys = ON",  # runs go with their sandbox (ON DELETE CASCADE)
     # FULL, not WAL's usual NORMAL: with NORMAL a commit is durable across a
     # crash of msbd but not across power loss or a kernel crash. The daemon
     # answers "created" only after COMMIT returns, and a client may act on that
@@ -524,6 +570,9 @@ async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIte
             for pragma in _PRAGMAS:
                 await db.execute(pragma)
             await _migrate(db, str(path))
+            # After migrating: a migration that rebuilds a table must drop the
+            # old one while the new one already refers to its name.
+            await db.execute("PRAGMA foreign_keys = ON")  # runs go with their sandbox
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}",
                              data={"path": str(path)}) from exc

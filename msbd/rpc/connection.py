@@ -12,7 +12,6 @@ import logging
 import math
 import select
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -32,6 +31,7 @@ from msbd.rpc.codec import (
     encode_result,
     parse_frame,
 )
+from msbd.rpc.peer import UNKNOWN, Peer
 
 if TYPE_CHECKING:
     from msbd.rpc.server import RpcServer
@@ -43,20 +43,25 @@ Handler = Callable[["CallContext", str, Spec], Awaitable[Any]]
 Deferred = Callable[[], Awaitable[None]]
 
 _INTERNAL: Final = MsbdError("internal error")
-_CREDS: Final = struct.Struct("3i")
 
 
 class Connection:
-    """One client connection as handlers see it: who is calling, and a way to notify."""
+    """One client connection as handlers see it: who is calling, and a way to notify.
 
-    __slots__ = ("_proto", "gid", "id", "pid", "uid")
+    `subscriptions` is the handlers' own count of the event streams this
+    connection holds (the daemon caps it per connection).
+    """
 
-    def __init__(self, proto: ServerProtocol, conn_id: int, pid: int, uid: int, gid: int) -> None:
+    __slots__ = ("_proto", "gid", "groups", "id", "pid", "subscriptions", "uid")
+
+    def __init__(self, proto: ServerProtocol, conn_id: int, peer: Peer) -> None:
         self._proto = proto
         self.id = conn_id
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
+        self.pid = peer.pid
+        self.uid = peer.uid
+        self.gid = peer.gid
+        self.groups = peer.groups
+        self.subscriptions = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} uid={self.uid} gid={self.gid} pid={self.pid}>"
@@ -107,8 +112,10 @@ class CallContext:
 class ServerProtocol(asyncio.Protocol):
     """One connection's framing, dispatch, flow control and watchdog (internal)."""
 
-    def __init__(self, server: RpcServer) -> None:
+    def __init__(self, server: RpcServer, peer: Peer = UNKNOWN) -> None:
         self.server = server
+        self.peer = peer
+        self.counted_uid: int | None = None  # set by the server when it counts us per uid
         self.limits = server.limits
         self.handler = server.handler
         self.conn_id = next(server._ids)
@@ -139,14 +146,9 @@ class ServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport
         self.transport = transport = cast(asyncio.Transport, transport)
-        pid = uid = gid = -1
-        try:
-            sock = transport.get_extra_info("socket")
-            pid, uid, gid = _CREDS.unpack(sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
-        except (OSError, AttributeError, struct.error):
-            log.warning("connection %d: no peer credentials", self.conn_id, exc_info=True)
-        self.conn = Connection(self, self.conn_id, pid, uid, gid)
+        if not self.peer.known:
+            log.warning("connection %d: no peer credentials", self.conn_id)
+        self.conn = Connection(self, self.conn_id, self.peer)
         # Not read until the connection's task runs. uvloop starts reading only
         # after this returns, undoing this pause: `process` pauses again on the
         # first data, and `update_reading` asks the transport, never a flag.

@@ -64,9 +64,17 @@ class RemoveSandboxParams(Params, frozen=True):
     force: bool = False
 
 
+MAX_LIST_PAGE: Final = 1000
+
+
 class ListSandboxParams(Params, frozen=True):
     state: State | None = None
     label: LabelFilter | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST_PAGE)] = 100
+    # `next` of the previous page; absent for the first one.
+    cursor: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}$")] | None = None
+    # Include each sandbox's launch spec (left out by default: it can be large).
+    spec: bool = False
 
     def label_pair(self) -> tuple[str, str] | None:
         if self.label is None:
@@ -102,13 +110,22 @@ class Result(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class SandboxList(Result, frozen=True):
+    """One page, oldest first; `next` is the cursor of the next page, null after the last."""
+
     sandboxes: list[SandboxInfo]
+    next: str | None = None
 
 
 class LimitsInfo(Result, frozen=True):
     max_sandboxes: int
     max_vcpus: int
     max_memory_mib: int
+    max_sandboxes_per_user: int
+    max_live_sandboxes_per_user: int
+    max_memory_mib_per_user: int
+    max_connections_per_user: int
+    max_subscriptions_per_connection: int
+    max_spec_bytes: int
 
 
 class CheckInfo(Result, frozen=True):
@@ -142,7 +159,8 @@ class DaemonInfo(Result, frozen=True):
     checks: list[CheckInfo]
     counts: dict[str, int]
     limits: LimitsInfo
-    timers: TimerInfo
+    timers: TimerInfo | None  # admins only
+    unreadable: dict[str, str] | None = None  # admins only: records lists skipped, and why
 
 
 class LogsResult(Result, frozen=True):
@@ -182,7 +200,8 @@ _M = MethodSpec
 METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
     _M("daemon.ping", NoParams, str, "Answers \"pong\": the daemon is alive and serving."),
     _M("daemon.info", NoParams, DaemonInfo,
-       "Version, pid, uptime, libkrun and KVM checks, counts by state, limits."),
+       "Version, pid, uptime, libkrun and KVM checks, the caller's counts by state, limits "
+       "(and, for admins, timer lateness and unreadable records)."),
     _M("sandbox.create", LaunchSpec, SandboxInfo, "Record a sandbox without starting it."),
     _M("sandbox.run", LaunchSpec, SandboxInfo,
        "Create and start; answers once the worker is entering libkrun."),
@@ -196,7 +215,8 @@ METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
        "Delete the record; a live sandbox only with `force` (stopped first)."),
     _M("sandbox.get", NameParams, SandboxInfo, "One sandbox."),
     _M("sandbox.list", ListSandboxParams, SandboxList,
-       "Sandboxes visible to the caller, filtered by `state` and `label` (`k=v`)."),
+       "Sandboxes visible to the caller, filtered by `state` and `label` (`k=v`), a page "
+       "of `limit` at a time from `cursor`; specs only with `spec: true`."),
     _M("sandbox.wait", WaitSandboxParams, SandboxInfo, "Answers once the current run ended."),
     _M("sandbox.touch", NameParams, SandboxInfo, "Count as activity: moves the idle deadline."),
     _M("sandbox.logs", LogsSandboxParams, LogsResult,

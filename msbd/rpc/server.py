@@ -51,7 +51,6 @@ import errno
 import itertools
 import logging
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -61,6 +60,7 @@ import anyio.abc
 from msbd.errors import LimitReached
 from msbd.rpc.codec import encode_error
 from msbd.rpc.connection import CallContext, Connection, Deferred, Handler, ServerProtocol
+from msbd.rpc.peer import Peer, read_peer
 
 __all__ = ["CallContext", "Connection", "Deferred", "Handler", "RpcLimits", "RpcServer",
            "serve_rpc"]
@@ -72,7 +72,6 @@ _ACCEPT_BURST: Final = 128
 _BACKOFF_MIN: Final = 0.05
 _BACKOFF_MAX: Final = 1.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_CREDS: Final = struct.Struct("3i")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +82,10 @@ class RpcLimits:
     max_batch: int = 100
     max_inflight_per_connection: int = 64
     max_connections: int = 1024
+    max_connections_per_user: int | None = None
+    """Connections one uid may hold at once (the `exempt_uids` are not counted)."""
+    exempt_uids: frozenset[int] = frozenset()
+    """Uids the per-user limit does not apply to (the daemon's admins)."""
     idle_timeout: float | None = 300.0
     """Close a connection with no calls, no deferred work and no traffic for this long."""
     frame_timeout: float | None = 30.0
@@ -99,6 +102,7 @@ class RpcServer:
         self.limits = limits if limits is not None else RpcLimits()
         self._ids = itertools.count(1)
         self._protocols: set[ServerProtocol] = set()
+        self._per_uid: dict[int, int] = {}  # uid -> connections it holds (not exempt ones)
         self._lingering = 0  # closed connections still flushing their last replies
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -236,29 +240,42 @@ class RpcServer:
         if tg is None or self._draining:
             sock.close()
             return
-        if self.connection_count >= self.limits.max_connections:
-            self._refuse(sock)
+        limits = self.limits
+        peer = read_peer(sock)
+        exempt = peer.known and peer.uid in limits.exempt_uids
+        if self.connection_count >= limits.max_connections:
+            self._refuse(sock, peer, "max_connections", limits.max_connections)
             return
-        if self._refused:
+        held = self._per_uid.get(peer.uid, 0)
+        if (limits.max_connections_per_user is not None and not exempt
+                and held >= limits.max_connections_per_user):
+            self._refuse(sock, peer, "max_connections_per_user",
+                         limits.max_connections_per_user)
+            return
+        if self._refused and self.connection_count < limits.max_connections:
             log.warning("accepting connections again: %d refused while at the limit of %d",
-                        self._refused, self.limits.max_connections)
+                        self._refused, limits.max_connections)
             self._refused = 0
-        proto = ServerProtocol(self)
+        proto = ServerProtocol(self, peer)
+        if not exempt:
+            self._per_uid[peer.uid] = held + 1
+            proto.counted_uid = peer.uid
         self._protocols.add(proto)
         tg.start_soon(proto.serve_socket, sock, name=f"msbd.rpc connection {proto.conn_id}")
 
-    def _refuse(self, sock: socket.socket) -> None:
-        """Over `max_connections`: one -32004 line (id null), then close. Never blocks."""
-        limit = self.limits.max_connections
-        self._refused += 1
+    def _refuse(self, sock: socket.socket, peer: Peer, setting: str, limit: int) -> None:
+        """Over a connection limit: one -32004 line (id null), then close. Never blocks."""
         try:
-            if self._refused == 1:
-                pid, uid, _ = _CREDS.unpack(sock.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
-                log.warning("refusing connections: %d open, the limit (max_connections); "
-                            "first refused: uid %d pid %d", limit, uid, pid)
+            if setting == "max_connections":
+                self._refused += 1
+                if self._refused == 1:
+                    log.warning("refusing connections: %d open, the limit (max_connections); "
+                                "first refused: uid %d pid %d", limit, peer.uid, peer.pid)
+            else:
+                log.warning("refused a connection of uid %d pid %d: it holds %d, the limit "
+                            "(%s)", peer.uid, peer.pid, limit, setting)
             sock.setblocking(False)
-            sock.send(_too_many(limit))  # a fresh socket's buffer takes this small line
+            sock.send(_too_many(setting, limit))  # a fresh socket's buffer takes this line
         except OSError:
             pass  # the client is gone already: nothing to tell it
         finally:
@@ -267,7 +284,20 @@ class RpcServer:
     # --- used by ServerProtocol ---
 
     def _connection_ended(self, proto: ServerProtocol) -> None:
-        self._protocols.discard(proto)
+        if proto in self._protocols:
+            self._protocols.discard(proto)
+            self._release_uid(proto)
+
+    def _release_uid(self, proto: ServerProtocol) -> None:
+        uid = proto.counted_uid
+        if uid is None:
+            return
+        proto.counted_uid = None
+        left = self._per_uid.get(uid, 1) - 1
+        if left > 0:
+            self._per_uid[uid] = left
+        else:
+            self._per_uid.pop(uid, None)
 
     def _descriptor_released(self) -> None:
         """A connection's socket is closed: a starved accept may succeed now."""
@@ -280,8 +310,10 @@ class RpcServer:
             self._idle.set()
 
 
-def _too_many(limit: int) -> bytes:
-    return encode_error(None, LimitReached("too many connections", data={"limit": limit})) + b"\n"
+def _too_many(setting: str, limit: int) -> bytes:
+    what = ("too many connections" if setting == "max_connections"
+            else f"too many connections from this user (at most {limit})")
+    return encode_error(None, LimitReached(what, data={"limit": setting, "max": limit})) + b"\n"
 
 
 async def serve_rpc(listener: anyio.abc.SocketListener | socket.socket, handler: Handler,

@@ -1,0 +1,108 @@
+"""One live run as the daemon holds it in memory, and how its end is worded.
+
+A `Live` exists from the spawn of a sandbox's worker until the end of that
+run is on disk. Two events mark its last steps, in this order:
+
+- `exited`: the worker process is gone and reaped. What it held (its share
+  of the limits, its timers, its pipes) is given back at this point.
+- `ended`: the run's end is recorded in the database. Until then `pending`
+  holds the record as it will be written, so reads show the truth and a
+  write that fails (a full disk) is retried without the sandbox looking
+  alive. A new start of the sandbox waits for `ended`.
+
+Everything here is plain data and pure functions of it; the supervisor does
+the I/O.
+"""
+
+from __future__ import annotations
+
+import signal as signal_mod
+from dataclasses import dataclass, field
+
+import anyio
+
+from msbd.daemon import states
+from msbd.daemon.console import ConsoleLog
+from msbd.daemon.spawn import Worker
+from msbd.db.store import RunEnd
+from msbd.model import LaunchSpec, Reason, SandboxInfo, SandboxRef, State
+
+
+@dataclass(eq=False)
+class Live:
+    """One running worker, as the daemon tracks it in memory."""
+
+    ref: SandboxRef
+    owner_uid: int
+    spec: LaunchSpec
+    run_id: int
+    worker: Worker
+    console: ConsoleLog
+    state: State = State.STARTING
+    started: float = 0.0
+    last_activity: float = 0.0
+    last_beat: float = 0.0
+    requested: Reason | None = None
+    stop_detail: str | None = None
+    entered: bool = False
+    reaped: bool = False
+    console_full: bool = False
+    error_line: str | None = None
+    last_output_line: str = ""
+    pending: tuple[State, RunEnd, float] | None = None  # (to, end, when), not yet on disk
+    write_error: str | None = None
+    running: anyio.Event = field(default_factory=anyio.Event)
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    output: anyio.Event = field(default_factory=anyio.Event)
+    final: SandboxInfo | None = None
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def pid(self) -> int:
+        return self.worker.pid
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    def describe(self) -> str:
+        """Its state in words, for a refusal (`sandbox 'x' is ...`)."""
+        if self.exited.is_set():
+            return ("ended, but its end is not recorded yet (the database refused the write: "
+                    f"{self.write_error or 'unknown error'}; msbd keeps retrying)")
+        return str(self.state)
+
+
+def end_reason(live: Live, exit_code: int | None, sig: int | None) -> Reason:
+    """Why `live`'s run ended, once its worker is reaped (see `states.end_reason`)."""
+    if live.requested is Reason.LAUNCH_FAILED:
+        return Reason.LAUNCH_FAILED
+    if exit_code is None and sig is None:
+        sig = signal_mod.SIGKILL
+    return states.end_reason(requested=live.requested, exit_code=exit_code, signal=sig,
+                             entered=live.entered, worker_error=live.error_line is not None)
+
+
+def end_detail(live: Live, reason: Reason, exit_code: int | None, sig: int | None) -> str | None:
+    """The words recorded with the end: why it was stopped, what the worker said."""
+    parts: list[str] = []
+    if live.stop_detail:
+        parts.append(live.stop_detail)
+    if reason in (Reason.LAUNCH_FAILED, Reason.WORKER_CRASHED):
+        if live.error_line:
+            parts.append(live.error_line)
+        elif sig is not None:
+            parts.append(f"the worker was killed by {signame(sig)}")
+        elif exit_code is not None:
+            parts.append(f"the worker exited with status {exit_code}")
+        if live.last_output_line and live.last_output_line not in parts:
+            parts.append(f"last output: {live.last_output_line}")
+    return "; ".join(parts) or None
+
+
+def signame(num: int) -> str:
+    try:
+        return signal_mod.Signals(num).name
+    except ValueError:
+        return f"signal {num}"

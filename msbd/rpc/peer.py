@@ -1,0 +1,74 @@
+"""Who is at the other end of a Unix socket, as the kernel says: `SO_PEERCRED`, `SO_PEERGROUPS`.
+
+The kernel records the peer's pid, uid and gid when it connects, and its
+supplementary groups with them; nothing the client sends can change them.
+These are the only source of a caller's identity: a uid is never looked up
+in the user database to find its groups (a uid with no passwd entry would
+get groups it was never checked for, and a user's group list can change
+between connecting and acting).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+_UCRED: Final = struct.Struct("3i")
+# Linux's value; Python's socket module does not export it.
+SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+_MAX_GROUPS: Final = 65536  # the kernel's NGROUPS_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The peer's credentials at connect time; uid/gid -1 when unknown."""
+
+    pid: int = 0
+    uid: int = -1
+    gid: int = -1
+    groups: frozenset[int] | None = None  # None: the kernel did not say
+
+    @property
+    def known(self) -> bool:
+        return self.uid >= 0 and self.gid >= 0
+
+
+UNKNOWN: Final = Peer()
+
+
+def peer_ucred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer; raises `OSError`."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _UCRED.size))
+    return pid, uid, gid
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups; raises `OSError` (ERANGE is retried bigger)."""
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE and size < _MAX_GROUPS * 4:  # more groups than room
+                size *= 16
+                continue
+            raise
+        count = len(raw) // 4
+        return frozenset(struct.unpack(f"{count}I", raw[:count * 4]))
+
+
+def read_peer(sock: socket.socket) -> Peer:
+    """Everything the kernel says about the peer; `UNKNOWN` fields where it says nothing."""
+    try:
+        pid, uid, gid = peer_ucred(sock)
+    except (OSError, struct.error):
+        return UNKNOWN
+    try:
+        groups: frozenset[int] | None = peer_groups(sock)
+    except (OSError, struct.error):
+        groups = None
+    return Peer(pid=pid, uid=uid, gid=gid, groups=groups)
