@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 from daemonproc import DaemonProc
+from tenants import SHARED_GID, SOCK_GID, A, B, C, User
 from workerproc import Workers, fake_spec
 
 TESTS = Path(__file__).resolve().parent
@@ -111,3 +114,63 @@ def pytest_configure(config: pytest.Config) -> None:
         if fd > 2:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
+
+
+# --- other uids (tests/tenants.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[None]:
+    """Users A, B and C, and the groups `msbd-t-shared` (A) and `msbd-t-sock` (A)."""
+    made_users: list[str] = []
+    made_groups: list[str] = []
+    for name, gid in (("msbd-t-shared", SHARED_GID), ("msbd-t-sock", SOCK_GID),
+                      *((u.name, u.gid) for u in (A, B, C))):
+        try:
+            assert grp.getgrgid(gid).gr_name == name, f"gid {gid} is taken on this host"
+        except KeyError:
+            subprocess.run(["groupadd", "-g", str(gid), name], check=True)
+            made_groups.append(name)
+    for user in (A, B, C):
+        try:
+            assert pwd.getpwuid(user.uid).pw_name == user.name, f"uid {user.uid} is taken"
+        except KeyError:
+            extra = ",".join(grp.getgrgid(g).gr_name for g in user.groups)
+            subprocess.run(["useradd", "-u", str(user.uid), "-g", str(user.gid), "-M", "-N",
+                            "-d", "/nonexistent", "-s", "/usr/sbin/nologin",
+                            *(["-G", extra] if extra else []), user.name], check=True)
+            made_users.append(user.name)
+    yield
+    for name in made_users:
+        subprocess.run(["userdel", name], check=False)
+    for name in made_groups:
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(name)  # userdel may have removed a user's own group already
+            subprocess.run(["groupdel", name], check=False)
+
+
+@pytest.fixture
+def open_dir(sock_dir: Path, users: None) -> Path:
+    """`sock_dir`, searchable by every uid (so only the socket's own mode decides)."""
+    os.chmod(sock_dir, 0o755)
+    return sock_dir
+
+
+@pytest.fixture
+def make_root(open_dir: Path, busybox_root: Path) -> Callable[..., Path]:
+    def make(name: str, owner: User, mode: int = 0o755, parent: Path | None = None) -> Path:
+        root = (parent or open_dir) / name
+        shutil.copytree(busybox_root, root, symlinks=True)
+        os.chown(root, owner.uid, owner.gid)
+        os.chmod(root, mode)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def shared(make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path
+           ) -> DaemonProc:
+    """A root daemon with the test double, whose socket (0666) every uid may use."""
+    return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2,
+                                                   "socket_mode": 0o666})

@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import os
-import pickle
-import pwd
 import re
 import secrets
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -34,180 +29,33 @@ from typing import Any
 import msgspec
 import pytest
 from daemonproc import DaemonProc
+from tenants import (
+    ROOT,
+    SHARED_GID,
+    SOCK_GID,
+    A,
+    AsUser,
+    B,
+    C,
+    User,
+    names,
+    not_found,
+    ok,
+    outcome,
+    refused,
+    sleeper,
+)
 
 from msbd.daemon.access import Caller, allowed, check_path, check_spec_paths
 from msbd.daemon.api import Api
 from msbd.errors import InvalidParams, PermissionDenied, RemoteError, RpcCode
 from msbd.model import LaunchSpec
-from msbd.rpc.client import Client, DaemonUnavailable
+from msbd.rpc.client import Client
 from msbd.rpc.methods import ListSandboxParams, NoParams
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and become uids")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-
-    def caller(self) -> Caller:
-        return Caller(uid=self.uid, gid=self.gid, groups=frozenset(self.groups))
-
-
-ROOT = User("root", 0, 0)
-SHARED_GID, SOCK_GID = 64010, 64011  # a group owning shared files; the socket's group
-A = User("msbd-t-a", 64001, 64001, (SHARED_GID, SOCK_GID))
-B = User("msbd-t-b", 64002, 64002)
-C = User("msbd-t-c", 64003, 64003)
-
-
-@pytest.fixture(scope="module")
-def users() -> Iterator[None]:
-    """Users A, B and C, and the groups `msbd-t-shared` (A) and `msbd-t-sock` (A)."""
-    made_users: list[str] = []
-    made_groups: list[str] = []
-    for name, gid in (("msbd-t-shared", SHARED_GID), ("msbd-t-sock", SOCK_GID),
-                      *((u.name, u.gid) for u in (A, B, C))):
-        try:
-            assert grp.getgrgid(gid).gr_name == name, f"gid {gid} is taken on this host"
-        except KeyError:
-            subprocess.run(["groupadd", "-g", str(gid), name], check=True)
-            made_groups.append(name)
-    for user in (A, B, C):
-        try:
-            assert pwd.getpwuid(user.uid).pw_name == user.name, f"uid {user.uid} is taken"
-        except KeyError:
-            extra = ",".join(grp.getgrgid(g).gr_name for g in user.groups)
-            subprocess.run(["useradd", "-u", str(user.uid), "-g", str(user.gid), "-M", "-N",
-                            "-d", "/nonexistent", "-s", "/usr/sbin/nologin",
-                            *(["-G", extra] if extra else []), user.name], check=True)
-            made_users.append(user.name)
-    yield
-    for name in made_users:
-        subprocess.run(["userdel", name], check=False)
-    for name in made_groups:
-        with contextlib.suppress(KeyError):
-            grp.getgrnam(name)  # userdel may have removed a user's own group already
-            subprocess.run(["groupdel", name], check=False)
-
-
-# --- clients as other uids ------------------------------------------------------------
-
-
-class AsUser:
-    """`fn(ready)` run in a forked child as `user`; `ready()` tells the parent, `result()`
-    is ("ok", value) | ("remote", error dict) | ("unavailable", message, errno) |
-    ("raised", text)."""
-
-    def __init__(self, user: User, fn: Callable[[Callable[[], None]], Any]) -> None:
-        out_r, out_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            try:
-                os.close(out_r)
-                os.close(ready_r)
-                os.setgroups(list(user.groups))
-                os.setresgid(user.gid, user.gid, user.gid)
-                os.setresuid(user.uid, user.uid, user.uid)
-                out: tuple[Any, ...]
-                try:
-                    out = ("ok", fn(lambda: os.write(ready_w, b"r") and None))
-                except RemoteError as exc:
-                    out = ("remote", {"code": exc.remote_code, "message": exc.message,
-                                      "data": exc.remote_data})
-                except DaemonUnavailable as exc:
-                    cause = exc.__cause__
-                    out = ("unavailable", exc.message,
-                           cause.errno if isinstance(cause, OSError) else None)
-                except BaseException as exc:
-                    out = ("raised", f"{type(exc).__name__}: {exc}")
-                with os.fdopen(out_w, "wb") as f:
-                    f.write(pickle.dumps(out))
-            finally:
-                os._exit(0)
-        os.close(out_w)
-        os.close(ready_w)
-        self.pid, self._out, self._ready = pid, out_r, ready_r
-
-    def wait_ready(self) -> None:
-        if os.read(self._ready, 1) != b"r":
-            pytest.fail(f"the child ended before it was ready: {self.result()}")
-
-    def result(self) -> Any:
-        with os.fdopen(self._out, "rb") as f:
-            data = f.read()
-        os.close(self._ready)
-        os.waitpid(self.pid, 0)
-        return pickle.loads(data)
-
-
-def outcome(sock: Path, user: User, method: str, params: Any = None) -> Any:
-    def call(ready: Callable[[], None]) -> Any:
-        with Client(sock, timeout=60) as c:
-            return c.call(method, params)
-
-    return AsUser(user, call).result()
-
-
-def ok(sock: Path, user: User, method: str, params: Any = None) -> Any:
-    got = outcome(sock, user, method, params)
-    assert got[0] == "ok", got
-    return got[1]
-
-
-def refused(sock: Path, user: User, method: str, params: Any = None) -> dict[str, Any]:
-    got = outcome(sock, user, method, params)
-    assert got[0] == "remote", got
-    return got[1]
-
-
-def not_found(name: str) -> dict[str, Any]:
-    return {"code": RpcCode.NOT_FOUND, "message": f"no sandbox named {name!r}",
-            "data": {"sandbox": name}}
-
-
-def names(listing: dict[str, Any]) -> set[str]:
-    return {s["name"] for s in listing["sandboxes"]}
-
-
-# --- fixtures: an open socket dir, root filesystems owned by whom a test says -----------
-
-
-@pytest.fixture
-def open_dir(sock_dir: Path, users: None) -> Path:
-    """`sock_dir`, searchable by every uid (so only the socket's own mode decides)."""
-    os.chmod(sock_dir, 0o755)
-    return sock_dir
-
-
-@pytest.fixture
-def make_root(open_dir: Path, busybox_root: Path) -> Callable[..., Path]:
-    def make(name: str, owner: User, mode: int = 0o755, parent: Path | None = None) -> Path:
-        root = (parent or open_dir) / name
-        shutil.copytree(busybox_root, root, symlinks=True)
-        os.chown(root, owner.uid, owner.gid)
-        os.chmod(root, mode)
-        return root
-
-    return make
-
-
-@pytest.fixture
-def shared(make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path
-           ) -> DaemonProc:
-    """A root daemon with the test double, whose socket (0666) every uid may use."""
-    return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2,
-                                                   "socket_mode": 0o666})
-
-
-def sleeper(name: str, root: Path, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "rootfs": str(root), "exec": "/bin/busybox",
-            "args": ["sleep", "600"], "memory_mib": 64} | extra
 
 
 # --- the socket -------------------------------------------------------------------------

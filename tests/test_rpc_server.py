@@ -312,7 +312,8 @@ async def test_deferred_work_runs_after_the_reply(sock_dir: Path) -> None:
                                                            "id": 5}
         assert await w.line() == {"jsonrpc": "2.0", "method": "event", "params": {"event": {
             "seq": 8, "time": "2024-01-02T00:00:00Z", "sandbox": "a", "state": "running",
-            "sandbox_id": None, "run_id": None, "reason": None, "exit_code": None, "signal": None, "detail": None}}}
+            "sandbox_id": None, "run_id": None, "reason": None, "exit_code": None,
+            "signal": None, "detail": None}}}
 
 
 async def test_batch_defers_after_the_batch_reply(sock_dir: Path) -> None:

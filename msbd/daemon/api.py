@@ -131,8 +131,9 @@ class Api:
 
     # --- helpers ------------------------------------------------------------------
 
-    async def _visible(self, caller: Caller, name: str) -> SandboxInfo:
-        info = await self._store.get_sandbox(name)
+    async def _visible(self, caller: Caller, name: str, *, lenient: bool = False
+                       ) -> SandboxInfo:
+        info = await self._store.get_sandbox(name, lenient=lenient)
         if not may_see(caller, info, self._daemon_uid):
             raise NotFound(name)
         return self._sup.overlay(info)
@@ -227,7 +228,7 @@ class Api:
 
     async def remove(self, caller: Caller, params: RemoveSandboxParams, ctx: CallContext
                      ) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = await self._visible(caller, params.name, lenient=True)  # even if unreadable
         ref = info.ref
         if self._sup.busy(ref) or info.state not in states.removable:
             if not params.force:

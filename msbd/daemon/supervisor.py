@@ -89,7 +89,7 @@ _LINE_MAX = 4096
 # Recording a run's end is retried with this back-off while the database refuses.
 _RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
 # How long a call that waits for a run's end waits for a refused write to land.
-_RECORD_WAIT = 10.0
+_RECORD_WAIT = 30.0
 
 
 class Supervisor:

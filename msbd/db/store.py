@@ -218,9 +218,21 @@ class Store:
                            spec=spec, created_at=created, updated_at=created, labels=spec.labels)
         return info, event
 
-    async def get_sandbox(self, name: str) -> SandboxInfo:
+    async def get_sandbox(self, name: str, *, lenient: bool = False) -> SandboxInfo:
+        """The sandbox named `name`. An unreadable record raises `Unreadable`, or with
+        `lenient` comes back as far as it can be read (no spec, no run, no labels): enough
+        to see whose it is and to remove it."""
         for row in await self._fetch(SANDBOX_SELECT + "WHERE s.name = ?", (name,)):
-            return sandbox_row(row)
+            try:
+                return sandbox_row(row)
+            except Unreadable:
+                if not lenient:
+                    raise
+                sandbox_id, _, state, owner_uid, _, _, created_at, updated_at = row[:8]
+                return SandboxInfo(id=sandbox_id, name=name,
+                                   state=STATES.get(state, State.STOPPED), owner_uid=owner_uid,
+                                   created_at=utc(created_at), updated_at=utc(updated_at),
+                                   labels={})
         raise NotFound(name)
 
     async def get(self, ref: SandboxRef) -> SandboxInfo:
