@@ -343,7 +343,7 @@ def test_launches_refused_for_paths_the_caller_cannot_use(
 
     # start and restart check again, as the caller of that call.
     b_root = make_root("b-root", B)
-    ok(sock, B, "sandbox.create", sleeper("b2", b_root))
+    ok(sock, B, "sandbox.create", sleeper("b2", b_root, args=["sh", "-c", "echo up; sleep 600"]))
     os.chown(b_root, 0, 0)
     os.chmod(b_root, 0o700)
     err = refused(sock, B, "sandbox.start", {"name": "b2"})
@@ -354,6 +354,8 @@ def test_launches_refused_for_paths_the_caller_cannot_use(
     assert f"permission denied (uid {B.uid} cannot" in err["message"]
     os.chown(b_root, B.uid, B.gid)
     started = ok(sock, ROOT, "sandbox.start", {"name": "b2"})
+    # The guest is up (it printed) before its root changes hands under it.
+    assert ok(sock, ROOT, "sandbox.logs", {"name": "b2", "offset": 0, "wait": 60})["data"]
     os.chown(b_root, 0, 0)
     err = refused(sock, B, "sandbox.restart", {"name": "b2"})
     assert err["data"] == {"field": "rootfs"} and "permission denied" in err["message"]

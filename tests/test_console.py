@@ -8,12 +8,12 @@ from msbd.daemon.console import ConsoleLog, log_path, read_log, remove_log
 
 
 def test_rotation_keeps_one_old_file_and_offsets_stay_valid(tmp_path: Path) -> None:
-    path = log_path(tmp_path / "logs", "box")
+    path = log_path(tmp_path / "logs", 1)
     log = ConsoleLog(path, max_bytes=10)
     log.write(b"0123456789")  # exactly the cap: no rotation yet
-    assert not path.with_name("box.log.1").exists()
+    assert not path.with_name("1.log.1").exists()
     log.write(b"abcdef")  # over the cap: rotate first
-    assert path.with_name("box.log.1").read_bytes() == b"0123456789"
+    assert path.with_name("1.log.1").read_bytes() == b"0123456789"
     assert path.read_bytes() == b"abcdef"
     assert log.end == 16
     # A reader at any stream offset gets the bytes that were there.
@@ -37,7 +37,7 @@ def test_rotation_keeps_one_old_file_and_offsets_stay_valid(tmp_path: Path) -> N
 
 
 def test_tail_spans_the_rotated_file(tmp_path: Path) -> None:
-    path = log_path(tmp_path, "t")
+    path = log_path(tmp_path, 2)
     log = ConsoleLog(path, max_bytes=12)
     for line in (b"one\n", b"two\n", b"three\n", b"four\n"):
         log.write(line)
@@ -47,7 +47,7 @@ def test_tail_spans_the_rotated_file(tmp_path: Path) -> None:
 
 
 def test_remove_log_removes_every_piece(tmp_path: Path) -> None:
-    path = log_path(tmp_path, "gone")
+    path = log_path(tmp_path, 3)
     log = ConsoleLog(path, max_bytes=4)
     log.write(b"12345")
     log.write(b"678")
