@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: short socket dirs, the libkrun test double, a busybox root."""
+"""Fixtures shared by every test: short socket dirs, the libkrun test double, a busybox
+root, a store on a new database file."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import pytest
 from daemonproc import DaemonProc
 from tenants import SHARED_GID, SOCK_GID, A, B, C, User
 from workerproc import Workers, fake_spec
+
+from msbd.db.store import Store, open_store
 
 TESTS = Path(__file__).resolve().parent
 FAKEKRUN_DIR = TESTS / "fakekrun"
@@ -59,6 +62,19 @@ def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("tmp", "proc", "dev", "etc", "work"):
         (root / d).mkdir(exist_ok=True)
     return root
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """Where a store test keeps its database; the directory does not exist yet."""
+    return tmp_path / "state" / "msbd.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    """A store open on a new database at `db_path`, closed after the test."""
+    async with open_store(db_path) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from msbd.db import schema
@@ -13,6 +15,20 @@ def test_versions_count_up_from_one_without_gaps() -> None:
     assert versions == list(range(1, len(versions) + 1))
     assert versions[-1] == schema.LATEST
     assert all(m.statements for m in schema.MIGRATIONS)
+
+
+# Files in the field were made by these exact statements; migrations after
+# them assume so. A change to a released migration is a new migration instead.
+RELEASED = {
+    1: "73fc5817c8c8657b6bc8b7733a48cbfa87531e26add77a7967759a7808de3dd0",
+}
+
+
+@pytest.mark.parametrize(("version", "digest"), sorted(RELEASED.items()))
+def test_released_migrations_are_never_edited(version: int, digest: str) -> None:
+    migration = schema.MIGRATIONS[version - 1]
+    assert migration.version == version
+    assert hashlib.sha256("\0".join(migration.statements).encode()).hexdigest() == digest
 
 
 def test_statements_are_single_statements() -> None:

@@ -1,63 +1,30 @@
-"""The SQLite store against a real database file under tmp_path."""
+"""The SQLite store against a real database file under tmp_path: records, runs, events.
+
+Ids, owners, limits, paging and unreadable rows: test_store_ids.py and
+test_store_lists.py; opening and migrating files: test_store_open.py.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import sqlite3
-import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
+from storekit import T0, create, race, spec, sql, start, utc
 
-from msbd.db import schema
 from msbd.db.store import LiveRun, RunEnd, Store, open_store
 from msbd.errors import Conflict, NotFound, StoreError
-from msbd.model import LIVE_STATES, Event, LaunchSpec, Reason, State
-
-T0 = 1_700_000_000.0
-
-
-def spec(name: str, **labels: str) -> LaunchSpec:
-    return LaunchSpec(name=name, exec="/bin/sh", rootfs="/srv/root", args=["-c", "true"],
-                      env={"A": "1"}, labels=labels)
-
-
-def utc(t: float) -> dt.datetime:
-    return dt.datetime.fromtimestamp(t, dt.UTC)
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "msbd.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    async with open_store(db_path) as store:
-        yield store
-
-
-async def start(store: Store, name: str, now: float, pid: int = 4242) -> None:
-    await store.transition(name, State.STARTING, now=now, expect={State.CREATED, State.STOPPED},
-                           start_run=True, pid=pid, proc_start=777, boot_id="boot-a")
-    await store.transition(name, State.RUNNING, now=now + 1, expect={State.STARTING})
-
-
-def sql(path: Path, query: str) -> list[tuple[object, ...]]:
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(query).fetchall()
-    conn.close()
-    return rows
-
+from msbd.model import LIVE_STATES, Event, Owner, Reason, SandboxRef, State
 
 # --- create, get, list, remove ----------------------------------------------------
 
 
 async def test_create_then_get(store: Store) -> None:
     launch = spec("web-1", team="a")
-    info, event = await store.create_sandbox(launch, owner_uid=1000, now=T0)
+    info, event = await store.create_sandbox(launch, owner=Owner(uid=1000), now=T0)
+    assert info.id == 1
+    assert info.ref == SandboxRef(1, "web-1")
     assert info.name == "web-1"
     assert info.state is State.CREATED
     assert info.owner_uid == 1000
@@ -66,47 +33,62 @@ async def test_create_then_get(store: Store) -> None:
     assert info.created_at == info.updated_at == utc(T0)
     assert info.created_at.tzinfo is dt.UTC
     assert info.run is None
-    assert event == Event(seq=1, time=utc(T0), sandbox="web-1", state=State.CREATED)
+    assert event == Event(seq=1, time=utc(T0), sandbox="web-1", sandbox_id=1,
+                          state=State.CREATED)
     assert await store.get_sandbox("web-1") == info
+    assert await store.get(info.ref) == info
+    assert await store.sandbox_ids() == {1}
 
 
 async def test_get_unknown_is_not_found(store: Store) -> None:
     with pytest.raises(NotFound) as err:
         await store.get_sandbox("nope")
     assert err.value.data == {"sandbox": "nope"}
+    with pytest.raises(NotFound) as err:
+        await store.get(SandboxRef(7, "nope"))
+    assert err.value.data == {"sandbox": "nope"}
+    with pytest.raises(NotFound):
+        await store.owner(SandboxRef(7, "nope"))
+    assert await store.sandbox_ids() == set()
 
 
 async def test_duplicate_name_is_conflict_and_first_record_untouched(store: Store) -> None:
-    first, _ = await store.create_sandbox(spec("dup", v="1"), owner_uid=1000, now=T0)
+    first, _ = await store.create_sandbox(spec("dup", v="1"), owner=Owner(uid=1000), now=T0)
     with pytest.raises(Conflict) as err:
-        await store.create_sandbox(spec("dup", v="2"), owner_uid=2000, now=T0 + 5)
+        await store.create_sandbox(spec("dup", v="2"), owner=Owner(uid=2000, gid=2000),
+                                   now=T0 + 5)
     assert str(err.value) == "sandbox 'dup' already exists"
     assert err.value.data == {"sandbox": "dup"}
     assert await store.get_sandbox("dup") == first
+    assert await store.owner(first.ref) == Owner(uid=1000)
+    assert await store.sandbox_ids() == {first.id}
     assert [e.seq for e in await store.events_since(0)] == [1]
 
 
 async def test_list_filters_and_order(store: Store) -> None:
-    await store.create_sandbox(spec("b", team="x"), owner_uid=1000, now=T0 + 1)
-    await store.create_sandbox(spec("a", team="x"), owner_uid=1000, now=T0 + 1)
-    await store.create_sandbox(spec("c", team="y"), owner_uid=2000, now=T0)
-    await start(store, "b", T0 + 10)
+    # Created out of time order and name order: a list is in creation order.
+    b = await create(store, "b", uid=1000, now=T0 + 1, team="x")
+    await create(store, "a", uid=1000, now=T0 + 1, team="x")
+    await create(store, "c", uid=2000, now=T0, team="y")
+    await start(store, b.ref, T0 + 10)
 
     async def names(**filters: object) -> list[str]:
         return [i.name for i in await store.list_sandboxes(**filters)]  # type: ignore[arg-type]
 
-    assert await names() == ["c", "a", "b"]  # by created_at, then name
-    assert await names(state=State.CREATED) == ["c", "a"]
+    assert await names() == ["b", "a", "c"]  # by id: not by created_at, not by name
+    assert await names(state=State.CREATED) == ["a", "c"]
     assert await names(state=State.RUNNING) == ["b"]
     assert await names(state=State.FAILED) == []
-    assert await names(label=("team", "x")) == ["a", "b"]
+    assert await names(label=("team", "x")) == ["b", "a"]
     assert await names(label=("team", "z")) == []
     assert await names(label=("nope", "x")) == []
     assert await names(owner_uid=2000) == ["c"]
+    assert await names(owner_uid=3000) == []
     assert await names(owner_uid=1000, label=("team", "x"), state=State.CREATED) == ["a"]
     running = (await store.list_sandboxes(state=State.RUNNING))[0]
     assert running == await store.get_sandbox("b")
     assert running.run is not None
+    assert running.spec == spec("b", team="x")
 
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -121,35 +103,42 @@ async def test_list_filters_and_order(store: Store) -> None:
     ("unicode", "žluťoučký 🐎"),
 ])
 async def test_label_filter_with_odd_characters(store: Store, key: str, value: str) -> None:
-    await store.create_sandbox(spec("odd", **{key: value, "a": "b"}), owner_uid=1, now=T0)
+    # Labels as a dict, not as keywords of `create`: a key could be `uid`.
+    await store.create_sandbox(spec("odd", **{key: value, "a": "b"}), owner=Owner(uid=1),
+                               now=T0)
     await store.create_sandbox(spec("near", **{key: value + "x", key + "x": value}),
-                               owner_uid=1, now=T0 + 1)
+                               owner=Owner(uid=1), now=T0 + 1)
     assert [i.name for i in await store.list_sandboxes(label=(key, value))] == ["odd"]
+    assert [i.name for i in await store.list_sandboxes(label=(key, value),
+                                                       with_spec=False)] == ["odd"]
     assert (await store.get_sandbox("odd")).labels == {key: value, "a": "b"}
 
 
 async def test_label_key_is_not_a_json_path(store: Store) -> None:
-    await store.create_sandbox(spec("nested", a="b"), owner_uid=1, now=T0)
-    await store.create_sandbox(spec("dotted", **{"a.b": "c"}), owner_uid=1, now=T0)
+    await create(store, "nested", a="b")
+    await store.create_sandbox(spec("dotted", **{"a.b": "c"}), owner=Owner(uid=1), now=T0)
     assert [i.name for i in await store.list_sandboxes(label=("a.b", "c"))] == ["dotted"]
     assert [i.name for i in await store.list_sandboxes(label=("a", "b"))] == ["nested"]
 
 
 async def test_remove(store: Store, db_path: Path) -> None:
-    await store.create_sandbox(spec("gone", k="v"), owner_uid=1000, now=T0)
-    await start(store, "gone", T0 + 1)
-    await store.transition("gone", State.STOPPED, now=T0 + 3, expect={State.RUNNING},
+    gone = await create(store, "gone", uid=1000, k="v")
+    await start(store, gone.ref, T0 + 1)
+    await store.transition(gone.ref, State.STOPPED, now=T0 + 3, expect={State.RUNNING},
                            end=RunEnd(reason=Reason.EXITED, exit_code=0))
-    last = await store.get_sandbox("gone")
+    last = await store.get(gone.ref)
     assert last.run is not None
 
-    info, event = await store.remove_sandbox("gone", now=T0 + 9)
+    info, event = await store.remove_sandbox(gone.ref, now=T0 + 9)
     assert info == last
-    assert event == Event(seq=5, time=utc(T0 + 9), sandbox="gone", state=State.STOPPED,
-                          run_id=last.run.id, detail="removed")
+    assert event == Event(seq=5, time=utc(T0 + 9), sandbox="gone", sandbox_id=gone.id,
+                          state=State.STOPPED, run_id=last.run.id, detail="removed")
     with pytest.raises(NotFound):
         await store.get_sandbox("gone")
+    with pytest.raises(NotFound):
+        await store.get(gone.ref)
     assert await store.list_sandboxes() == []
+    assert await store.sandbox_ids() == set()
     assert sql(db_path, "SELECT count(*) FROM runs") == [(0,)]  # cascaded
     # Events are history: they outlive the sandbox.
     assert [e.seq for e in await store.events_since(0)] == [1, 2, 3, 4, 5]
@@ -157,124 +146,73 @@ async def test_remove(store: Store, db_path: Path) -> None:
 
 
 async def test_remove_unknown_is_not_found(store: Store) -> None:
-    with pytest.raises(NotFound):
-        await store.remove_sandbox("ghost", now=T0)
+    with pytest.raises(NotFound) as err:
+        await store.remove_sandbox(SandboxRef(1, "ghost"), now=T0)
+    assert err.value.data == {"sandbox": "ghost"}
     assert await store.last_seq() == 0
 
 
 async def test_remove_with_wrong_state_is_conflict_and_keeps_it(store: Store) -> None:
-    await store.create_sandbox(spec("live"), owner_uid=1000, now=T0)
-    await start(store, "live", T0 + 1)
+    live = await create(store, "live", uid=1000)
+    await start(store, live.ref, T0 + 1)
+    before = await store.get(live.ref)
     with pytest.raises(Conflict) as err:
-        await store.remove_sandbox("live", now=T0 + 2, expect={State.CREATED, State.STOPPED})
+        await store.remove_sandbox(live.ref, now=T0 + 2, expect={State.CREATED, State.STOPPED})
     assert str(err.value) == "sandbox 'live' is running"
     assert err.value.data == {"sandbox": "live", "state": "running"}
-    assert (await store.get_sandbox("live")).state is State.RUNNING
+    assert await store.get(live.ref) == before
     assert await store.last_seq() == 3
 
 
 async def test_records_survive_close_and_reopen(db_path: Path) -> None:
     async with open_store(db_path) as store:
-        created, _ = await store.create_sandbox(spec("keep", x="1"), owner_uid=7, now=T0)
-        await start(store, "keep", T0 + 1)
+        created, _ = await store.create_sandbox(
+            spec("keep", x="1"), owner=Owner(uid=7, gid=8, groups=(8, 9)), now=T0)
+        await start(store, created.ref, T0 + 1)
         before = await store.get_sandbox("keep")
     async with open_store(db_path) as store:
         assert await store.get_sandbox("keep") == before
+        assert await store.get(created.ref) == before
+        assert await store.owner(created.ref) == Owner(uid=7, gid=8, groups=(8, 9))
         assert before.spec == created.spec
         assert await store.last_seq() == 3
-        _, event = await store.create_sandbox(spec("next"), owner_uid=7, now=T0 + 2)
-        assert event.seq == 4
-
-
-# --- migrations --------------------------------------------------------------------
-
-
-async def test_new_database_is_at_latest_version_and_reopen_is_idempotent(
-        db_path: Path) -> None:
-    async with open_store(db_path) as store:
-        await store.create_sandbox(spec("one"), owner_uid=1, now=T0)
-    assert sql(db_path, "PRAGMA user_version") == [(schema.LATEST,)]
-    tables = sql(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'"
-                          " AND name NOT LIKE 'sqlite_%' ORDER BY name")
-    assert tables == [("events",), ("runs",), ("sandboxes",)]
-    async with open_store(db_path) as store:
-        assert [i.name for i in await store.list_sandboxes()] == ["one"]
-    assert sql(db_path, "PRAGMA user_version") == [(schema.LATEST,)]
-    assert sql(db_path, "PRAGMA journal_mode") == [("wal",)]
-
-
-async def test_database_newer_than_code_is_refused(db_path: Path) -> None:
-    db_path.parent.mkdir()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(f"PRAGMA user_version = {schema.LATEST + 1}")
-    conn.close()
-    with pytest.raises(StoreError, match="newer than this msbd"):
-        async with open_store(db_path):
-            pytest.fail("opened a database from the future")
-    assert sql(db_path, "PRAGMA user_version") == [(schema.LATEST + 1,)]
-    assert sql(db_path, "SELECT count(*) FROM sqlite_master") == [(0,)]
-
-
-async def test_a_file_that_is_not_a_database_is_a_store_error(db_path: Path) -> None:
-    db_path.parent.mkdir()
-    db_path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="cannot open the database"):
-        async with open_store(db_path):
-            pytest.fail("opened garbage")
-
-
-async def test_file_modes(db_path: Path) -> None:
-    async with open_store(db_path) as store:
-        await store.create_sandbox(spec("m"), owner_uid=1, now=T0)
-        wal = db_path.with_name(db_path.name + "-wal")
-        assert wal.exists()
-        assert stat.S_IMODE(wal.stat().st_mode) == 0o600
-    assert stat.S_IMODE(db_path.parent.stat().st_mode) == 0o700
-    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
-
-
-async def test_integrity_after_a_busy_life(db_path: Path) -> None:
-    async with open_store(db_path) as store:
-        for i in range(20):
-            await store.create_sandbox(spec(f"s{i}", i=str(i)), owner_uid=i % 3, now=T0 + i)
-            await start(store, f"s{i}", T0 + i)
-        for i in range(0, 20, 2):
-            await store.transition(f"s{i}", State.STOPPED, now=T0 + 50, expect={State.RUNNING},
-                                   end=RunEnd(reason=Reason.KILLED, signal=9))
-            await store.remove_sandbox(f"s{i}", now=T0 + 60)
-        await store.prune_events(keep=10)
-    assert sql(db_path, "PRAGMA integrity_check") == [("ok",)]
-    assert sql(db_path, "PRAGMA foreign_key_check") == []
+        info, event = await store.create_sandbox(spec("next"), owner=Owner(uid=7), now=T0 + 2)
+        assert (info.id, event.seq) == (created.id + 1, 4)
 
 
 # --- transitions -------------------------------------------------------------------
 
 
 async def test_run_lifecycle(store: Store) -> None:
-    await store.create_sandbox(spec("vm"), owner_uid=1000, now=T0)
-    info, event = await store.transition("vm", State.STARTING, now=T0 + 1,
-                                         expect={State.CREATED}, start_run=True, pid=4242)
+    vm = await create(store, "vm", uid=1000)
+    info, owner = await store.begin_run(vm.ref, now=T0 + 1, expect={State.CREATED})
+    assert owner == Owner(uid=1000)
     assert info.state is State.STARTING
     assert info.updated_at == utc(T0 + 1)
     assert info.created_at == utc(T0)
     assert info.run is not None
     run_id = info.run.id
-    assert (info.run.pid, info.run.started_at, info.run.ended_at) == (4242, utc(T0 + 1), None)
-    assert event == Event(seq=2, time=utc(T0 + 1), sandbox="vm", state=State.STARTING,
-                          run_id=run_id)
+    assert (info.run.pid, info.run.started_at, info.run.ended_at) == (None, utc(T0 + 1), None)
+    assert await store.events_since(1) == [Event(
+        seq=2, time=utc(T0 + 1), sandbox="vm", sandbox_id=vm.id, state=State.STARTING,
+        run_id=run_id)]
     assert await store.live_runs() == [LiveRun(
-        name="vm", run_id=run_id, state=State.STARTING, pid=4242, proc_start=None,
+        ref=vm.ref, run_id=run_id, state=State.STARTING, pid=None, proc_start=None,
         boot_id=None, started_at=utc(T0 + 1))]
 
-    info, _ = await store.transition("vm", State.RUNNING, now=T0 + 2, expect={State.STARTING},
-                                     proc_start=98765, boot_id="b-1")
+    await store.set_run_process(vm.ref, run_id, pid=4242, proc_start=98765, boot_id="b-1")
+    info, event = await store.transition(vm.ref, State.RUNNING, now=T0 + 2,
+                                         expect={State.STARTING})
     assert info.run is not None
-    assert info.run.pid == 4242  # kept: only what is given changes
-    assert (await store.live_runs())[0].proc_start == 98765
-    assert (await store.live_runs())[0].boot_id == "b-1"
+    assert info.run.pid == 4242  # kept: a transition changes only the state
+    assert event == Event(seq=3, time=utc(T0 + 2), sandbox="vm", sandbox_id=vm.id,
+                          state=State.RUNNING, run_id=run_id)
+    assert await store.live_runs() == [LiveRun(
+        ref=vm.ref, run_id=run_id, state=State.RUNNING, pid=4242, proc_start=98765,
+        boot_id="b-1", started_at=utc(T0 + 1))]
 
     info, event = await store.transition(
-        "vm", State.STOPPED, now=T0 + 3, expect={State.RUNNING, State.STOPPING},
+        vm.ref, State.STOPPED, now=T0 + 3, expect={State.RUNNING, State.STOPPING},
         end=RunEnd(reason=Reason.KILLED, exit_code=None, signal=9, detail="SIGKILL"))
     assert info.state is State.STOPPED
     assert info.run is not None
@@ -282,72 +220,109 @@ async def test_run_lifecycle(store: Store) -> None:
     assert info.run.ended_at == utc(T0 + 3)
     assert (info.run.reason, info.run.exit_code, info.run.signal, info.run.detail) == (
         Reason.KILLED, None, 9, "SIGKILL")
-    assert event == Event(seq=4, time=utc(T0 + 3), sandbox="vm", state=State.STOPPED,
-                          run_id=run_id, reason=Reason.KILLED, signal=9, detail="SIGKILL")
+    assert event == Event(seq=4, time=utc(T0 + 3), sandbox="vm", sandbox_id=vm.id,
+                          state=State.STOPPED, run_id=run_id, reason=Reason.KILLED, signal=9,
+                          detail="SIGKILL")
     assert await store.live_runs() == []
-    assert await store.get_sandbox("vm") == info
+    assert await store.get(vm.ref) == info
 
     # A restart is a new run; the sandbox points at it.
-    info, _ = await store.transition("vm", State.STARTING, now=T0 + 4, expect={State.STOPPED},
-                                     start_run=True, pid=5555)
+    info, _ = await store.begin_run(vm.ref, now=T0 + 4, expect={State.STOPPED})
     assert info.run is not None
     assert info.run.id > run_id
+    await store.set_run_process(vm.ref, info.run.id, pid=5555, proc_start=None, boot_id=None)
+    info = await store.get(vm.ref)
+    assert info.run is not None
     assert (info.run.pid, info.run.ended_at, info.run.reason) == (5555, None, None)
 
 
 async def test_event_detail_prefers_the_transition_detail(store: Store) -> None:
-    await store.create_sandbox(spec("d"), owner_uid=1, now=T0)
-    await store.transition("d", State.STARTING, now=T0, expect={State.CREATED}, start_run=True)
+    d = await create(store, "d")
+    await store.begin_run(d.ref, now=T0, expect={State.CREATED})
     _, event = await store.transition(
-        "d", State.FAILED, now=T0 + 1, expect={State.STARTING}, detail="no libkrun",
+        d.ref, State.FAILED, now=T0 + 1, expect={State.STARTING}, detail="no libkrun",
         end=RunEnd(reason=Reason.LAUNCH_FAILED, exit_code=2, detail="fd 96: missing"))
     assert (event.detail, event.reason, event.exit_code) == (
         "no libkrun", Reason.LAUNCH_FAILED, 2)
-    run = (await store.get_sandbox("d")).run
+    run = (await store.get(d.ref)).run
     assert run is not None
     assert run.detail == "fd 96: missing"
+    # Without a transition detail, the event says what the run's end says.
+    await store.begin_run(d.ref, now=T0 + 2, expect={State.FAILED})
+    _, event = await store.transition(
+        d.ref, State.STOPPED, now=T0 + 3, expect={State.STARTING},
+        end=RunEnd(reason=Reason.EXITED, exit_code=0, detail="clean"))
+    assert (event.detail, event.reason, event.exit_code) == ("clean", Reason.EXITED, 0)
 
 
-async def test_wrong_expected_state_is_conflict_and_writes_nothing(store: Store) -> None:
-    await store.create_sandbox(spec("w"), owner_uid=1, now=T0)
-    before = await store.get_sandbox("w")
+async def test_wrong_expected_state_is_conflict_and_writes_nothing(
+        store: Store, db_path: Path) -> None:
+    w = await create(store, "w")
+    before = await store.get(w.ref)
     with pytest.raises(Conflict) as err:
-        await store.transition("w", State.STOPPING, now=T0 + 1, expect={State.RUNNING})
+        await store.transition(w.ref, State.STOPPING, now=T0 + 1, expect={State.RUNNING})
     assert str(err.value) == "sandbox 'w' is created"
     assert err.value.data == {"sandbox": "w", "state": "created"}
-    with pytest.raises(Conflict):
-        await store.transition("w", State.STARTING, now=T0 + 1, expect=(), start_run=True)
-    assert await store.get_sandbox("w") == before
+    with pytest.raises(Conflict) as err:
+        await store.begin_run(w.ref, now=T0 + 1, expect=())
+    assert err.value.data == {"sandbox": "w", "state": "created"}
+    assert await store.get(w.ref) == before
     assert await store.last_seq() == 1
     assert await store.live_runs() == []
+    assert sql(db_path, "SELECT count(*) FROM runs") == [(0,)]
 
 
-async def test_transition_of_unknown_sandbox_is_not_found(store: Store) -> None:
+async def test_writes_to_an_unknown_sandbox_are_not_found(store: Store) -> None:
+    ghost = SandboxRef(1, "x")
     with pytest.raises(NotFound):
-        await store.transition("x", State.STARTING, now=T0, expect={State.CREATED})
+        await store.transition(ghost, State.STARTING, now=T0, expect={State.CREATED})
+    with pytest.raises(NotFound):
+        await store.begin_run(ghost, now=T0, expect={State.CREATED})
+    with pytest.raises(NotFound):
+        await store.set_run_process(ghost, 1, pid=1, proc_start=None, boot_id=None)
+    with pytest.raises(NotFound):
+        await store.end_runs([(ghost, RunEnd(reason=Reason.DAEMON_LOST))], now=T0)
+    assert await store.last_seq() == 0
 
 
 @pytest.mark.parametrize(("setup_running", "to", "kwargs", "problem"), [
     (False, State.STARTING, {}, "must have an open run"),
-    (False, State.STOPPED, {"pid": 1}, "no open run"),
     (False, State.STOPPED, {"end": RunEnd(reason=Reason.EXITED)}, "no open run"),
-    (True, State.STARTING, {"start_run": True}, "still open"),
     (True, State.STOPPED, {}, "must not have an open run"),
     (True, State.STOPPING, {"end": RunEnd(reason=Reason.EXITED)}, "must have an open run"),
 ])
 async def test_run_invariant_violations_are_refused(
         store: Store, setup_running: bool, to: State, kwargs: dict[str, object],
         problem: str) -> None:
-    await store.create_sandbox(spec("inv"), owner_uid=1, now=T0)
+    inv = await create(store, "inv")
     if setup_running:
-        await start(store, "inv", T0)
-    before = await store.get_sandbox("inv")
+        await start(store, inv.ref, T0)
+    before = await store.get(inv.ref)
     seq = await store.last_seq()
-    with pytest.raises(StoreError, match=problem):
-        await store.transition("inv", to, now=T0 + 5, expect=set(State),
+    with pytest.raises(StoreError, match=problem) as err:
+        await store.transition(inv.ref, to, now=T0 + 5, expect=set(State),
                                **kwargs)  # type: ignore[arg-type]
-    assert await store.get_sandbox("inv") == before
+    assert err.value.data == {"sandbox": "inv", "state": before.state.value, "to": to.value}
+    assert await store.get(inv.ref) == before
     assert await store.last_seq() == seq
+
+
+@pytest.mark.parametrize("live", [State.STARTING, State.RUNNING, State.STOPPING])
+async def test_begin_run_with_a_run_still_open_is_refused(store: Store, live: State) -> None:
+    inv = await create(store, "inv")
+    info, _ = await store.begin_run(inv.ref, now=T0, expect={State.CREATED})
+    assert info.run is not None
+    if live is not State.STARTING:
+        await store.transition(inv.ref, State.RUNNING, now=T0 + 1, expect={State.STARTING})
+    if live is State.STOPPING:
+        await store.transition(inv.ref, State.STOPPING, now=T0 + 2, expect={State.RUNNING})
+    before = await store.get(inv.ref)
+    seq = await store.last_seq()
+    with pytest.raises(StoreError, match="still open"):
+        await store.begin_run(inv.ref, now=T0 + 5, expect=set(State))
+    assert await store.get(inv.ref) == before
+    assert await store.last_seq() == seq
+    assert [r.run_id for r in await store.live_runs()] == [info.run.id]
 
 
 # --- events --------------------------------------------------------------------------
@@ -356,14 +331,15 @@ async def test_run_invariant_violations_are_refused(
 async def test_events_since_returns_exactly_the_missed_ones(store: Store) -> None:
     assert await store.last_seq() == 0
     assert await store.events_since(0) == []
-    await store.create_sandbox(spec("e1"), owner_uid=1, now=T0)
-    await store.create_sandbox(spec("e2"), owner_uid=2, now=T0 + 1)
+    e1 = await create(store, "e1", uid=1)
+    e2 = await create(store, "e2", uid=2, now=T0 + 1)
     seen = await store.last_seq()
-    await start(store, "e1", T0 + 2)
-    _, removed = await store.remove_sandbox("e2", now=T0 + 5)
+    await start(store, e1.ref, T0 + 2)
+    _, removed = await store.remove_sandbox(e2.ref, now=T0 + 5)
     missed = await store.events_since(seen)
-    assert [(e.seq, e.sandbox, e.state) for e in missed] == [
-        (3, "e1", State.STARTING), (4, "e1", State.RUNNING), (5, "e2", State.CREATED)]
+    assert [(e.seq, e.sandbox, e.sandbox_id, e.state) for e in missed] == [
+        (3, "e1", e1.id, State.STARTING), (4, "e1", e1.id, State.RUNNING),
+        (5, "e2", e2.id, State.CREATED)]
     assert missed[-1] == removed
     assert await store.last_seq() == 5
     assert await store.events_since(5) == []
@@ -374,14 +350,14 @@ async def test_events_since_returns_exactly_the_missed_ones(store: Store) -> Non
 
 async def test_prune_keeps_the_newest_and_never_reuses_seqs(store: Store) -> None:
     for i in range(10):
-        await store.create_sandbox(spec(f"p{i}"), owner_uid=1, now=T0 + i)
+        await create(store, f"p{i}", now=T0 + i)
     assert await store.prune_events(keep=3) == 7
     assert [e.seq for e in await store.events_since(0)] == [8, 9, 10]
     assert await store.prune_events(keep=3) == 0
     assert await store.prune_events(keep=0) == 3
     assert await store.events_since(0) == []
     assert await store.last_seq() == 10
-    _, event = await store.create_sandbox(spec("after"), owner_uid=1, now=T0 + 20)
+    _, event = await store.create_sandbox(spec("after"), owner=Owner(uid=1), now=T0 + 20)
     assert event.seq == 11
     with pytest.raises(ValueError, match="keep"):
         await store.prune_events(keep=-1)
@@ -389,55 +365,50 @@ async def test_prune_keeps_the_newest_and_never_reuses_seqs(store: Store) -> Non
 
 async def test_concurrent_transitions_all_land_with_gap_free_seqs(store: Store) -> None:
     names = [f"c{i:02}" for i in range(50)]
-    for i, name in enumerate(names):
-        await store.create_sandbox(spec(name), owner_uid=1, now=T0 + i)
-    events: list[Event] = []
+    refs = [(await create(store, name, now=T0 + i)).ref for i, name in enumerate(names)]
+    returned: list[Event] = []
 
-    async def life(name: str, i: int) -> None:
-        _, e1 = await store.transition(name, State.STARTING, now=T0 + 100, expect={State.CREATED},
-                                       start_run=True, pid=10_000 + i)
-        _, e2 = await store.transition(name, State.RUNNING, now=T0 + 101,
-                                       expect={State.STARTING})
-        events.extend((e1, e2))
+    async def life(ref: SandboxRef, i: int) -> None:
+        info, _ = await store.begin_run(ref, now=T0 + 100, expect={State.CREATED})
+        assert info.run is not None
+        await store.set_run_process(ref, info.run.id, pid=10_000 + i, proc_start=None,
+                                    boot_id=None)
+        _, event = await store.transition(ref, State.RUNNING, now=T0 + 101,
+                                          expect={State.STARTING})
+        returned.append(event)
 
     async with anyio.create_task_group() as tg:
-        for i, name in enumerate(names):
-            tg.start_soon(life, name, i)
+        for i, ref in enumerate(refs):
+            tg.start_soon(life, ref, i)
 
-    assert sorted(e.seq for e in events) == list(range(51, 151))
     logged = await store.events_since(0, limit=10_000)
     assert [e.seq for e in logged] == list(range(1, 151))
+    assert sorted(returned, key=lambda e: e.seq) == [
+        e for e in logged if e.state is State.RUNNING]
+    for ref in refs:  # each sandbox's own events in order, each naming its run
+        mine = [e for e in logged if e.sandbox_id == ref.id]
+        assert [e.state for e in mine] == [State.CREATED, State.STARTING, State.RUNNING]
+        assert mine[1].run_id == mine[2].run_id is not None
     assert await store.counts_by_state() == {
         "created": 0, "starting": 0, "running": 50, "stopping": 0, "stopped": 0, "failed": 0}
     runs = await store.live_runs()
-    assert sorted((r.name, r.pid) for r in runs) == [(n, 10_000 + i) for i, n in enumerate(names)]
+    assert sorted((r.ref, r.pid) for r in runs) == [
+        (ref, 10_000 + i) for i, ref in enumerate(refs)]
     assert len({r.run_id for r in runs}) == 50
 
 
-async def test_racing_transitions_on_one_sandbox_have_one_winner(store: Store) -> None:
-    await store.create_sandbox(spec("race"), owner_uid=1, now=T0)
-    outcomes: list[str] = []
-
-    async def try_start(i: int) -> None:
-        try:
-            await store.transition("race", State.STARTING, now=T0 + 1, expect={State.CREATED},
-                                   start_run=True, pid=i)
-        except Conflict:
-            outcomes.append("conflict")
-        else:
-            outcomes.append("won")
-
-    async with anyio.create_task_group() as tg:
-        for i in range(50):
-            tg.start_soon(try_start, i)
-    assert sorted(outcomes) == ["conflict"] * 49 + ["won"]
+async def test_racing_starts_of_one_sandbox_have_one_winner(store: Store) -> None:
+    target = await create(store, "race")
+    outcomes = await race(50, lambda _: store.begin_run(target.ref, now=T0 + 1,
+                                                        expect={State.CREATED}), Conflict)
+    assert outcomes == ["refused"] * 49 + ["won"]
     assert await store.last_seq() == 2
     assert len(await store.live_runs()) == 1
 
 
 @pytest.mark.parametrize("checkpoints", range(12))
 async def test_cancelled_writer_leaves_all_or_nothing(store: Store, checkpoints: int) -> None:
-    await store.create_sandbox(spec("cx"), owner_uid=1, now=T0)
+    cx = await create(store, "cx")
 
     async def cancel_after(scope: anyio.CancelScope) -> None:
         for _ in range(checkpoints):
@@ -446,21 +417,31 @@ async def test_cancelled_writer_leaves_all_or_nothing(store: Store, checkpoints:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancel_after, tg.cancel_scope)
-        await store.transition("cx", State.STARTING, now=T0 + 1, expect={State.CREATED},
-                               start_run=True, pid=1)
+        await store.begin_run(cx.ref, now=T0 + 1, expect={State.CREATED})
         await anyio.sleep_forever()
 
-    info = await store.get_sandbox("cx")
+    info = await store.get(cx.ref)
     seqs = [e.seq for e in await store.events_since(0)]
     if info.state is State.CREATED:
-        assert (info.run, seqs) == (None, [1])
+        assert (info.run, seqs, await store.live_runs()) == (None, [1], [])
     else:
         assert info.state is State.STARTING
         assert info.run is not None
         assert seqs == [1, 2]
+        assert [r.run_id for r in await store.live_runs()] == [info.run.id]
     # The shared connection is not stuck inside a half-done transaction.
-    _, event = await store.create_sandbox(spec("after"), owner_uid=1, now=T0 + 2)
+    _, event = await store.create_sandbox(spec("after"), owner=Owner(uid=1), now=T0 + 2)
     assert event.seq == seqs[-1] + 1
+
+
+async def test_caller_cancelled_before_the_transaction_writes_nothing(store: Store) -> None:
+    pre = await create(store, "pre")
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await store.begin_run(pre.ref, now=T0 + 1, expect={State.CREATED})
+    assert scope.cancelled_caught
+    assert (await store.get(pre.ref)).state is State.CREATED
+    assert await store.last_seq() == 1
 
 
 # --- reconciliation and counts ------------------------------------------------------------
@@ -469,104 +450,88 @@ async def test_cancelled_writer_leaves_all_or_nothing(store: Store, checkpoints:
 async def test_live_runs_and_counts(store: Store) -> None:
     assert await store.live_runs() == []
     assert await store.counts_by_state() == {s.value: 0 for s in State}
-    for name in ("idle", "up", "going", "done"):
-        await store.create_sandbox(spec(name), owner_uid=1, now=T0)
-    await store.transition("up", State.STARTING, now=T0 + 1, expect={State.CREATED},
-                           start_run=True, pid=11, proc_start=111, boot_id="bt")
-    await start(store, "going", T0 + 2, pid=22)
-    await store.transition("going", State.STOPPING, now=T0 + 3, expect={State.RUNNING})
-    await start(store, "done", T0 + 4, pid=33)
-    await store.transition("done", State.STOPPED, now=T0 + 5, expect={State.RUNNING},
+    idle, up, going, done = [await create(store, n) for n in ("idle", "up", "going", "done")]
+    info, _ = await store.begin_run(up.ref, now=T0 + 1, expect={State.CREATED})
+    assert info.run is not None
+    await store.set_run_process(up.ref, info.run.id, pid=11, proc_start=111, boot_id="bt")
+    await start(store, going.ref, T0 + 2, pid=22)
+    await store.transition(going.ref, State.STOPPING, now=T0 + 3, expect={State.RUNNING})
+    await start(store, done.ref, T0 + 4, pid=33)
+    await store.transition(done.ref, State.STOPPED, now=T0 + 5, expect={State.RUNNING},
                            end=RunEnd(reason=Reason.EXITED, exit_code=0))
 
     live = await store.live_runs()
-    assert [(r.name, r.state, r.pid) for r in live] == [
-        ("up", State.STARTING, 11), ("going", State.STOPPING, 22)]
+    assert [(r.ref, r.state, r.pid) for r in live] == [
+        (up.ref, State.STARTING, 11), (going.ref, State.STOPPING, 22)]
     assert (live[0].proc_start, live[0].boot_id, live[0].started_at) == (111, "bt", utc(T0 + 1))
     assert {r.state for r in live} <= LIVE_STATES
+    assert idle.ref not in {r.ref for r in live}
     assert await store.counts_by_state() == {
         "created": 1, "starting": 1, "running": 0, "stopping": 1, "stopped": 1, "failed": 0}
 
 
-async def test_concurrent_opens_of_one_file_migrate_once(db_path: Path) -> None:
-    opened: list[Store] = []
-    all_open = anyio.Event()
-
-    async def hold() -> None:
-        async with open_store(db_path) as store:
-            opened.append(store)
-            if len(opened) == 4:
-                all_open.set()
-            await all_open.wait()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(4):
-            tg.start_soon(hold)
-    assert sql(db_path, "PRAGMA user_version") == [(schema.LATEST,)]
-
-
-async def test_caller_cancelled_before_the_transaction_writes_nothing(store: Store) -> None:
-    await store.create_sandbox(spec("pre"), owner_uid=1, now=T0)
-    with anyio.CancelScope() as scope:
-        scope.cancel()
-        await store.transition("pre", State.STARTING, now=T0 + 1, expect={State.CREATED},
-                               start_run=True, pid=1)
-    assert scope.cancelled_caught
-    assert (await store.get_sandbox("pre")).state is State.CREATED
-    assert await store.last_seq() == 1
-
-
 async def test_set_run_process_records_the_pid_without_an_event(store: Store) -> None:
-    await store.create_sandbox(spec("sp"), owner_uid=1, now=T0)
-    info, _ = await store.transition("sp", State.STARTING, now=T0 + 1, expect={State.CREATED},
-                                     start_run=True)
+    sp = await create(store, "sp")
+    other = await create(store, "other")
+    info, _ = await store.begin_run(sp.ref, now=T0 + 1, expect={State.CREATED})
     assert info.run is not None
     assert info.run.pid is None
-    await store.set_run_process("sp", info.run.id, pid=321, proc_start=5000, boot_id="bb")
+    await store.set_run_process(sp.ref, info.run.id, pid=321, proc_start=5000, boot_id="bb")
     assert await store.live_runs() == [LiveRun(
-        name="sp", run_id=info.run.id, state=State.STARTING, pid=321, proc_start=5000,
+        ref=sp.ref, run_id=info.run.id, state=State.STARTING, pid=321, proc_start=5000,
         boot_id="bb", started_at=utc(T0 + 1))]
-    assert await store.last_seq() == 2
+    assert await store.last_seq() == 3
     with pytest.raises(NotFound):
-        await store.set_run_process("sp", info.run.id + 1, pid=1, proc_start=None, boot_id=None)
-    with pytest.raises(NotFound):
-        await store.set_run_process("other", info.run.id, pid=1, proc_start=None, boot_id=None)
+        await store.set_run_process(sp.ref, info.run.id + 1, pid=1, proc_start=None,
+                                    boot_id=None)
+    # A run id is only good with the sandbox it belongs to.
+    with pytest.raises(NotFound) as err:
+        await store.set_run_process(other.ref, info.run.id, pid=1, proc_start=None,
+                                    boot_id=None)
+    assert err.value.data == {"sandbox": "other"}
+    assert (await store.live_runs())[0].pid == 321
     # A worker that died at once: the ended run still learns its pid.
-    await store.transition("sp", State.FAILED, now=T0 + 2, expect={State.STARTING},
+    await store.transition(sp.ref, State.FAILED, now=T0 + 2, expect={State.STARTING},
                            end=RunEnd(reason=Reason.LAUNCH_FAILED, exit_code=3))
-    await store.set_run_process("sp", info.run.id, pid=999, proc_start=1, boot_id="bb")
-    run = (await store.get_sandbox("sp")).run
+    await store.set_run_process(sp.ref, info.run.id, pid=999, proc_start=1, boot_id="bb")
+    run = (await store.get(sp.ref)).run
     assert run is not None
     assert (run.pid, run.reason, run.exit_code) == (999, Reason.LAUNCH_FAILED, 3)
+    assert await store.last_seq() == 4
 
 
 async def test_end_runs_closes_every_live_run_in_one_go(store: Store) -> None:
-    for name in ("r1", "r2", "idle"):
-        await store.create_sandbox(spec(name), owner_uid=1, now=T0)
-    await start(store, "r1", T0 + 1)
-    await store.transition("r2", State.STARTING, now=T0 + 2, expect={State.CREATED},
-                           start_run=True)
+    r1, r2, idle = [await create(store, n) for n in ("r1", "r2", "idle")]
+    await start(store, r1.ref, T0 + 1)
+    await store.begin_run(r2.ref, now=T0 + 2, expect={State.CREATED})
     lost = RunEnd(reason=Reason.DAEMON_LOST, detail="worker gone")
-    results = await store.end_runs([("r1", lost), ("r2", lost)], now=T0 + 10)
-    assert [(i.name, i.state, e.state, e.reason, e.detail) for i, e in results] == [
-        ("r1", State.STOPPED, State.STOPPED, Reason.DAEMON_LOST, "worker gone"),
-        ("r2", State.STOPPED, State.STOPPED, Reason.DAEMON_LOST, "worker gone")]
-    for info, _ in results:
+    events = await store.end_runs([(r1.ref, lost), (r2.ref, lost)], now=T0 + 10)
+    assert [(e.sandbox, e.sandbox_id, e.state, e.reason, e.detail) for e in events] == [
+        ("r1", r1.id, State.STOPPED, Reason.DAEMON_LOST, "worker gone"),
+        ("r2", r2.id, State.STOPPED, Reason.DAEMON_LOST, "worker gone")]
+    for ref, event in zip((r1.ref, r2.ref), events, strict=True):
+        info = await store.get(ref)
+        assert info.state is State.STOPPED
+        assert info.updated_at == utc(T0 + 10)
         assert info.run is not None
-        assert info.run.ended_at == utc(T0 + 10)
+        assert info.run.id == event.run_id
+        assert (info.run.ended_at, info.run.reason, info.run.detail) == (
+            utc(T0 + 10), Reason.DAEMON_LOST, "worker gone")
+    assert (await store.get(idle.ref)).state is State.CREATED
     assert await store.live_runs() == []
     assert await store.end_runs([], now=T0 + 11) == []
 
 
 async def test_end_runs_is_all_or_nothing(store: Store) -> None:
-    for name in ("live", "idle"):
-        await store.create_sandbox(spec(name), owner_uid=1, now=T0)
-    await start(store, "live", T0 + 1)
+    live, idle = [await create(store, n) for n in ("live", "idle")]
+    await start(store, live.ref, T0 + 1)
     seq = await store.last_seq()
     lost = RunEnd(reason=Reason.DAEMON_LOST)
     with pytest.raises(Conflict, match="'idle' is created"):
-        await store.end_runs([("live", lost), ("idle", lost)], now=T0 + 10)
-    assert (await store.get_sandbox("live")).state is State.RUNNING
+        await store.end_runs([(live.ref, lost), (idle.ref, lost)], now=T0 + 10)
+    with pytest.raises(NotFound):
+        await store.end_runs([(live.ref, lost), (SandboxRef(99, "ghost"), lost)], now=T0 + 10)
+    assert (await store.get(live.ref)).state is State.RUNNING
     assert len(await store.live_runs()) == 1
     assert await store.last_seq() == seq
 
@@ -578,20 +543,20 @@ async def test_on_event_sees_committed_events_in_seq_order(db_path: Path) -> Non
         published.append((event.seq, event.sandbox, event.state, owner_uid))
 
     async with open_store(db_path, on_event=on_event) as store:
-        await store.create_sandbox(spec("o1"), owner_uid=10, now=T0)
+        o1 = await create(store, "o1", uid=10)
         with pytest.raises(Conflict):
-            await store.create_sandbox(spec("o1"), owner_uid=20, now=T0)
+            await create(store, "o1", uid=20)
         with pytest.raises(Conflict):
-            await store.transition("o1", State.RUNNING, now=T0, expect={State.STARTING})
+            await store.transition(o1.ref, State.RUNNING, now=T0, expect={State.STARTING})
         assert published == [(1, "o1", State.CREATED, 10)]
 
-        async def create(i: int) -> None:
-            await store.create_sandbox(spec(f"p{i}"), owner_uid=i, now=T0 + 1)
+        async def make(i: int) -> None:
+            await create(store, f"p{i}", uid=i, now=T0 + 1)
 
         async with anyio.create_task_group() as tg:
             for i in range(30):
-                tg.start_soon(create, i)
-        await store.remove_sandbox("o1", now=T0 + 2)
+                tg.start_soon(make, i)
+        await store.remove_sandbox(o1.ref, now=T0 + 2)
     assert [seq for seq, *_ in published] == list(range(1, 33))
     assert published[-1] == (32, "o1", State.CREATED, 10)
     assert {(name, uid) for _, name, _, uid in published[1:-1]} == {
@@ -599,13 +564,15 @@ async def test_on_event_sees_committed_events_in_seq_order(db_path: Path) -> Non
 
 
 async def test_end_runs_returns_the_events_as_stored(store: Store) -> None:
+    refs = []
     for i in range(5):
-        await store.create_sandbox(spec(f"s{i}"), owner_uid=1, now=T0)
-        await start(store, f"s{i}", T0 + 1)
+        refs.append((await create(store, f"s{i}")).ref)
+        await start(store, refs[-1], T0 + 1)
     before = await store.last_seq()
-    results = await store.end_runs([(f"s{i}", RunEnd(reason=Reason.DAEMON_LOST, detail=str(i)))
-                                    for i in range(5)], now=T0 + 5)
+    events = await store.end_runs([(ref, RunEnd(reason=Reason.DAEMON_LOST, detail=str(i)))
+                                   for i, ref in enumerate(refs)], now=T0 + 5)
     stored = await store.events_since(before)
-    assert [e for _, e in results] == stored
+    assert events == stored
     assert [e.seq for e in stored] == list(range(before + 1, before + 6))
     assert [e.detail for e in stored] == ["0", "1", "2", "3", "4"]
+    assert [e.sandbox_id for e in stored] == [ref.id for ref in refs]
