@@ -207,18 +207,10 @@ async def test_an_unknown_state_is_not_in_any_expected_set(db_path: Path) -> Non
         assert await store.last_seq() == 4
 
 
-# Known bugs, marked xfail (strict: a fix turns them red until the mark goes).
-# Paging: `LIMIT` is applied to rows before unreadable ones are skipped, so a
-# page comes back short although more records follow, and a caller that stops
-# on a short page (sandbox.list does) never sees them; the fix is to fetch on
-# after the last row read until the page is full or the rows run out.
-# Unknown state: `STATES[state]` in the write paths raises KeyError where an
-# `Unreadable` (a StoreError naming the sandbox) is meant.
+# Paging skips unreadable rows without counting them against the limit, and a
+# write to a row whose state is unknown is a StoreError naming the sandbox.
 
 
-@pytest.mark.xfail(raises=AssertionError,
-                   reason="a limited list counts skipped rows against the limit: a short "
-                          "page looks like the last one and hides later records")
 @pytest.mark.parametrize("what", sorted(CORRUPTIONS))
 async def test_paging_past_an_unreadable_row_reaches_every_readable_one(
         db_path: Path, what: str) -> None:
@@ -228,9 +220,6 @@ async def test_paging_past_an_unreadable_row_reaches_every_readable_one(
         assert [i.name for i in page] == ["good1", "good2"]
 
 
-@pytest.mark.xfail(raises=KeyError,
-                   reason="a write to a row with an unknown state raises a bare KeyError "
-                          "from STATES[...] instead of a StoreError")
 @pytest.mark.parametrize("call", ["transition", "begin_run", "end_runs"])
 async def test_a_write_to_a_row_with_an_unknown_state_is_a_store_error(
         db_path: Path, call: str) -> None:

@@ -192,6 +192,9 @@ class Store:
         labels_json = ENCODER.encode(spec.labels).decode()  # TEXT, for json_each
         groups = None if owner.groups is None else ENCODER.encode(owner.groups).decode()
         async with self._write() as db:
+            taken = await db.execute_fetchall("SELECT 1 FROM sandboxes WHERE name = ?", (name,))
+            if list(taken):
+                raise Conflict(f"sandbox {name!r} already exists", data={"sandbox": name})
             if max_owned is not None:
                 rows = await db.execute_fetchall(
                     "SELECT count(*) FROM sandboxes WHERE owner_uid = ?", (owner.uid,))
@@ -246,21 +249,28 @@ class Store:
                              owner_uid: int | None = None, after: int = 0,
                              limit: int | None = None, with_spec: bool = True,
                              ) -> list[SandboxInfo]:
-        """Sandboxes matching every filter given, by id (creation order) after `after`."""
+        """Up to `limit` readable sandboxes matching every filter given, by id (creation
+        order), after id `after`. Unreadable rows are skipped and do not count."""
         filters = [  # fixed SQL with placeholders; values only ever go in as parameters
-            ("s.id > ?", (after,)),
             ("s.state = ?", None if state is None else (state.value,)),
             ("EXISTS (SELECT 1 FROM json_each(s.labels) WHERE key = ? AND value = ?)", label),
             ("s.owner_uid = ?", None if owner_uid is None else (owner_uid,))]
         used = [(sql, args) for sql, args in filters if args is not None]
-        where = " AND ".join(sql for sql, _ in used)
-        params: list[Any] = [arg for _, args in used for arg in args]
+        where = " AND ".join(["s.id > ?", *(sql for sql, _ in used)])
         sql = ("SELECT" + SANDBOX_COLUMNS.format(spec="s.spec" if with_spec else "NULL")
                + SANDBOX_FROM + f"WHERE {where} ORDER BY s.id")
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
-        return self._readable(await self._fetch(sql, params))
+        fixed: list[Any] = [arg for _, args in used for arg in args]
+        if limit is None:
+            return self._readable(await self._fetch(sql, [after, *fixed]))
+        out: list[SandboxInfo] = []
+        while len(out) < limit:
+            want = limit - len(out)
+            rows = await self._fetch(sql + " LIMIT ?", [after, *fixed, want])
+            out += self._readable(rows)
+            if len(rows) < want:
+                break
+            after = rows[-1][0]  # go on after the last row read, readable or not
+        return out
 
     async def owner(self, ref: SandboxRef) -> Owner:
         """Who owns `ref`, with the gid and groups recorded when it was created."""
@@ -349,7 +359,9 @@ class Store:
         if not rows:
             raise NotFound(ref.name)
         state_value, owner_uid, run_id, run_open = rows[0]
-        state = STATES[state_value]
+        state = STATES.get(state_value)
+        if state is None:
+            raise Unreadable(f"sandbox {ref.name!r}", ref.name, f"unknown state {state_value!r}")
         if state not in expect:
             raise _wrong_state(ref.name, state)
         run_open = run_id is not None and bool(run_open)
@@ -405,8 +417,12 @@ class Store:
                 if ref.id not in found:
                     raise NotFound(ref.name)
                 _, state_value, _, run_id, run_open = found[ref.id]
-                if STATES[state_value] not in LIVE_STATES:
-                    raise _wrong_state(ref.name, STATES[state_value])
+                state = STATES.get(state_value)
+                if state is None:
+                    raise Unreadable(f"sandbox {ref.name!r}", ref.name,
+                                     f"unknown state {state_value!r}")
+                if state not in LIVE_STATES:
+                    raise _wrong_state(ref.name, state)
                 if run_id is None or not run_open:
                     raise StoreError(f"cannot end the run of {ref.name!r}: it has no open run",
                                      data={"sandbox": ref.name})
@@ -581,9 +597,10 @@ async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIte
                                  f"(journal_mode is {rows[0][0]})", data={"path": str(path)})
             for pragma in _PRAGMAS:
                 await db.execute(pragma)
+            # Off while migrating (SQLite's default, said out loud): a migration that
+            # rebuilds a table drops the old one while the new one refers to its name.
+            await db.execute("PRAGMA foreign_keys = OFF")
             await _migrate(db, str(path))
-            # After migrating: a migration that rebuilds a table must drop the
-            # old one while the new one already refers to its name.
             await db.execute("PRAGMA foreign_keys = ON")  # runs go with their sandbox
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}",
