@@ -195,17 +195,20 @@ class RpcServer:
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
+                # Everyone waiting was taken: only now is a starved episode over (a
+                # released descriptor lets one client in, and the next may fail again).
+                if self._starved_since is not None:
+                    assert self._loop is not None
+                    log.warning("accepting connections again after %.1f s (%d open)",
+                                self._loop.time() - self._starved_since,
+                                self.connection_count)
+                    self._starved_since = None
                 return
             except ConnectionAbortedError:
                 continue  # gone before we took it
             except OSError as exc:
                 self._starve(listener, exc)
                 return
-            if self._starved_since is not None:
-                assert self._loop is not None
-                log.warning("accepting connections again after %.1f s (%d open)",
-                            self._loop.time() - self._starved_since, self.connection_count)
-                self._starved_since = None
             self._open(sock)
 
     def _starve(self, listener: socket.socket, exc: OSError) -> None:

@@ -1,0 +1,153 @@
+"""How a run is asked to end: the signals, the grace, the timers that decide, the record.
+
+Every stop (a call, a kill, a timer) goes through `ask`: the first reason
+asked sticks, the worker gets SIGTERM (it asks its guest to shut down) and a
+KILL_GRACE deadline is set; when that falls, the worker's whole process
+group gets SIGKILL. Signals go out at once, with no await, so a burst of a
+thousand due deadlines is a thousand signals in a row; the `stopping` record
+follows separately (`record`), and failing to write it changes nothing: the
+reason is in memory and the end is what gets recorded.
+
+Signals reach the worker through its pidfd (a reused pid can never be hit),
+from the signalling thread when there is one. The process group is killed by
+its id, which is safe only while the worker is unreaped: until then neither
+its pid nor its group id can be given to another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal as signal_mod
+import time
+
+import anyio
+
+from msbd.config import Settings
+from msbd.daemon.live import Live
+from msbd.daemon.signaller import Signaller
+from msbd.daemon.timers import Scheduler, TimerKind, heartbeat_deadline, idle_deadline
+from msbd.db.store import Store
+from msbd.errors import Conflict, StoreError
+from msbd.log import ctx
+from msbd.model import Reason, State
+
+log = logging.getLogger("msbd.supervisor")
+
+
+class Stopping:
+    """The stop and signal policy, over the shared timers; owns no run."""
+
+    def __init__(self, *, settings: Settings, store: Store, timers: Scheduler,
+                 signaller: Signaller | None) -> None:
+        self._settings = settings
+        self._store = store
+        self._timers = timers
+        self._signaller = signaller
+
+    def ask(self, live: Live, reason: Reason, *, grace: float, detail: str | None = None,
+            sig: int = signal_mod.SIGTERM) -> bool:
+        """The signal, at once (no await): SIGTERM and a KILL_GRACE deadline, or SIGKILL.
+
+        Returns whether a `stopping` record is due (`record`).
+        """
+        if live.exited.is_set():
+            return False
+        if live.requested is None:
+            live.requested = reason
+            live.stop_detail = detail
+        if grace <= 0 or sig == signal_mod.SIGKILL:
+            self.kill_group(live)
+        else:
+            self.signal(live, sig)
+            deadline = self._timers.now() + grace
+            current = self._timers.get(live.ref.id, TimerKind.KILL_GRACE)
+            if current is None or deadline < current:
+                self._timers.set(live.ref.id, TimerKind.KILL_GRACE, deadline)
+        # A start that timed out goes straight to `failed`, not through `stopping`.
+        return reason is not Reason.LAUNCH_FAILED
+
+    async def record(self, live: Live, reason: Reason) -> None:
+        """Record `stopping`, unless the run is past it; a refused write is only logged."""
+        async with live.lock:
+            if live.exited.is_set() or live.state not in (State.STARTING, State.RUNNING):
+                return
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._store.transition(
+                        live.ref, State.STOPPING, now=time.time(),
+                        expect={State.STARTING, State.RUNNING}, detail=str(reason))
+                except Conflict:
+                    return  # it ended meanwhile; the watcher records the end
+                except StoreError as exc:
+                    # The worker has its signal; the end is what gets recorded.
+                    log.warning("cannot record stopping: %s", exc, extra=ctx(sandbox=live.name))
+                    return
+            live.state = State.STOPPING
+            log.info("stopping", extra=ctx(sandbox=live.name, reason=reason))
+
+    async def request(self, live: Live, reason: Reason, *, grace: float,
+                      detail: str | None = None, sig: int = signal_mod.SIGTERM) -> None:
+        """`ask`, then `record` when due."""
+        if self.ask(live, reason, grace=grace, detail=detail, sig=sig):
+            await self.record(live, reason)
+
+    def signal(self, live: Live, sig: int) -> None:
+        """Send `sig` to the worker (through the signalling thread when there is one)."""
+        if live.reaped:
+            return
+        if self._signaller is not None:
+            self._signaller.send(live.worker.pidfd, sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal_mod.pidfd_send_signal(live.worker.pidfd, sig)
+
+    def kill_group(self, live: Live) -> None:
+        """SIGKILL the worker's process group (its session): the worker and all it forked."""
+        if live.reaped:
+            return
+        try:
+            os.killpg(live.pid, signal_mod.SIGKILL)
+        except ProcessLookupError:
+            self.signal(live, signal_mod.SIGKILL)
+
+    # --- the timers' part ---------------------------------------------------------
+
+    def arm_idle(self, live: Live) -> None:
+        deadline = idle_deadline(live.last_activity, live.spec.idle_timeout)
+        if deadline is not None:
+            self._timers.set(live.ref.id, TimerKind.IDLE, deadline)
+
+    def due(self, live: Live, kind: TimerKind, now: float) -> Reason | None:
+        """The reason `kind` ends `live` now, or None (re-armed, or the grace SIGKILL sent)."""
+        key = live.ref.id
+        match kind:
+            case TimerKind.IDLE:
+                deadline = idle_deadline(live.last_activity, live.spec.idle_timeout)
+                assert deadline is not None
+                if deadline > now:  # there was activity: look again then
+                    self._timers.set(key, kind, deadline)
+                    return None
+                return Reason.IDLE_TIMEOUT
+            case TimerKind.MAX_DURATION:
+                return Reason.MAX_DURATION
+            case TimerKind.HEARTBEAT:
+                s = self._settings
+                deadline = heartbeat_deadline(live.last_beat, s.heartbeat_interval,
+                                              s.heartbeat_misses)
+                if deadline > now:
+                    self._timers.set(key, kind, deadline)
+                    return None
+                return Reason.HEARTBEAT_LOST
+            case TimerKind.KILL_GRACE:
+                log.warning("grace over, killing the worker", extra=ctx(sandbox=live.name))
+                self.kill_group(live)
+                return None
+
+    def timer_detail(self, live: Live, reason: Reason) -> str:
+        if reason is Reason.IDLE_TIMEOUT:
+            return f"idle for {live.spec.idle_timeout:g}s"
+        if reason is Reason.MAX_DURATION:
+            return f"ran for {live.spec.max_duration:g}s"
+        return f"no heartbeat for {self._timers.now() - live.last_beat:.1f}s"
