@@ -17,6 +17,7 @@ import os
 import pwd
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -367,6 +368,21 @@ def test_disks_are_opened_once_as_the_owner_and_reach_the_guest(
     [child] = w.calls_named("child")
     assert (child["uid"], child["gid"]) == (owner.uid, owner.gid)
     assert child["fds"] == [0, 1, 2, GUEST_DISK_FD, GUEST_DISK_FD + 1]
+
+
+def test_virtio_fs_flags_need_the_trailing_slash(tmp_path: Path) -> None:
+    """libkrun's virtio-fs opens a shared directory with O_PATH | O_NOFOLLOW: given
+    /proc/self/fd/N that is the link itself; /proc/self/fd/N/ is the directory."""
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name, is_dir in ((f"/proc/self/fd/{fd}", False), (f"/proc/self/fd/{fd}/", True)):
+            opened = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                assert stat.S_ISDIR(os.fstat(opened).st_mode) is is_dir, name
+            finally:
+                os.close(opened)
+    finally:
+        os.close(fd)
 
 
 def test_a_root_disk_is_opened_as_the_owner_before_the_double_refuses_to_boot_it(
