@@ -142,20 +142,35 @@ static void jb_begin(struct jbuf *b, const char *fn)
     jb_str(b, fn);
 }
 
-/* The log is opened once, when the library is loaded: the worker may become
- * the sandbox owner before its first libkrun call, and that uid need not be
- * able to open the log's path. */
+/* The log is opened when the library is loaded: the worker may become the
+ * sandbox owner before its first libkrun call, and that uid need not be able
+ * to open the log's path. It is opened again only if FAKEKRUN_LOG changes
+ * (in-process tests set it per test). */
 static int log_fd = -1;
+static char log_at[4096];
 
-__attribute__((constructor)) static void open_log(void)
+static void open_log(const char *path)
 {
-    const char *path = getenv("FAKEKRUN_LOG");
-    if (path != NULL && *path != '\0')
-        log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    if (log_fd >= 0)
+        close(log_fd);
+    log_fd = -1;
+    log_at[0] = '\0';
+    if (path == NULL || *path == '\0')
+        return;
+    log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    snprintf(log_at, sizeof log_at, "%s", path);
+}
+
+__attribute__((constructor)) static void open_log_at_load(void)
+{
+    open_log(getenv("FAKEKRUN_LOG"));
 }
 
 static void log_write(const char *line, size_t len)
 {
+    const char *path = getenv("FAKEKRUN_LOG");
+    if (strcmp(path ? path : "", log_at) != 0)
+        open_log(path);
     if (log_fd < 0)
         return;
     ssize_t n = write(log_fd, line, len); /* one write per line: O_APPEND keeps lines whole */
