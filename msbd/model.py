@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import posixpath
 import re
 from typing import Annotated, Final, NamedTuple, TypeVar
 
@@ -90,8 +91,12 @@ class Reason(enum.StrEnum):
 class DiskFormat(enum.StrEnum):
     """Disk image formats; the value libkrun wants is `krun_code`.
 
-    Formats are always explicit: probing would let a qcow2 header point the
-    VMM at any other file on the host.
+    Formats are always explicit (never probed), but that alone does not keep
+    an image from naming other host files: a qcow2 header can name a backing
+    file or an external data file, a vmdk descriptor names its extent files,
+    and libkrun opens whatever they name itself. The worker reads each image's
+    header from the file it opened as the owner and refuses any image that
+    names another file (`msbd.vm.images`).
     """
 
     RAW = "raw"
@@ -104,6 +109,17 @@ class DiskFormat(enum.StrEnum):
 
 
 _KRUN_FORMAT: Final = {DiskFormat.RAW: 0, DiskFormat.QCOW2: 1, DiskFormat.VMDK: 2}
+
+
+def under_proc(path: str) -> bool:
+    """Whether `path`, taken as written, names /proc or something in it.
+
+    Entries there (`/proc/<pid>/root`, `/proc/<pid>/fd/N`, `/proc/self/...`)
+    are links into other processes' files and mounts, whoever owns them, so
+    no spec may name one. Names elsewhere that lead there are caught when the
+    worker opens them (as the owner, and checking the mount it reached).
+    """
+    return posixpath.normpath(path).lstrip("/").split("/", 1)[0] == "proc"
 
 
 # --- the launch spec ---------------------------------------------------------
@@ -161,12 +177,16 @@ class LaunchSpec(Spec, frozen=True):
         """Cross-field rules msgspec's per-field constraints cannot say.
 
         Raises `InvalidParams` naming the field. Host paths are only checked
-        for shape here; whether they exist and who may read them is the
-        daemon's business (it knows the caller).
+        for shape here (absolute, not under /proc); whether they exist and
+        who may read them is the daemon's business (it knows the caller).
         """
         if (self.rootfs is None) == (self.root_disk is None):
             raise InvalidParams("exactly one of `rootfs` and `root_disk` is required",
                                 field="rootfs")
+        for field, path, _ in self.host_paths():
+            if under_proc(path):
+                raise InvalidParams(f"`{field}`: {path} is under /proc, which msbd never opens "
+                                    "(its entries lead into other processes)", field=field)
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise InvalidParams("`workdir` must be an absolute guest path", field="workdir")
         seen_tags: set[str] = set()
@@ -203,15 +223,24 @@ class WorkerSpec(LaunchSpec, frozen=True):
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
     libkrun: HostPath | None = None
     log_level: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
-    # The identity the VM runs as (libkrun drops to it right before the guest
-    # starts): the sandbox owner's, so a guest writes shared host files as its
-    # owner, never as the daemon. None keeps the worker's own.
+    # The identity the VM runs as: the sandbox owner's. The worker takes it
+    # (groups, gid, uid, for good) right after loading libkrun, before it opens
+    # any host file, and libkrun is told the same uid/gid; so every host file
+    # a VM gets is opened with its owner's rights. None keeps the worker's own.
     uid: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)] | None = None
     gid: Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)] | None = None
-    # Supplementary groups the VM keeps (the owner's); set by the worker itself,
-    # since libkrun only changes the uid and gid.
+    # Supplementary groups the VM keeps (the owner's); None with a uid: none.
     groups: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=2**32 - 2)]],
                       msgspec.Meta(max_length=65536)] | None = None
+
+    def check(self) -> None:
+        """The launch spec's rules, and: `uid` and `gid` come together, `groups` only
+        with them (the worker takes all three before it opens any host file)."""
+        super().check()
+        if (self.uid is None) != (self.gid is None):
+            raise InvalidParams("`uid` and `gid` must be given together", field="uid")
+        if self.groups is not None and self.uid is None:
+            raise InvalidParams("`groups` needs `uid` and `gid`", field="groups")
 
 
 # --- seed syntax: `--disk id:host:format[:ro]`, `--mount tag:host[:ro]` --------

@@ -113,6 +113,8 @@ def test_records_survive_a_restart(daemon: DaemonProc, tmp_path: Path) -> None:
     ({"mounts": [{"tag": "", "host": "/"}]}, "mounts[0].tag"),
     ({"mounts": [{"tag": "t", "host": "/", "extra": 1}]}, "mounts[0].extra"),
     ({"disks": [{"id": "d", "host": "/x", "format": "qcow3"}]}, "disks[0].format"),
+    ({"rootfs": "/proc/1/root"}, "rootfs"),  # /proc leads into other processes
+    ({"disks": [{"id": "d", "host": "/proc/self/fd/0", "format": "raw"}]}, "disks[0].host"),
     ({"idle_timeout": -1}, "idle_timeout"),
     ({"surprise": True}, "surprise"),
     ({"args": ["ok", "nul\u0000byte"]}, "args[1]"),

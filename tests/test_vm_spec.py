@@ -92,6 +92,15 @@ def test_mount_arg_strictness() -> None:
      "`workdir` must be an absolute guest path"),
     (b'{"name": "t", "exec": "/x", "rootfs": "/", "heartbeat_interval": 0}',
      "invalid spec: Expected `float` > 0.0"),
+    # The worker takes uid, gid and groups together, before it opens any host file.
+    (b'{"name": "t", "exec": "/x", "rootfs": "/", "uid": 1000}',
+     "`uid` and `gid` must be given together"),
+    (b'{"name": "t", "exec": "/x", "rootfs": "/", "gid": 1000}',
+     "`uid` and `gid` must be given together"),
+    (b'{"name": "t", "exec": "/x", "rootfs": "/", "groups": [1000]}',
+     "`groups` needs `uid` and `gid`"),
+    (b'{"name": "t", "exec": "/x", "rootfs": "/", "mounts": [{"tag": "p", "host": "/proc"}]}',
+     "`mounts[0].host`: /proc is under /proc, which msbd never opens"),
 ])
 def test_decode_spec_rejects(data: bytes, message: str) -> None:
     with pytest.raises(InvalidParams) as info:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,28 @@ def log(tmp_path: Path) -> Path:
     return tmp_path / "fakekrun.jsonl"
 
 
+ZERO_VMDK = b'# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\nRW 2048 ZERO\n'
+"""A vmdk descriptor naming no file (all its data reads as zeros): one the worker accepts."""
+
+
+def disk_files(where: Path) -> dict[str, Path]:
+    """One real image per format: raw (known bytes), qcow2 (qemu-img), vmdk (all ZERO)."""
+    files = {"raw": where / "r.img", "qcow2": where / "q.qcow2", "vmdk": where / "v.vmdk"}
+    files["raw"].write_bytes(b"RAW!" + b"\0" * 508)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(files["qcow2"]), "1M"],
+                   check=True)
+    files["vmdk"].write_bytes(ZERO_VMDK)
+    return files
+
+
+FD_NAME = re.compile(r"^/proc/self/fd/(\d+)(/?)$")
+
+
+def by_fd(value: object) -> object:
+    """`/proc/self/fd/N` as `<fd>` (`<fd>/` with the slash): the numbers vary, the form not."""
+    if isinstance(value, str) and (m := FD_NAME.match(value)):
+        return "<fd>" + m.group(2)
+    return value
 
 
 # --- fd checks: status 2, one stderr line, no libkrun call ---------------------------
@@ -91,19 +115,19 @@ def test_fd_check_failure(workers: Workers, make_spec: Callable[..., bytes], log
 
 
 def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
-        workers: Workers, make_spec: Callable[..., bytes], log: Path, tmp_path: Path,
-        busybox_root: Path) -> None:
+        workers: Workers, make_spec: Callable[..., bytes], log: Path, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    files = disk_files(tmp_path)
     spec = make_spec(
         vcpus=3, memory_mib=320, workdir="/work", exec="/bin/sh",
         args=["-c", 'echo "$0|$1|$2"', "zero", "one two", ""],
         env={"A": "1", "SPACED": "x y", "EMPTY": ""},
         mounts=[{"tag": "data", "host": str(tmp_path / "a")},
                 {"tag": "seed", "host": str(tmp_path / "b"), "readonly": True}],
-        disks=[{"id": "r", "host": "/h/r.img", "format": "raw", "readonly": True},
-               {"id": "q", "host": "/h/q.qcow2", "format": "qcow2"},
-               {"id": "v", "host": "/h/v.vmdk", "format": "vmdk"}],
+        disks=[{"id": "r", "host": str(files["raw"]), "format": "raw", "readonly": True},
+               {"id": "q", "host": str(files["qcow2"]), "format": "qcow2"},
+               {"id": "v", "host": str(files["vmdk"]), "format": "vmdk"}],
         log_level=3)
     w = workers.start(spec, log=log)
     assert w.status_line() == "entering"
@@ -111,20 +135,20 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
     assert w.output() == "zero|one two|\n"
     calls = w.calls()
     [eventfd] = [c["ret"] for c in calls if c["fn"] == "krun_get_shutdown_eventfd"]
+    # Host files go to libkrun as the files the worker opened (/proc/self/fd/N).
     expected = [
         {"fn": "krun_set_log_level", "level": 3, "ret": 0},
         {"fn": "krun_create_ctx", "ret": 0},
         {"fn": "krun_set_vm_config", "ctx": 0, "num_vcpus": 3, "ram_mib": 320, "ret": 0},
-        {"fn": "krun_set_root", "ctx": 0, "root_path": str(busybox_root), "ret": 0},
-        {"fn": "krun_add_virtiofs", "ctx": 0, "tag": "data", "path": str(tmp_path / "a"),
-         "ret": 0},
-        {"fn": "krun_add_virtiofs3", "ctx": 0, "tag": "seed", "path": str(tmp_path / "b"),
+        {"fn": "krun_set_root", "ctx": 0, "root_path": "<fd>/", "ret": 0},
+        {"fn": "krun_add_virtiofs", "ctx": 0, "tag": "data", "path": "<fd>/", "ret": 0},
+        {"fn": "krun_add_virtiofs3", "ctx": 0, "tag": "seed", "path": "<fd>/",
          "shm_size": 0, "read_only": True, "ret": 0},
-        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "r", "disk_path": "/h/r.img",
+        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "r", "disk_path": "<fd>",
          "disk_format": 0, "read_only": True, "ret": 0},
-        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "q", "disk_path": "/h/q.qcow2",
+        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "q", "disk_path": "<fd>",
          "disk_format": 1, "read_only": False, "ret": 0},
-        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "v", "disk_path": "/h/v.vmdk",
+        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "v", "disk_path": "<fd>",
          "disk_format": 2, "read_only": False, "ret": 0},
         {"fn": "krun_set_workdir", "ctx": 0, "workdir": "/work", "ret": 0},
         {"fn": "krun_get_shutdown_eventfd", "ctx": 0, "ret": eventfd},
@@ -134,15 +158,23 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
                  "argv": ["-c", 'echo "$0|$1|$2"', "zero", "one two", ""],
                  "envp": ["A=1", "SPACED=x y", "EMPTY="], "ret": 0}
     expected.insert(10, exec_call)
-    assert calls[:12] == expected
+    assert [{k: by_fd(v) for k, v in c.items()} for c in calls[:12]] == expected
     assert isinstance(eventfd, int) and eventfd > 2
-    assert [c["fn"] for c in calls[12:]] == ["krun_start_enter", "child", "exit"]
-    if os.geteuid() == 0:  # the test double chroots only as root (see its README)
-        assert (calls[13]["chroot"], calls[13]["cwd"], calls[13]["exec"]) == (
-            True, "/work", "/bin/sh")
-    else:
-        assert (calls[13]["chroot"], calls[13]["cwd"], calls[13]["exec"]) == (
-            False, f"{busybox_root}/work", f"{busybox_root}/bin/sh")
+    assert [c["fn"] for c in calls[12:]] == [
+        "open_disk", "open_disk", "open_disk", "krun_start_enter",
+        "open_dir", "open_dir", "open_dir", "child", "exit"]
+    # The test double opened what the worker had opened, the way libkrun does.
+    disks = {c["block_id"]: c for c in calls if c["fn"] == "krun_add_disk2"}
+    for opened in calls[12:15]:
+        assert opened["path"] == disks[opened["block_id"]]["disk_path"] and opened["ok"]
+    assert [bytes.fromhex(c["head"])[:4] for c in calls[12:15]] == [
+        b"RAW!", b"QFI\xfb", ZERO_VMDK[:4]]
+    assert [(c["tag"], c["ok"], c["directory"]) for c in calls[16:19]] == [
+        ("/dev/root", True, True), ("data", True, True), ("seed", True, True)]
+    child = calls[19]
+    assert (child["chroot"], child["cwd"], child["exec"]) == (
+        os.geteuid() == 0, "/work", "/bin/sh")  # the double chroots only as root (README)
+    assert by_fd(child["root"]) == "<fd>/"
 
 
 def test_entering_is_sent_before_the_workload_runs(
@@ -193,10 +225,11 @@ CONFIGURING = ["krun_set_log_level", "krun_create_ctx", "krun_set_vm_config", "k
 @pytest.mark.parametrize("symbol", CONFIGURING)
 def test_configuring_call_failure_exits_4(workers: Workers, make_spec: Callable[..., bytes],
                                           log: Path, tmp_path: Path, symbol: str) -> None:
+    (tmp_path / "d.raw").write_bytes(b"\0" * 512)
     spec = make_spec(workdir="/work",
                      mounts=[{"tag": "rw", "host": str(tmp_path)},
                              {"tag": "ro", "host": str(tmp_path), "readonly": True}],
-                     disks=[{"id": "d", "host": "/h/d.raw", "format": "raw"}])
+                     disks=[{"id": "d", "host": str(tmp_path / "d.raw"), "format": "raw"}])
     w = workers.start(spec, log=log, env={"FAKEKRUN_FAIL": f"{symbol}:5"})
     assert w.wait() == 4
     message = f"{symbol} failed: Input/output error (errno 5)"
@@ -216,17 +249,20 @@ def test_krun_start_enter_returning_exits_5(workers: Workers,
 
 
 def test_root_disk_is_configured_but_the_test_double_cannot_boot_it(
-        workers: Workers, make_spec: Callable[..., bytes], log: Path) -> None:
-    spec = make_spec(rootfs=None, root_disk={"path": "/h/root.qcow2", "format": "qcow2",
+        workers: Workers, make_spec: Callable[..., bytes], log: Path, tmp_path: Path) -> None:
+    image = disk_files(tmp_path)["qcow2"]
+    spec = make_spec(rootfs=None, root_disk={"path": str(image), "format": "qcow2",
                                              "readonly": True})
     w = workers.start(spec, log=log)
     assert w.wait() == 5
     assert w.status_lines() == [
         "entering", "error krun_start_enter failed: Operation not supported (errno 95)"]
     root = w.calls_named("krun_add_disk2", "krun_set_root")
-    assert root == [{"fn": "krun_add_disk2", "ctx": 0, "block_id": "root",
-                     "disk_path": "/h/root.qcow2", "disk_format": 1, "read_only": True,
-                     "ret": 0}]
+    assert [{k: by_fd(v) for k, v in c.items()} for c in root] == [
+        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "root", "disk_path": "<fd>",
+         "disk_format": 1, "read_only": True, "ret": 0}]
+    [opened] = w.calls_named("open_disk")  # opened, like libkrun, before it gives up
+    assert (opened["path"], opened["ok"]) == (root[0]["disk_path"], True)
 
 
 def test_library_not_found_exits_3_and_names_every_place(
@@ -304,8 +340,12 @@ def test_only_allowed_fds_reach_libkrun_and_only_stdio_reaches_the_guest(
         os.close(leak_r)
         os.close(leak_w)
     [eventfd_call] = w.calls_named("krun_get_shutdown_eventfd")
+    [root_call] = w.calls_named("krun_set_root")
+    root_match = FD_NAME.match(root_call["root_path"])
+    assert root_match is not None  # the root directory the worker opened, and nothing else
     [enter] = w.calls_named("krun_start_enter")
-    assert sorted(enter["fds"]) == sorted([0, 1, 2, 97, 98, eventfd_call["ret"]])
+    assert sorted(enter["fds"]) == sorted([0, 1, 2, int(root_match.group(1)), 97, 98,
+                                           eventfd_call["ret"]])
     [child] = w.calls_named("child")
     assert child["fds"] == [0, 1, 2]
 
@@ -315,15 +355,19 @@ def test_only_allowed_fds_reach_libkrun_and_only_stdio_reaches_the_guest(
 
 def test_spec_file_and_seed_syntax_disks(workers: Workers, make_spec: Callable[..., bytes],
                                          log: Path, tmp_path: Path) -> None:
+    files = disk_files(tmp_path)
     spec_file = tmp_path / "spec.json"
-    spec_file.write_bytes(make_spec(disks=[{"id": "a", "host": "/h/a.raw", "format": "raw"}]))
+    spec_file.write_bytes(make_spec(disks=[{"id": "a", "host": str(files["raw"]),
+                                            "format": "raw"}]))
     w = workers.start(None, log=log, fds={96: None},
-              args=["--spec-file", str(spec_file), "--disk", "a:/h/a2.qcow2:qcow2:ro",
-                    "--disk", "b:/h/b.vmdk:vmdk", "--mount", f"m:{tmp_path}"])
+              args=["--spec-file", str(spec_file), "--disk", f"a:{files['qcow2']}:qcow2:ro",
+                    "--disk", f"b:{files['vmdk']}:vmdk", "--mount", f"m:{tmp_path}"])
     assert w.wait() == 0
-    disks = [(c["block_id"], c["disk_path"], c["disk_format"], c["read_only"])
+    disks = [(c["block_id"], by_fd(c["disk_path"]), c["disk_format"], c["read_only"])
              for c in w.calls_named("krun_add_disk2")]
-    assert disks == [("a", "/h/a2.qcow2", 1, True), ("b", "/h/b.vmdk", 2, False)]
+    assert disks == [("a", "<fd>", 1, True), ("b", "<fd>", 2, False)]
+    opened = [bytes.fromhex(c["head"])[:4] for c in w.calls_named("open_disk")]
+    assert opened == [b"QFI\xfb", ZERO_VMDK[:4]]  # the override replaced the raw disk
     assert [c["tag"] for c in w.calls_named("krun_add_virtiofs")] == ["m"]
 
 

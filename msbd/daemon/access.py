@@ -40,15 +40,18 @@ The rules
   the worker could not open is refused up front. A refusal is -32602 naming
   the field; its message says "permission denied" and which uid cannot do
   what. `sandbox.start` and `sandbox.restart` check again, as the caller of
-  that call.
+  that call. A walk that enters /proc is refused: its entries lead into
+  other processes' files and mounts.
 
 Limits, said plainly: the check uses mode bits and group membership (POSIX
 ACLs, capabilities other than root's and LSMs are not consulted); group
 membership is the peer's primary gid plus the groups `SO_PEERGROUPS` gave.
-This check is for a clear, early error. It is not what keeps a user out of
-files they may not use: a path can change between this check and the launch.
-That is kept by the launch itself, which opens every host file with the
-owner's rights (see docs/failure-cases.md, "What is opened as whom").
+It is an early refusal with a clear message, not the guard: it looks at
+names, and a caller who can rename entries on the way can swap them before
+the launch. The guard is the worker, which takes the owner's uid, gid and
+groups before it opens any host path, opens each one itself, once, and hands
+libkrun the open file (`msbd.vm.hostfiles`): whatever a name leads to by
+then, the VM gets only what its owner could open.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from msbd.errors import InvalidParams, PermissionDenied
-from msbd.model import LaunchSpec, Owner, SandboxInfo
+from msbd.model import LaunchSpec, Owner, SandboxInfo, under_proc
 
 # Methods a connection whose identity is unknown may still call.
 OPEN_METHODS: Final = frozenset({"daemon.ping", "rpc.discover"})
@@ -201,6 +204,8 @@ def _walk(path: str, uid: int, groups: frozenset[int], refuse: Callable[[str], I
                 st = os.stat(current)
                 continue
             candidate = os.path.join(current, name)
+            if under_proc(candidate):
+                raise refuse(": it leads into /proc, which msbd never opens")
             lst = os.lstat(candidate)
             if stat.S_ISLNK(lst.st_mode):
                 links += 1

@@ -11,8 +11,11 @@
 
 It checks those fds, closes every other fd, reads and checks the spec, loads
 libkrun (`WorkerSpec.libkrun`, then `$MSBD_LIBKRUN`, then `libkrun.so.1`),
-configures it and calls `krun_start_enter`, which never returns: the guest runs
-in this process and libkrun exits with the workload's exit status.
+becomes the sandbox's owner (`WorkerSpec.uid`, `gid`, `groups`, for good),
+opens every host file of the spec itself and checks it (`hostfiles`), hands
+libkrun those open files as `/proc/self/fd/N`, configures it and calls
+`krun_start_enter`, which never returns: the guest runs in this process and
+libkrun exits with the workload's exit status.
 
 Status pipe (fd 98), one ASCII line per message, each written with a single
 `write` (so lines are never interleaved):
@@ -31,9 +34,11 @@ Before `entering` only 2-4 are possible; after it, the workload's status, 5,
     0-255   the workload's exit status (libkrun exits with it)
     1       also: an unexpected error in the worker itself (a traceback on
             stderr, no `error` line) - a bug to report
-    2       an fd or spec check failed (also: a bad command line)
+    2       an fd, spec or host file check failed (also: a bad command line);
+            a host file: `<disk 'id'|root disk|rootfs|mount 'tag'>: ...`
     3       no usable libkrun: every place looked is named on stderr
-    4       a libkrun configuration call failed (the error names the call)
+    4       a libkrun configuration call failed (the error names the call),
+            or the owner's identity could not be taken
     5       krun_start_enter returned: libkrun refused to start the VM
     6       forced exit: the daemon went away (EOF on fd 97) and the guest
             did not stop within `shutdown_grace` seconds

@@ -1,4 +1,4 @@
-"""The worker's main line: fds → spec → libkrun → `entering` → krun_start_enter."""
+"""The worker's main line: fds → spec → libkrun → owner → host files → `entering` → enter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 from msbd.errors import FdCheckFailed, InvalidParams, KrunError
 from msbd.model import WorkerSpec
-from msbd.vm import WorkerExit, fds, guard, krun, spec
+from msbd.vm import WorkerExit, fds, guard, hostfiles, krun, spec
 from msbd.vm.status import ENTERING, StatusPipe, error_line, say
 
 
@@ -87,17 +87,24 @@ def run(argv: Sequence[str]) -> int:
         lib = krun.load(worker_spec.libkrun)
     except krun.LibraryNotLoadable as exc:
         return _fail(WorkerExit.NO_LIBKRUN, str(exc), pipe)
+    # From here on the worker is the sandbox's owner: every host file is opened
+    # with the owner's rights, libkrun's own opens included (msbd.vm.hostfiles).
+    # Nothing is imported after this point: the owner need not be able to read
+    # the interpreter's or msbd's files (every module used below is loaded).
     try:
-        ctx, eventfd = configure(lib, worker_spec)
+        hostfiles.become_owner(worker_spec)
+    except OSError as exc:
+        return _fail(WorkerExit.CONFIG_FAILED,
+                     f"cannot take the sandbox owner's identity (uid {worker_spec.uid}, "
+                     f"gid {worker_spec.gid}): {exc.strerror or exc}", pipe)
+    try:
+        names = hostfiles.open_host_files(worker_spec)
+    except hostfiles.HostFileRefused as exc:
+        return _fail(WorkerExit.CHECK_FAILED, str(exc), pipe)
+    try:
+        ctx, eventfd = configure(lib, worker_spec, names)
     except KrunError as exc:
         return _fail(WorkerExit.CONFIG_FAILED, str(exc), pipe)
-    if worker_spec.groups is not None:
-        # The owner's supplementary groups; libkrun then drops uid and gid itself.
-        try:
-            os.setgroups(worker_spec.groups)
-        except OSError as exc:
-            return _fail(WorkerExit.CONFIG_FAILED,
-                         f"cannot take the sandbox owner's groups: {exc.strerror}", pipe)
 
     pipe.send(ENTERING)  # first, so no heartbeat can come before it
     guard.start(watchdog_fd=fds.WATCHDOG_FD, status=pipe,
@@ -120,19 +127,24 @@ def _read_spec(opts: argparse.Namespace) -> WorkerSpec:
     return decoded
 
 
-def configure(lib: krun.Krun, s: WorkerSpec) -> tuple[int, int | None]:
-    """Every configuring call, in order; returns the context and the shutdown eventfd."""
+def configure(lib: krun.Krun, s: WorkerSpec, names: hostfiles.HostNames
+              ) -> tuple[int, int | None]:
+    """Every configuring call, in order; returns the context and the shutdown eventfd.
+
+    Host files are given by `names` (the files the worker opened), never by the
+    spec's paths, which libkrun would resolve again.
+    """
     lib.set_log_level(s.log_level)
     ctx = lib.create_ctx()
     lib.set_vm_config(ctx, s.vcpus, s.memory_mib)
-    if s.rootfs is not None:
-        lib.set_root(ctx, s.rootfs)
-    elif s.root_disk is not None:
-        lib.add_disk(ctx, "root", s.root_disk.path, s.root_disk.format, s.root_disk.readonly)
-    for mount in s.mounts:
-        lib.add_virtiofs(ctx, mount.tag, mount.host, mount.readonly)
-    for disk in s.disks:
-        lib.add_disk(ctx, disk.id, disk.host, disk.format, disk.readonly)
+    if names.rootfs is not None:
+        lib.set_root(ctx, names.rootfs)
+    elif s.root_disk is not None and names.root_disk is not None:
+        lib.add_disk(ctx, "root", names.root_disk, s.root_disk.format, s.root_disk.readonly)
+    for mount, mount_name in zip(s.mounts, names.mounts, strict=True):
+        lib.add_virtiofs(ctx, mount.tag, mount_name, mount.readonly)
+    for disk, disk_name in zip(s.disks, names.disks, strict=True):
+        lib.add_disk(ctx, disk.id, disk_name, disk.format, disk.readonly)
     if s.workdir is not None:
         lib.set_workdir(ctx, s.workdir)
     lib.set_exec(ctx, s.exec, s.args, spec.guest_env(s))

@@ -3,9 +3,11 @@
  *
  * It is not a VMM and never a fallback of msbd: it exports the libkrun
  * functions msbd's worker uses (LIBKRUN-ABI.md, same names, same signatures),
- * records every call as one JSON line, and in krun_start_enter runs the
- * configured program inside the configured root as a child process that dies
- * with its parent, the way a guest dies with its VMM. See README.md.
+ * records every call as one JSON line, and in krun_start_enter opens the
+ * disks and shared directories the way libkrun does (same flags, same moment,
+ * so as the same identity) and runs the configured program inside the
+ * configured root as a child process that dies with its parent, the way a
+ * guest dies with its VMM. See README.md.
  *
  * Environment:
  *   FAKEKRUN_LOG=path           append one JSON line per call (O_APPEND, one
@@ -27,6 +29,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -35,6 +38,10 @@
 #define EXPORT __attribute__((visibility("default")))
 #define MAX_CTX 64
 #define MAX_FDS 1024
+#define MAX_DISKS 64
+#define MAX_MOUNTS 64
+#define GUEST_DISK_FD 100 /* the "guest" finds disk i on fd 100 + i */
+#define HEAD_BYTES 32     /* how much of each opened disk a record shows */
 
 extern char **environ;
 
@@ -135,17 +142,39 @@ static void jb_begin(struct jbuf *b, const char *fn)
     jb_str(b, fn);
 }
 
+/* The log is opened when the library is loaded: the worker may become the
+ * sandbox owner before its first libkrun call, and that uid need not be able
+ * to open the log's path. It is opened again only if FAKEKRUN_LOG changes
+ * (in-process tests set it per test). */
+static int log_fd = -1;
+static char log_at[4096];
+
+static void open_log(const char *path)
+{
+    if (log_fd >= 0)
+        close(log_fd);
+    log_fd = -1;
+    log_at[0] = '\0';
+    if (path == NULL || *path == '\0')
+        return;
+    log_fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+    snprintf(log_at, sizeof log_at, "%s", path);
+}
+
+__attribute__((constructor)) static void open_log_at_load(void)
+{
+    open_log(getenv("FAKEKRUN_LOG"));
+}
+
 static void log_write(const char *line, size_t len)
 {
     const char *path = getenv("FAKEKRUN_LOG");
-    if (path == NULL || *path == '\0')
+    if (strcmp(path ? path : "", log_at) != 0)
+        open_log(path);
+    if (log_fd < 0)
         return;
-    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return;
-    ssize_t n = write(fd, line, len); /* one write per line: O_APPEND keeps lines whole */
+    ssize_t n = write(log_fd, line, len); /* one write per line: O_APPEND keeps lines whole */
     (void)n;
-    close(fd);
 }
 
 /* Finish the record with "ret", write it as one line, and return `ret`. */
@@ -180,9 +209,25 @@ static int injected_errno(const char *fn)
 
 /* ---- contexts ----------------------------------------------------------- */
 
+struct disk {
+    char *id;
+    char *path;
+    uint32_t format; /* 0 raw, 1 qcow2, 2 vmdk */
+    bool read_only;
+};
+
+struct mount {
+    char *tag;
+    char *path;
+};
+
 struct ctx {
     bool used;
     char *root;
+    struct disk disks[MAX_DISKS]; /* in the order they were added, the root disk too */
+    size_t ndisks;
+    struct mount mounts[MAX_MOUNTS];
+    size_t nmounts;
     char *workdir;
     char *exec_path;
     char **argv; /* arguments after the program name */
@@ -283,6 +328,14 @@ EXPORT int32_t krun_free_ctx(uint32_t ctx_id)
     BEGIN(b, "krun_free_ctx", ctx_id);
     CHECK(b, "krun_free_ctx", ctx_id, c);
     free(c->root);
+    for (size_t i = 0; i < c->ndisks; i++) {
+        free(c->disks[i].id);
+        free(c->disks[i].path);
+    }
+    for (size_t i = 0; i < c->nmounts; i++) {
+        free(c->mounts[i].tag);
+        free(c->mounts[i].path);
+    }
     free(c->workdir);
     free(c->exec_path);
     free_strv(c->argv);
@@ -320,6 +373,30 @@ EXPORT int32_t krun_set_root(uint32_t ctx_id, const char *root_path)
     return jb_end(&b, 0);
 }
 
+/* Disks are only remembered here; krun_start_enter opens them, as libkrun does. */
+static int32_t add_disk(struct ctx *c, const char *id, const char *path, uint32_t format,
+                        bool read_only)
+{
+    if (c->ndisks == MAX_DISKS)
+        return -ENOSPC;
+    struct disk *d = &c->disks[c->ndisks++];
+    d->id = strdup(id);
+    d->path = strdup(path);
+    d->format = format;
+    d->read_only = read_only;
+    return 0;
+}
+
+static int32_t add_mount(struct ctx *c, const char *tag, const char *path)
+{
+    if (c->nmounts == MAX_MOUNTS)
+        return -ENOSPC;
+    struct mount *m = &c->mounts[c->nmounts++];
+    m->tag = strdup(tag);
+    m->path = strdup(path);
+    return 0;
+}
+
 EXPORT int32_t krun_add_disk(uint32_t ctx_id, const char *block_id, const char *disk_path,
                              bool read_only)
 {
@@ -332,8 +409,9 @@ EXPORT int32_t krun_add_disk(uint32_t ctx_id, const char *block_id, const char *
     jb_key(&b, "read_only");
     jb_puts(&b, read_only ? "true" : "false");
     CHECK(b, "krun_add_disk", ctx_id, c);
-    (void)c;
-    return jb_end(&b, block_id == NULL || disk_path == NULL ? -EINVAL : 0);
+    if (block_id == NULL || disk_path == NULL)
+        return jb_end(&b, -EINVAL);
+    return jb_end(&b, add_disk(c, block_id, disk_path, 0, read_only));
 }
 
 EXPORT int32_t krun_add_disk2(uint32_t ctx_id, const char *block_id, const char *disk_path,
@@ -350,10 +428,9 @@ EXPORT int32_t krun_add_disk2(uint32_t ctx_id, const char *block_id, const char 
     jb_key(&b, "read_only");
     jb_puts(&b, read_only ? "true" : "false");
     CHECK(b, "krun_add_disk2", ctx_id, c);
-    (void)c;
     if (block_id == NULL || disk_path == NULL || disk_format > 2)
         return jb_end(&b, -EINVAL);
-    return jb_end(&b, 0);
+    return jb_end(&b, add_disk(c, block_id, disk_path, disk_format, read_only));
 }
 
 EXPORT int32_t krun_add_virtiofs(uint32_t ctx_id, const char *c_tag, const char *c_path)
@@ -365,8 +442,9 @@ EXPORT int32_t krun_add_virtiofs(uint32_t ctx_id, const char *c_tag, const char 
     jb_key(&b, "path");
     jb_str(&b, c_path);
     CHECK(b, "krun_add_virtiofs", ctx_id, c);
-    (void)c;
-    return jb_end(&b, c_tag == NULL || c_path == NULL ? -EINVAL : 0);
+    if (c_tag == NULL || c_path == NULL)
+        return jb_end(&b, -EINVAL);
+    return jb_end(&b, add_mount(c, c_tag, c_path));
 }
 
 /* Newer libkrun (not in LIBKRUN-ABI.md's table): the only way to share read-only. */
@@ -384,8 +462,9 @@ EXPORT int32_t krun_add_virtiofs3(uint32_t ctx_id, const char *c_tag, const char
     jb_key(&b, "read_only");
     jb_puts(&b, read_only ? "true" : "false");
     CHECK(b, "krun_add_virtiofs3", ctx_id, c);
-    (void)c;
-    return jb_end(&b, c_tag == NULL ? -EINVAL : 0);
+    if (c_tag == NULL)
+        return jb_end(&b, -EINVAL);
+    return jb_end(&b, c_path == NULL ? 0 : add_mount(c, c_tag, c_path));
 }
 
 EXPORT int32_t krun_set_workdir(uint32_t ctx_id, const char *workdir_path)
@@ -604,13 +683,155 @@ static _Noreturn void child_fail(int status, const char *what, const char *path,
     _exit(status);
 }
 
+/* ---- opening disks and shared directories the way libkrun does ---------- */
+
+static uint64_t be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Finish an open record: who opened it, how it went, the first bytes read. */
+static void record_open(struct jbuf *b, int fd, int err)
+{
+    static const char hex[] = "0123456789abcdef";
+    jb_key(b, "euid");
+    jb_int(b, geteuid());
+    jb_key(b, "egid");
+    jb_int(b, getegid());
+    jb_key(b, "ok");
+    jb_puts(b, fd >= 0 ? "true" : "false");
+    jb_key(b, "errno");
+    jb_int(b, err);
+    jb_key(b, "head");
+    if (fd < 0) {
+        jb_puts(b, "null");
+    } else {
+        unsigned char buf[HEAD_BYTES];
+        ssize_t n = pread(fd, buf, sizeof buf, 0);
+        jb_raw(b, "\"", 1);
+        for (ssize_t i = 0; i < n; i++) {
+            char two[2] = {hex[buf[i] >> 4], hex[buf[i] & 15]};
+            jb_raw(b, two, 2);
+        }
+        jb_raw(b, "\"", 1);
+    }
+    jb_puts(b, "}\n");
+    log_write(b->p, b->len);
+    free(b->p);
+}
+
+/* Like imago (libkrun's image library): a qcow2 header's backing file name,
+ * taken relative to the directory of the name the image was opened by,
+ * opened read-only. Only this one kind of reference is modelled. */
+static void follow_backing(const struct disk *d, int fd)
+{
+    unsigned char h[20];
+    if (pread(fd, h, sizeof h, 0) != (ssize_t)sizeof h || memcmp(h, "QFI\xfb", 4) != 0)
+        return;
+    uint64_t offset = be64(h + 8);
+    uint32_t len = be32(h + 16);
+    char name[1024];
+    if (offset == 0 || len == 0 || len >= sizeof name
+        || pread(fd, name, len, (off_t)offset) != (ssize_t)len)
+        return;
+    name[len] = '\0';
+    struct jbuf path = {0};
+    const char *slash = strrchr(d->path, '/');
+    if (name[0] != '/' && slash != NULL)
+        jb_raw(&path, d->path, (size_t)(slash - d->path) + 1);
+    jb_puts(&path, name);
+    int bfd = open(path.p, O_RDONLY | O_CLOEXEC);
+    int err = bfd < 0 ? errno : 0;
+    struct jbuf b;
+    jb_begin(&b, "open_backing");
+    jb_key(&b, "block_id");
+    jb_str(&b, d->id);
+    jb_key(&b, "path");
+    jb_str(&b, path.p);
+    record_open(&b, bfd, err);
+    free(path.p);
+    if (bfd >= 0)
+        close(bfd);
+}
+
+/* One disk, as libkrun's block device opens it: read, plus write unless
+ * read-only, close-on-exec, nothing else (no O_NOFOLLOW, no O_DIRECT, no
+ * lock). Returns the fd or -errno; either way it is recorded. */
+static int open_disk(const struct disk *d)
+{
+    int fd = open(d->path, (d->read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    int err = fd < 0 ? errno : 0;
+    struct jbuf b;
+    jb_begin(&b, "open_disk");
+    jb_key(&b, "block_id");
+    jb_str(&b, d->id);
+    jb_key(&b, "path");
+    jb_str(&b, d->path);
+    jb_key(&b, "read_only");
+    jb_puts(&b, d->read_only ? "true" : "false");
+    record_open(&b, fd, err);
+    if (fd >= 0 && d->format == 1)
+        follow_backing(d, fd);
+    return fd >= 0 ? fd : -err;
+}
+
+/* The start of an open_dir record, made before fork (the child allocates nothing). */
+static void dir_record(struct jbuf *b, const char *tag, const char *path)
+{
+    jb_begin(b, "open_dir");
+    jb_key(b, "tag");
+    jb_str(b, tag);
+    jb_key(b, "path");
+    jb_str(b, path);
+    jb_reserve(b, 128);
+}
+
+/* In the child: a shared directory as libkrun's virtio-fs opens its root
+ * (O_PATH | O_NOFOLLOW), recorded through `logfd`. Returns the fd or -errno. */
+static int open_dir(struct jbuf *rec, const char *path, int logfd)
+{
+    int fd = open(path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    int err = fd < 0 ? errno : 0;
+    struct stat st;
+    bool dir = fd >= 0 && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode);
+    size_t pos = rec->len;
+    pos += (size_t)snprintf(rec->p + pos, rec->cap - pos,
+                            ",\"euid\":%d,\"ok\":%s,\"errno\":%d,\"directory\":%s}\n",
+                            (int)geteuid(), fd >= 0 ? "true" : "false", err,
+                            dir ? "true" : "false");
+    if (logfd >= 0) {
+        ssize_t w = write(logfd, rec->p, pos);
+        (void)w;
+    }
+    return fd >= 0 ? fd : -err;
+}
+
+static void close_range_or_loop(unsigned first, unsigned last)
+{
+    if (first > last)
+        return;
+    if (syscall(SYS_close_range, first, last, 0U) != 0)
+        for (unsigned fd = first; fd <= last && fd < MAX_FDS * 64; fd++)
+            close((int)fd);
+}
+
+/* ---- krun_start_enter: run the workload as a child that dies with us ---- */
+
 EXPORT int32_t krun_start_enter(uint32_t ctx_id)
 {
     struct ctx *c;
     BEGIN(b, "krun_start_enter", ctx_id);
     int dirfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     int fds[MAX_FDS];
-    size_t nfds = dirfd >= 0 ? list_fds(dirfd, fds, MAX_FDS, -1, -1) : 0;
+    size_t nfds = dirfd >= 0 ? list_fds(dirfd, fds, MAX_FDS, log_fd, -1) : 0;
     if (dirfd >= 0)
         close(dirfd);
     jb_key(&b, "fds");
@@ -624,21 +845,29 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
     CHECK(b, "krun_start_enter", ctx_id, c);
     if (c->exec_path == NULL)
         return jb_end(&b, -EINVAL);
-    if (c->root == NULL) /* a root_disk: this test double cannot boot a disk image */
+
+    /* Like libkrun: every disk (the root disk too) is opened here, by whoever
+     * calls this, before the krun_setgid/krun_setuid identity is taken. */
+    int disk_fds[MAX_DISKS];
+    for (size_t i = 0; i < c->ndisks; i++) {
+        disk_fds[i] = open_disk(&c->disks[i]);
+        if (disk_fds[i] < 0) {
+            for (size_t k = 0; k < i; k++)
+                close(disk_fds[k]);
+            return jb_end(&b, -EINVAL); /* libkrun: "Error configuring virtio-blk" */
+        }
+    }
+    if (c->root == NULL) { /* a root_disk: this test double cannot boot a disk image */
+        for (size_t k = 0; k < c->ndisks; k++)
+            close(disk_fds[k]);
         return jb_end(&b, -ENOTSUP);
+    }
 
     /* Everything the child needs is prepared here: after fork it only makes syscalls. */
     bool do_chroot = geteuid() == 0;
     const char *workdir = c->workdir ? c->workdir : "/";
-    struct jbuf host_exec = {0}, host_cwd = {0};
-    if (!do_chroot) { /* not root: no chroot; paths resolve under the root directory */
-        jb_puts(&host_exec, c->root);
-        jb_puts(&host_exec, c->exec_path);
-        jb_puts(&host_cwd, c->root);
-        jb_puts(&host_cwd, workdir);
-    }
-    const char *exec_at = do_chroot ? c->exec_path : host_exec.p;
-    const char *cwd_at = do_chroot ? workdir : host_cwd.p;
+    const char *rel_workdir = workdir + strspn(workdir, "/");
+    const char *rel_exec = c->exec_path + strspn(c->exec_path, "/");
     size_t argc = 0;
     while (c->argv[argc] != NULL)
         argc++;
@@ -647,17 +876,22 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         abort();
     argv[0] = c->exec_path; /* argv[0] is the guest path, as libkrun's init does */
     memcpy(argv + 1, c->argv, argc * sizeof *argv);
-    const char *log_path = getenv("FAKEKRUN_LOG");
+    struct jbuf dir_recs[1 + MAX_MOUNTS];
+    dir_record(&dir_recs[0], "/dev/root", c->root);
+    for (size_t i = 0; i < c->nmounts; i++)
+        dir_record(&dir_recs[1 + i], c->mounts[i].tag, c->mounts[i].path);
 
     struct jbuf child_rec;
     jb_begin(&child_rec, "child");
     jb_key(&child_rec, "chroot");
     jb_puts(&child_rec, do_chroot ? "true" : "false");
+    jb_key(&child_rec, "root");
+    jb_str(&child_rec, c->root);
     jb_key(&child_rec, "exec");
-    jb_str(&child_rec, exec_at);
+    jb_str(&child_rec, c->exec_path);
     jb_key(&child_rec, "cwd");
-    jb_str(&child_rec, cwd_at);
-    jb_reserve(&child_rec, 8 * MAX_FDS + 64);
+    jb_str(&child_rec, workdir);
+    jb_reserve(&child_rec, 8 * MAX_FDS + 128);
 
     jb_key(&b, "ret");
     jb_puts(&b, "null}\n"); /* null: it does not return */
@@ -669,7 +903,8 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
     if (pid < 0)
         return -errno;
     if (pid == 0) {
-        /* The "guest": dies with its VMM, starts with clean signals and only fds 0-2. */
+        /* The "guest": dies with its VMM, starts with clean signals and fds 0-2, plus
+         * disk i on fd 100+i. */
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent)
             _exit(125);
@@ -681,13 +916,39 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
-        if (syscall(SYS_close_range, 3U, ~0U, 0U) != 0)
-            for (int fd = 3; fd < MAX_FDS * 64; fd++)
-                close(fd);
-        /* Instrumentation only, both close-on-exec and closed before exec. */
-        int logfd = log_path ? open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644) : -1;
+        /* The shared directories, opened as libkrun's virtio-fs opens them. Upstream
+         * does that after taking the krun_setuid identity; the double needs the root
+         * for its chroot first. msbd's worker is the owner by now either way. */
+        int rootfd = open_dir(&dir_recs[0], c->root, log_fd);
+        for (size_t i = 0; i < c->nmounts; i++) {
+            int m = open_dir(&dir_recs[1 + i], c->mounts[i].path, log_fd);
+            if (m >= 0)
+                close(m);
+        }
+        struct stat st;
+        if (rootfd < 0)
+            child_fail(125, "cannot open the root directory", c->root, -rootfd);
+        if (fstat(rootfd, &st) != 0 || !S_ISDIR(st.st_mode))
+            child_fail(125, "the root is not a directory:", c->root, ENOTDIR);
+        /* Disks to 100+i (inherited); the log and the root right above them
+         * (close-on-exec); all moved above those first, so no dup2 clobbers a source. */
+        size_t n = c->ndisks;
+        int log_at = GUEST_DISK_FD + (int)n, root_at = log_at + 1, above = root_at + 1;
+        int moved[MAX_DISKS + 2];
+        for (size_t i = 0; i < n; i++)
+            moved[i] = fcntl(disk_fds[i], F_DUPFD_CLOEXEC, above);
+        moved[n] = log_fd >= 0 ? fcntl(log_fd, F_DUPFD_CLOEXEC, above) : -1;
+        moved[n + 1] = fcntl(rootfd, F_DUPFD_CLOEXEC, above);
+        for (size_t i = 0; i < n; i++)
+            if (moved[i] < 0 || dup2(moved[i], GUEST_DISK_FD + (int)i) < 0)
+                child_fail(125, "cannot pass on disk", c->disks[i].path, errno);
+        int logfd = moved[n] >= 0 ? dup3(moved[n], log_at, O_CLOEXEC) : -1;
+        if (moved[n + 1] < 0 || (rootfd = dup3(moved[n + 1], root_at, O_CLOEXEC)) < 0)
+            child_fail(125, "cannot keep the root directory", c->root, errno);
+        close_range_or_loop(3, GUEST_DISK_FD - 1);
+        close_range_or_loop((unsigned)above, ~0U);
         int procfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (do_chroot && chroot(c->root) != 0)
+        if (do_chroot && (fchdir(rootfd) != 0 || chroot(".") != 0))
             child_fail(125, "cannot chroot into", c->root, errno);
         /* Like libkrun: the identity is dropped right before the "guest" starts
          * (uid and gid only; supplementary groups are the worker's business). */
@@ -695,14 +956,18 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
             child_fail(125, "cannot set gid for", c->root, errno);
         if (c->uid >= 0 && setuid((uid_t)c->uid) != 0)
             child_fail(125, "cannot set uid for", c->root, errno);
-        if (chdir(cwd_at) != 0)
-            child_fail(125, "cannot chdir to", cwd_at, errno);
+        /* Not root (no chroot): the guest paths resolve under the root directory. */
+        if (do_chroot ? chdir(workdir) != 0
+                      : fchdir(rootfd) != 0 || (*rel_workdir && chdir(rel_workdir) != 0))
+            child_fail(125, "cannot chdir to", workdir, errno);
         int seen[MAX_FDS];
-        size_t nseen = procfd >= 0 ? list_fds(procfd, seen, MAX_FDS, logfd, -1) : 0;
+        size_t nseen = procfd >= 0 ? list_fds(procfd, seen, MAX_FDS, logfd, rootfd) : 0;
         if (logfd >= 0) {
             size_t pos = child_rec.len;
             char *rec = child_rec.p;
-            pos += (size_t)snprintf(rec + pos, child_rec.cap - pos, ",\"pid\":%d", (int)getpid());
+            pos += (size_t)snprintf(rec + pos, child_rec.cap - pos,
+                                    ",\"pid\":%d,\"uid\":%d,\"gid\":%d", (int)getpid(),
+                                    (int)getuid(), (int)getgid());
             pos = put_fds(rec, pos, child_rec.cap - 4, "fds", seen, nseen);
             rec[pos++] = '}';
             rec[pos++] = '\n';
@@ -712,9 +977,13 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         }
         if (procfd >= 0)
             close(procfd);
-        execve(exec_at, argv, c->envp);
+        if (do_chroot)
+            execve(c->exec_path, argv, c->envp);
+        else
+            syscall(SYS_execveat, rootfd, rel_exec, argv, c->envp, 0);
         int err = errno;
-        child_fail(err == ENOENT || err == ENOTDIR ? 127 : 126, "cannot execute", exec_at, err);
+        child_fail(err == ENOENT || err == ENOTDIR ? 127 : 126, "cannot execute", c->exec_path,
+                   err);
     }
 
     if (c->shutdown_fd >= 0) {
