@@ -8,10 +8,14 @@ whoever the worker is then: a root worker would follow a `/proc/<pid>/root`
 magic link into the owner's own mount namespace, a symlink swapped in after
 the daemon's check, or a backing file named in a user's qcow2. So:
 
-1. `become_owner`: right after loading libkrun, the worker takes the owner's
-   supplementary groups, gid and uid (real, effective and saved: for good).
-   Everything below, libkrun's own opens included, has the owner's rights
-   and no more; libkrun's later setgid/setuid to the same ids change nothing.
+1. `become_owner`: right after loading libkrun (and libkrunfw), the worker
+   takes the owner's supplementary groups, gid and uid (real, effective and
+   saved: for good). Everything below, libkrun's own opens included, has the
+   owner's rights and no more; libkrun's later setgid/setuid to the same ids
+   change nothing. One group is added: the one `/dev/kvm`'s mode lets read
+   and write it, when the owner could not otherwise, because libkrun opens
+   the device itself in `krun_start_enter`. That group grants nothing else a
+   host normally has (only the device belongs to it).
 2. `open_host_files`: the worker opens each disk (read-only or read-write, as
    the spec says) and each shared directory itself, once, and checks what it
    got: the kind (`fstat`), the mount it lies on (procfs, or a mount outside
@@ -43,6 +47,7 @@ from msbd.vm import images
 from msbd.vm.fds import kind
 
 PROC_FD: Final = "/proc/self/fd"
+KVM_DEVICE: Final = "/dev/kvm"
 # O_NONBLOCK: a FIFO put where a disk should be must not hang the open (it is refused after).
 _OPEN_FLAGS: Final = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
@@ -69,7 +74,8 @@ def become_owner(spec: WorkerSpec) -> None:
     """
     if spec.uid is None or spec.gid is None:
         return  # `WorkerSpec.check`: then there are no groups either
-    uid, gid, groups = spec.uid, spec.gid, sorted(set(spec.groups or ()))
+    uid, gid = spec.uid, spec.gid
+    groups = sorted(set(spec.groups or ()) | kvm_groups(uid, gid, set(spec.groups or ())))
     if (os.getresuid(), os.getresgid()) == ((uid,) * 3, (gid,) * 3) and sorted(
             set(os.getgroups())) == groups:
         return  # already the owner (a worker started as its owner)
@@ -78,6 +84,20 @@ def become_owner(spec: WorkerSpec) -> None:
     os.setresuid(uid, uid, uid)
     if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3:
         raise PermissionError(f"still uid {os.getresuid()}, gid {os.getresgid()}")
+
+
+def kvm_groups(uid: int, gid: int, groups: set[int], device: str = KVM_DEVICE) -> set[int]:
+    """{the group of `device`} when its mode gives that group read and write and the
+    identity (uid, gid, groups) could not otherwise open it read-write; else {}."""
+    try:
+        st = os.stat(device)
+    except OSError:
+        return set()
+    if st.st_uid == uid:
+        return set()  # the owner class decides
+    if (st.st_gid == gid or st.st_gid in groups) or st.st_mode & 0o006 == 0o006:
+        return set()
+    return {st.st_gid} if st.st_mode & 0o060 == 0o060 else set()
 
 
 def open_host_files(spec: WorkerSpec) -> HostNames:

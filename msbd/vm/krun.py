@@ -207,10 +207,15 @@ def load(configured: str | None, environ: Mapping[str, str] | None = None) -> Kr
     raise LibraryNotLoadable("libkrun", tried)
 
 
-def load_libkrunfw() -> str:
-    """Where libkrunfw (the guest kernel libkrun loads by soname) is, or `LibraryNotLoadable`."""
+def load_libkrunfw(beside: str | None = None) -> str:
+    """Load libkrunfw (the guest kernel libkrun loads by soname) and say where it is, or
+    `LibraryNotLoadable`. The dynamic loader's search comes first, then the directory
+    of `beside` (a libkrun installed with its libkrunfw next to it)."""
     tried: list[str] = []
-    for name in LIBKRUNFW_SONAMES:
+    names = list(LIBKRUNFW_SONAMES)
+    if beside and os.path.isabs(beside):
+        names += [os.path.join(os.path.dirname(beside), n) for n in LIBKRUNFW_SONAMES]
+    for name in names:
         try:
             lib = ctypes.CDLL(name)
         except OSError as exc:

@@ -85,6 +85,11 @@ def run(argv: Sequence[str]) -> int:
 
     try:
         lib = krun.load(worker_spec.libkrun)
+        if not lib.test_double:
+            # libkrun loads the guest kernel by soname inside krun_start_enter, as the
+            # owner by then; loaded now, that finds this copy (and a missing one is
+            # said here, not as an obscure failure of the VM).
+            krun.load_libkrunfw(beside=lib.path)
     except krun.LibraryNotLoadable as exc:
         return _fail(WorkerExit.NO_LIBKRUN, str(exc), pipe)
     # From here on the worker is the sandbox's owner: every host file is opened
