@@ -169,12 +169,6 @@ static void mount_basics(size_t count)
             say("cannot mount %s: %s (going on without it)", m->dir, strerror(errno));
         }
     }
-    /* A private /tmp only where the root has none: an existing one is the root's own. */
-    if (mkdir("/tmp", 01777) == 0 &&
-        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
-        say("cannot mount /tmp: %s", strerror(errno));
-    if (symlink("/proc/self/fd", "/dev/fd") < 0 && errno != EEXIST)
-        say("cannot link /dev/fd: %s", strerror(errno));
 }
 
 /* The kernel opens /dev/console for PID 1 only when the root has a /dev/console. */
@@ -294,7 +288,7 @@ static int ports[3] = {-1, -1, -1};
 
 static void open_ports(void)
 {
-    static const char *names[] = {"krun-stdin\n", "krun-stdout\n", "krun-stderr\n"};
+    static const char *names[] = {"krun-stdin", "krun-stdout", "krun-stderr"};
     DIR *dir = opendir("/sys/class/virtio-ports");
     struct dirent *port;
     while (dir != NULL && (port = readdir(dir)) != NULL) {
@@ -305,6 +299,7 @@ static void open_ports(void)
             continue;
         bool got = fgets(name, sizeof name, f) != NULL;
         fclose(f);
+        name[strcspn(name, "\n")] = '\0';
         for (int fd = 0; got && fd < 3; fd++) {
             if (strcmp(name, names[fd]) != 0)
                 continue;
@@ -473,6 +468,12 @@ int main(int argc, char **argv)
         switch_to_disk(device, fstype, options);
     }
     mount_basics(sizeof basics / sizeof basics[0]);
+    /* A private /tmp only where the root has none: an existing one is the root's own. */
+    if (mkdir("/tmp", 01777) == 0 &&
+        mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0)
+        say("cannot mount /tmp: %s", strerror(errno));
+    if (symlink("/proc/self/fd", "/dev/fd") < 0 && errno != EEXIST)
+        say("cannot link /dev/fd: %s", strerror(errno));
     open_console();
     open_ports();
     int fd = ports[2] >= 0 ? ports[2] : fcntl(2, F_DUPFD_CLOEXEC, 3);
