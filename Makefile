@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps venv fakekrun test lint typecheck pytest demo bench clean
+.PHONY: setup system-deps venv fakekrun libkrun test lint typecheck pytest demo bench clean
 
 setup: system-deps venv fakekrun
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 
 fakekrun:
 	@$(MAKE) -s -C tests/fakekrun
+
+# The real libkrun (crates.io, pinned) with msbd's guest init, and the pinned libkrunfw,
+# built into a cache outside the checkout (docs/libkrun.md); prints the lib directory.
+libkrun:
+	@scripts/build-libkrun
 
 lint: venv
 	$(BIN)/ruff check msbd tests $(wildcard bench)
@@ -45,3 +50,4 @@ bench: setup
 clean:
 	rm -rf $(VENV) .demo build *.egg-info
 	@$(MAKE) -s -C tests/fakekrun clean
+	@$(MAKE) -s -C guest/init clean
