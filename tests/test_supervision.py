@@ -80,6 +80,9 @@ def test_missing_executable_exits_127(kdaemon: DaemonProc, busybox_root: Path) -
                                  "exec": "/bin/no-such-program"})
     end = wait_end(kdaemon, "nx")
     assert (end["run"]["reason"], end["run"]["exit_code"]) == ("exited", 127)
+    detail = end["run"]["detail"]
+    assert detail.startswith("status 127: the workload was not found; last output: ")
+    assert "/bin/no-such-program" in detail
 
 
 def test_stop_requested(kdaemon: DaemonProc, busybox_root: Path) -> None:

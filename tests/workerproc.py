@@ -104,6 +104,7 @@ class Worker:
         self.watchdog_w = watchdog
         self.log = log
         self.returncode: int | None = None
+        self.seen: list[str] = []  # console lines `wait_output` read
 
     def wait(self, timeout: float = 20.0) -> int:
         """The exit status as a shell shows it (128+n for signal n); a hang guard only."""
@@ -131,7 +132,19 @@ class Worker:
     def output(self, timeout: float = 20.0) -> str:
         """Everything on the console pipe (stdout and stderr) up to EOF."""
         assert self.console is not None
-        return self.console.read_all(timeout)
+        return "".join(self.seen) + self.console.read_all(timeout)
+
+    def wait_output(self, text: str, timeout: float = 20.0) -> str:
+        """Console lines until one holds `text` (they still count for `output`)."""
+        assert self.console is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.console.readline(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"the console ended without {text!r}: {self.seen}")
+            self.seen.append(line + "\n")
+            if text in line:
+                return line
 
     def calls(self) -> list[dict[str, Any]]:
         """The test double's records, one dict per libkrun call (or child/exit record)."""

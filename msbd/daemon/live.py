@@ -84,11 +84,23 @@ def end_reason(live: Live, exit_code: int | None, sig: int | None) -> Reason:
                              entered=live.entered, worker_error=live.error_line is not None)
 
 
+# Exit statuses of the guest's init that are about the workload, not from it.
+INIT_STATUSES = {
+    125: "the guest could not set up the workload's environment",
+    126: "the workload is not executable",
+    127: "the workload was not found",
+}
+
+
 def end_detail(live: Live, reason: Reason, exit_code: int | None, sig: int | None) -> str | None:
     """The words recorded with the end: why it was stopped, what the worker said."""
     parts: list[str] = []
     if live.stop_detail:
         parts.append(live.stop_detail)
+    if reason is Reason.EXITED and exit_code in INIT_STATUSES:
+        parts.append(f"status {exit_code}: {INIT_STATUSES[exit_code]}")
+        if live.last_output_line:
+            parts.append(f"last output: {live.last_output_line}")
     if reason in (Reason.LAUNCH_FAILED, Reason.WORKER_CRASHED):
         if live.error_line:
             parts.append(live.error_line)
