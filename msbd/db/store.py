@@ -21,6 +21,7 @@ have landed. sqlite3 errors become `StoreError` here, once.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
@@ -475,6 +476,32 @@ def _prepare_files(path: Path) -> None:
         os.close(fd)
 
 
+def _wait_for_opening_turn(path: Path) -> int:
+    """Block until no other `open_store` of `path` (in any process) is opening it, then
+    hold that turn until the returned fd is closed.
+
+    Why a lock of our own: SQLite does not wait for a switch to WAL. The
+    connection switching already holds a read lock when it asks for the
+    exclusive one, and SQLite answers such an upgrade at once with "database is
+    locked" rather than call the busy handler (two upgraders would deadlock),
+    so `busy_timeout` never covers it; two openers of a new file fail that way
+    about once in a hundred. A retry loop would have to poll with sleeps; an
+    `flock` queues the openers in the kernel instead. It is a separate file
+    because SQLite's own locks on the database are `fcntl` locks, which `flock`
+    emulation on some file systems would collide with. Other programs (the
+    sqlite3 CLI) do not take it, but only the first open of a new file switches
+    modes, and msbd creates its files itself.
+    """
+    fd = os.open(path.with_name(path.name + ".open-lock"),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 async def _migrate(db: aiosqlite.Connection, where: str) -> None:
     rows = list(await db.execute_fetchall("PRAGMA user_version"))
     for migration in schema.pending(rows[0][0], where=where):
@@ -492,6 +519,51 @@ async def _migrate(db: aiosqlite.Connection, where: str) -> None:
                 raise
 
 
+async def _configure(db: aiosqlite.Connection, path: Path) -> None:
+    # First, so that another process holding the file (a second msbd starting,
+    # the sqlite3 CLI) is waited for where SQLite can wait.
+    await db.execute("PRAGMA busy_timeout = 5000")
+    rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
+    if str(rows[0][0]).lower() != "wal":
+        raise StoreError(f"the database {path} cannot use WAL mode "
+                         f"(journal_mode is {rows[0][0]})", data={"path": str(path)})
+    for pragma in _PRAGMAS:
+        await db.execute(pragma)
+    await _migrate(db, str(path))
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    """A connection in WAL mode with every migration applied; opening, switching and
+    migrating take turns with every other opener of `path` (`_wait_for_opening_turn`)."""
+    try:
+        await anyio.to_thread.run_sync(_prepare_files, path)
+        # Not abandoned on cancellation: the fd comes back, and is closed below.
+        turn = await anyio.to_thread.run_sync(_wait_for_opening_turn, path)
+    except OSError as exc:
+        raise StoreError(f"cannot create the database {path}: {exc}",
+                         data={"path": str(path)}) from exc
+    try:
+        # isolation_level=None: the sqlite3 module never opens transactions on its
+        # own; the store says BEGIN IMMEDIATE itself.
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}",
+                             data={"path": str(path)}) from exc
+        try:
+            await _configure(db, path)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open the database {path}: {exc}",
+                                 data={"path": str(path)}) from exc
+            raise
+        return db
+    finally:
+        os.close(turn)
+
+
 @asynccontextmanager
 async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIterator[Store]:
     """Open (creating and migrating if needed) the database at `path`; close it on exit.
@@ -500,33 +572,8 @@ async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIte
     transaction appended (never for a rolled-back one), in `seq` order; it
     must neither block nor raise (the change is already on disk).
     """
+    db = await _connect(path)
     try:
-        await anyio.to_thread.run_sync(_prepare_files, path)
-    except OSError as exc:
-        raise StoreError(f"cannot create the database {path}: {exc}",
-                         data={"path": str(path)}) from exc
-    # isolation_level=None: the sqlite3 module never opens transactions on its
-    # own; the store says BEGIN IMMEDIATE itself.
-    try:
-        db = await aiosqlite.connect(path, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the database {path}: {exc}",
-                         data={"path": str(path)}) from exc
-    try:
-        try:
-            # First, so that another process holding the file (a second msbd
-            # starting, the sqlite3 CLI) is waited for, even while switching to WAL.
-            await db.execute("PRAGMA busy_timeout = 5000")
-            rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
-            if str(rows[0][0]).lower() != "wal":
-                raise StoreError(f"the database {path} cannot use WAL mode "
-                                 f"(journal_mode is {rows[0][0]})", data={"path": str(path)})
-            for pragma in _PRAGMAS:
-                await db.execute(pragma)
-            await _migrate(db, str(path))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the database {path}: {exc}",
-                             data={"path": str(path)}) from exc
         yield Store(db, on_event)
     finally:
         with anyio.CancelScope(shield=True):
