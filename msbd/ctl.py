@@ -4,6 +4,11 @@ Blocking and small: the same codec as the daemon over a plain socket, no
 anyio, uvloop or aiosqlite. Exit status 0 on success, 1 on an error reply
 (printed as one line), 2 on a usage error; `run --wait` and `wait` exit with
 the sandbox's own exit code (128+N for a signal, as a shell does).
+
+Output is printed to its last byte, page after page, for as long as
+`sandbox.logs` says `more`. Guest environment values can come from a file
+(`--env-file`) or from msbctl's own environment (`-e KEY`), so that a secret
+need not sit on msbctl's command line, which every local user can read.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -19,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 from msbd.errors import InvalidParams, MsbdError, RemoteError
-from msbd.model import parse_disk_arg, parse_mount_arg
+from msbd.model import ENV_KEY_PATTERN, parse_disk_arg, parse_mount_arg
 from msbd.rpc.client import Client, default_socket_path
 
 PROG = "msbctl"
@@ -132,6 +138,51 @@ def _kv(entries: list[str] | None, what: str, field: str) -> dict[str, str]:
     return out
 
 
+def _own_env(key: str, where: str) -> str:
+    """`key`'s value in msbctl's own environment (`-e KEY`, a bare `KEY` line)."""
+    if not re.fullmatch(ENV_KEY_PATTERN, key):
+        raise UsageError(f"{where}: {key!r} is not a variable name")
+    try:
+        return os.environ[key]
+    except KeyError:
+        raise UsageError(f"{where}: {key} is not set in msbctl's environment") from None
+
+
+def _env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines, taken literally (the syntax is in README.md and `--help`)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--env-file {path}: {getattr(exc, 'strerror', None) or exc}"
+                         ) from None
+    out: dict[str, str] = {}
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.removesuffix("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"--env-file {path}, line {number}"
+        key, sep, value = line.partition("=")
+        if not re.fullmatch(ENV_KEY_PATTERN, key):
+            raise UsageError(f"{where}: expected KEY=VALUE or KEY, with KEY a variable name")
+        out[key] = value if sep else _own_env(key, where)
+    return out
+
+
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    """Files first, in order, then each `-e`; a later value for a key wins."""
+    env: dict[str, str] = {}
+    for path in args.env_file or []:
+        env.update(_env_file(path))
+    for entry in args.env or []:
+        key, sep, value = entry.partition("=")
+        if sep and not key:
+            raise InvalidParams(f"invalid --env {entry!r}: expected KEY=VALUE or KEY",
+                                field="env")
+        env[key] = value if sep else _own_env(key, f"-e {key}")
+    return env
+
+
 def _abs(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
@@ -147,8 +198,9 @@ def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
         disk = parse_disk_arg(":".join(["root", *parts]))
         spec["root_disk"] = {"path": _abs(disk.host), "format": disk.format.value,
                              "readonly": disk.readonly}
-    if args.env:
-        spec["env"] = _kv(args.env, "--env", "env")
+    env = _env(args)
+    if env:
+        spec["env"] = env
     if args.label:
         spec["labels"] = _kv(args.label, "--label", "labels")
     for key, flag in (("workdir", args.workdir), ("vcpus", args.vcpus),
@@ -204,9 +256,7 @@ def cmd_run(c: Client, a: argparse.Namespace) -> int:
         return 0
     info = c.call("sandbox.wait", {"name": a.name}, timeout=None)
     if not a.json:
-        data = c.call("sandbox.logs", {"name": a.name, "offset": 0})["data"]
-        sys.stdout.write(data)
-        sys.stdout.flush()
+        _print_log(c, {"name": a.name, "offset": 0})
     else:
         _emit(a, info, print)
     return _exit_code_of(info)
@@ -258,6 +308,18 @@ def cmd_wait(c: Client, a: argparse.Namespace) -> int:
     return _exit_code_of(info)
 
 
+def _print_log(c: Client, params: dict[str, Any]) -> dict[str, Any]:
+    """Print console output from `params` on, page after page, until the log holds no
+    more; the last reply."""
+    while True:
+        result: dict[str, Any] = c.call("sandbox.logs", params, timeout=None)
+        sys.stdout.write(result["data"])
+        sys.stdout.flush()
+        if not result.get("more"):
+            return result
+        params = {"name": params["name"], "offset": result["offset"]}
+
+
 def cmd_logs(c: Client, a: argparse.Namespace) -> int:
     params: dict[str, Any] = {"name": a.name}
     if a.tail is not None:
@@ -265,16 +327,16 @@ def cmd_logs(c: Client, a: argparse.Namespace) -> int:
     else:
         params["offset"] = 0
     while True:
-        result = c.call("sandbox.logs", params, timeout=None)
-        sys.stdout.write(result["data"])
-        sys.stdout.flush()
+        result = _print_log(c, params)
         if not a.follow:
             return 0
+        params = {"name": a.name, "offset": result["offset"]}
         if not result["data"]:
             state = c.call("sandbox.get", {"name": a.name})["state"]
             if state not in ("starting", "running", "stopping"):
+                _print_log(c, params)  # what came between that read and the end
                 return 0
-        params = {"name": a.name, "offset": result["offset"], "wait": 5.0}
+        params["wait"] = 5.0
 
 
 def cmd_metrics(c: Client, a: argparse.Namespace) -> int:
@@ -322,8 +384,15 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vcpus", type=int, help="virtual CPUs (1-255, default 1)")
     p.add_argument("--memory", type=int, metavar="MIB", help="guest memory in MiB (default 512)")
     p.add_argument("--workdir", metavar="PATH", help="working directory in the guest")
-    p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE",
-                   help="guest environment variable (repeatable)")
+    p.add_argument("-e", "--env", action="append", metavar="KEY[=VALUE]",
+                   help="guest environment variable (repeatable); KEY alone takes the value "
+                        "from msbctl's own environment (an error if it is not set there), "
+                        "which keeps a secret off msbctl's command line")
+    p.add_argument("--env-file", action="append", metavar="FILE",
+                   help="guest environment from FILE (repeatable, read before -e): one "
+                        "KEY=VALUE per line, taken literally (no quotes, escapes or $ "
+                        "expansion); a bare KEY line as -e KEY; blank lines and lines "
+                        "starting with # are skipped")
     p.add_argument("--mount", action="append", metavar="TAG:HOST[:ro]",
                    help="extra host directory shared under TAG (repeatable)")
     p.add_argument("--disk", action="append", metavar="ID:HOST:FORMAT[:ro]",

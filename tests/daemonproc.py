@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from msbd.rpc.client import Client
 
 START_TIMEOUT = 30.0
+REPO = Path(__file__).resolve().parent.parent
 
 
 class DaemonProc:
@@ -131,6 +133,22 @@ class DaemonProc:
     def call(self, method: str, params: Any = None) -> Any:
         with self.client() as c:
             return c.call(method, params)
+
+
+def python_for(uid: int, gid: int) -> tuple[str, str] | None:
+    """(interpreter, PYTHONPATH) with which `uid` can import msbd (the daemon and the
+    worker), or None: the test runner's own interpreter may sit where `uid` cannot read."""
+    paths = sysconfig.get_paths()
+    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for python in (os.path.realpath(sys.executable), f"/usr/bin/python{version}"):
+        with contextlib.suppress(OSError):
+            probe = subprocess.run([python, "-c", "import msbd.daemon.app, msbd.vm.main"],
+                                   env={"PYTHONPATH": pythonpath}, user=uid, group=gid,
+                                   extra_groups=[], capture_output=True, check=False)
+            if probe.returncode == 0:
+                return python, pythonpath
+    return None
 
 
 def _toml(value: Any) -> str:

@@ -20,7 +20,6 @@ import socket
 import stat
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from daemonproc import DaemonProc
+from daemonproc import DaemonProc, python_for
 from tenants import (
     ROOT,
     SHARED_GID,
@@ -54,8 +53,6 @@ from msbd.rpc.client import Client
 from msbd.rpc.methods import ListSandboxParams, NoParams
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and become uids")
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 # --- the socket -------------------------------------------------------------------------
@@ -478,17 +475,11 @@ class DaemonAs(DaemonProc):
 
 def _python_for(user: User) -> tuple[str, str]:
     """An interpreter `user` can run with msbd importable, or skip."""
-    paths = sysconfig.get_paths()
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for python in (os.path.realpath(sys.executable), f"/usr/bin/python{version}"):
-        with contextlib.suppress(OSError):
-            probe = subprocess.run([python, "-c", "import msbd.daemon.app, msbd.vm.main"],
-                                   env={"PYTHONPATH": pythonpath}, user=user.uid,
-                                   group=user.gid, extra_groups=[], capture_output=True)
-            if probe.returncode == 0:
-                return python, pythonpath
-    pytest.skip(f"no Python {version} with msbd importable by uid {user.uid}")
+    found = python_for(user.uid, user.gid)
+    if found is None:
+        pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} with msbd "
+                    f"importable by uid {user.uid}")
+    return found
 
 
 @pytest.mark.parametrize("mode", [0o660, 0o666])

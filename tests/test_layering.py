@@ -29,8 +29,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 }
 # Foreign modules owned by exactly one of ours.
 OWNERS = {
-    "aiosqlite": {"msbd.db.store"},
-    "sqlite3": {"msbd.db.store"},
+    "aiosqlite": {"msbd.db.store", "msbd.db.opening"},
+    "sqlite3": {"msbd.db.store", "msbd.db.opening"},
     "ctypes": {"msbd.vm.krun"},
 }
 # What each process-facing entry point must never load, even indirectly.

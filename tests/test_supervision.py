@@ -383,7 +383,7 @@ def test_metrics_and_logs(kdaemon: DaemonProc, busybox_root: Path) -> None:
     tail = kdaemon.call("sandbox.logs", {"name": "obs", "tail": 3})
     assert tail["data"] == "998\n999\n1000\n"
     part = kdaemon.call("sandbox.logs", {"name": "obs", "offset": 2, "limit": 4})
-    assert part == {"data": "2\n3\n", "offset": 6}
+    assert part == {"data": "2\n3\n", "offset": 6, "more": True}
 
 
 # --- events ------------------------------------------------------------------------------

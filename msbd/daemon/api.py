@@ -299,11 +299,14 @@ class Api:
         info = await self._visible(caller, params.name)
         chunk = await self._sup.logs(info.ref, offset=params.offset, tail=params.tail,
                                      limit=params.limit, wait=params.wait)
-        # Never split a UTF-8 sequence: hold an incomplete tail back for the next call.
+        # Never split a UTF-8 sequence: hold an incomplete tail back for the next call,
+        # unless a page ended inside the only character it has (a reader must move on).
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = decoder.decode(chunk.data, final=False)
         held = len(decoder.getstate()[0])
-        return LogsResult(data=text, offset=chunk.offset - held)
+        if held and not text and chunk.more:
+            text, held = chunk.data.decode("utf-8", "replace"), 0
+        return LogsResult(data=text, offset=chunk.offset - held, more=chunk.more)
 
     async def metrics(self, caller: Caller, params: NameParams, ctx: CallContext
                       ) -> MetricsResult:

@@ -12,12 +12,19 @@ holds bytes from `base` on, `<id>.log.1` the bytes just before `base`, and
 `<id>.log.base` remembers `base` across daemon restarts. Writes are small
 appends done inline (page cache); reads run in a worker thread (`read_log`
 is plain blocking code, the caller decides where it runs).
+
+A read costs at most `limit` bytes of memory and of I/O whatever the log's
+size: pages from an offset are `pread`s, and a tail is found by reading
+backwards from the end in blocks. Working on whole files in a thread is not
+enough: splitting 16 MiB of short lines holds the GIL for most of a second,
+which stalls the event loop just as surely.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +33,14 @@ from pathlib import Path
 class LogChunk:
     data: bytes
     offset: int  # stream offset just after `data`: pass it back to continue
+    more: bool = False  # bytes after `offset` were already in the log: a page ended early
+
+
+# A rotation (rename, new `.base`, new file) and a reader's opening of the pair of files
+# exclude each other: a few syscalls each, so the writer (on the event loop) waits
+# microseconds at most. Retrying a reader instead does not work: in a thread that
+# spins, it keeps the GIL from the writer halfway through its rotation.
+_TURN = threading.Lock()
 
 
 _SUFFIXES = ("", ".1", ".base", ".base.tmp")
@@ -87,13 +102,14 @@ class ConsoleLog:
 
     def _rotate(self) -> None:
         os.close(self._fd)
-        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self.base += self._size
-        tmp = self.path.with_name(self.path.name + ".base.tmp")
-        tmp.write_text(f"{self.base}\n")
-        os.replace(tmp, self.path.with_name(self.path.name + ".base"))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o600)
+        with _TURN:  # a reader sees the files and `base` from before or from after
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self.base += self._size
+            tmp = self.path.with_name(self.path.name + ".base.tmp")
+            tmp.write_text(f"{self.base}\n")
+            os.replace(tmp, self.path.with_name(self.path.name + ".base"))
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
         self._size = 0
 
     def close(self) -> None:
@@ -107,43 +123,116 @@ def remove_log(path: Path) -> None:
             path.with_name(path.name + suffix).unlink()
 
 
-def read_log(path: Path, *, offset: int | None, tail: int | None, limit: int) -> LogChunk:
-    """Up to `limit` bytes from stream `offset`, or the last `tail` lines (blocking I/O)."""
-    base = _read_base(path)
-    old = path.with_name(path.name + ".1")
+# --- reading ---------------------------------------------------------------------------
+
+_BLOCK = 64 * 1024  # a tail is read backwards in blocks of this size
+
+
+class _Stream:
+    """The log as one byte stream `[first, end)`: the rotated file, then the current one.
+
+    Both files are opened together with the `base` that joins them, under
+    `_TURN`, so the snapshot holds whatever the writer does next: a later
+    rotation renames or unlinks names, not the open files, and bytes appended
+    after `end` are left for the next call. Reads are `pread`s.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with _TURN:
+            self.base = _read_base(path)
+            self._current = _open(path)
+            self._old = _open(path.with_name(path.name + ".1"))
+        old_size = os.fstat(self._old).st_size if self._old is not None else 0
+        self.first = self.base - old_size
+        self.end = self.base + (os.fstat(self._current).st_size if self._current is not None
+                                 else 0)
+
+    def read(self, start: int, size: int) -> bytes:
+        """Up to `size` bytes from stream offset `start` (>= `first`), within one file."""
+        if start < self.base:
+            fd, pos, size = self._old, start - self.first, min(size, self.base - start)
+        else:
+            fd, pos, size = self._current, start - self.base, min(size, self.end - start)
+        if fd is None or size <= 0:
+            return b""
+        parts: list[bytes] = []
+        while size > 0:
+            part = os.pread(fd, size, pos)
+            if not part:  # cannot happen to an append-only file; never loop on it
+                break
+            parts.append(part)
+            pos += len(part)
+            size -= len(part)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        _close(self._current, self._old)
+
+
+def _open(path: Path) -> int | None:
     try:
-        current = path.read_bytes() if tail is not None else None
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        current = b""
-    if tail is not None:
-        assert current is not None
-        try:
-            previous = old.read_bytes()
-        except FileNotFoundError:
-            previous = b""
-        data = previous + current
-        end = base + len(current)
-        lines = data.splitlines(keepends=True)
-        picked = b"".join(lines[-tail:]) if tail else b""
-        return LogChunk(picked[-limit:], end)
-    start = offset or 0
-    size = path.stat().st_size if path.exists() else 0
-    end = base + size
-    if start >= end:
-        return LogChunk(b"", end)
-    if start < base:
-        try:
-            old_size = old.stat().st_size
-        except FileNotFoundError:
-            old_size = 0
-        first = base - old_size
-        start = max(start, first)
-        if start < base:
-            with open(old, "rb") as f:
-                f.seek(start - first)
-                data = f.read(min(limit, base - start))
-            return LogChunk(data, start + len(data))
-    with open(path, "rb") as f:
-        f.seek(start - base)
-        data = f.read(limit)
-    return LogChunk(data, start + len(data))
+        return None
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
+
+
+def read_log(path: Path, *, offset: int | None, tail: int | None, limit: int) -> LogChunk:
+    """Up to `limit` bytes from stream `offset`, or the last `tail` lines (blocking I/O).
+
+    Memory and bytes read are bounded by `limit` whatever the size of the log:
+    a tail is found by reading backwards from the end, never by reading the
+    files whole.
+    """
+    stream = _Stream(path)
+    try:
+        if tail is not None:
+            return LogChunk(_tail(stream, lines=tail, limit=limit), stream.end)
+        start = max(offset or 0, stream.first)
+        if start >= stream.end:
+            return LogChunk(b"", stream.end)
+        data = stream.read(start, limit)
+        after = start + len(data)
+        return LogChunk(data, after, more=after < stream.end)
+    finally:
+        stream.close()
+
+
+def _tail(stream: _Stream, *, lines: int, limit: int) -> bytes:
+    """The last `lines` lines (ending in `\\n`, the last one maybe not), cut to their last
+    `limit` bytes, read backwards in blocks."""
+    end = stream.end
+    stop = max(stream.first, end - limit)  # nothing before this is ever returned
+    blocks: list[bytes] = []
+    hi, found = end, 0
+    while lines and hi > stop:
+        lo = max(stop, hi - _BLOCK, stream.base if hi > stream.base else stream.first)
+        block = stream.read(lo, hi - lo)
+        blocks.append(block)
+        # A `\n` as the very last byte ends the last line: it does not start one.
+        at = len(block) - 1 if hi == end and block.endswith(b"\n") else len(block)
+        count = block.count(b"\n", 0, at)
+        if found + count >= lines:
+            blocks[-1] = block[_newline_back(block, lines - found, at) + 1:]
+            break
+        found += count
+        hi = lo
+    return b"".join(reversed(blocks))
+
+
+def _newline_back(block: bytes, k: int, at: int) -> int:
+    """Index of the `k`-th `\n` before `at`, counting back from `at` (there are >= k):
+    a binary search on counts, so no per-line Python loop and no copies."""
+    lo, hi = 0, at  # count(lo, at) >= k > count(hi, at)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if block.count(b"\n", mid, at) >= k:
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -32,7 +32,25 @@ class AlreadyRunning(ConfigError):
 
 
 def lock_state_dir(state_dir: Path) -> int:
-    """Create the state dir (0700) and hold an exclusive lock on it; returns the lock fd."""
+    """Create the state dir (0700) and hold an exclusive lock on it; returns the lock fd.
+
+    A state dir msbd cannot write (a read-only mount, a directory of mode 0500)
+    is a `ConfigError` naming the path: startup's one-line message, not a traceback.
+    """
+    try:
+        return _lock_state_dir(state_dir)
+    except OSError as exc:
+        raise ConfigError(f"cannot use the state directory {state_dir}: "
+                          f"{_os_problem(exc, state_dir)}") from exc
+
+
+def _os_problem(exc: OSError, path: Path) -> str:
+    """`exc` in a few words, with the file it names when that is not `path`."""
+    where = "" if exc.filename in (None, str(path)) else f"{exc.filename}: "
+    return f"{where}{exc.strerror or exc}"
+
+
+def _lock_state_dir(state_dir: Path) -> int:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = state_dir.stat()
     if st.st_uid != os.getuid():
@@ -62,7 +80,17 @@ def _read_pid(fd: int) -> int | None:
 
 def bind_control_socket(path: Path, *, mode: int = 0o660, group: str | None = None,
                         backlog: int = 1024) -> socket.socket:
-    """A listening AF_UNIX socket at `path`, replacing a stale one, refusing a live one."""
+    """A listening AF_UNIX socket at `path`, replacing a stale one, refusing a live one;
+    a path msbd cannot bind (say, in a read-only directory) is a `ConfigError`."""
+    try:
+        return _bind_control_socket(path, mode=mode, group=group, backlog=backlog)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the control socket {path}: "
+                          f"{_os_problem(exc, path)}") from exc
+
+
+def _bind_control_socket(path: Path, *, mode: int, group: str | None,
+                         backlog: int) -> socket.socket:
     gid = _resolve_group(group)
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     _refuse_live_socket(path)

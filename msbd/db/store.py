@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
@@ -40,7 +39,7 @@ import aiosqlite
 import anyio
 import msgspec
 
-from msbd.db import schema
+from msbd.db.opening import connect
 from msbd.db.records import (
     ENCODER,
     EVENT_SELECT,
@@ -523,49 +522,6 @@ class Store:
             return cursor.rowcount
 
 
-# --- opening -----------------------------------------------------------------------
-
-_PRAGMAS: Final = (
-    # FULL, not WAL's usual NORMAL: with NORMAL a commit is durable across a
-    # crash of msbd but not across power loss or a kernel crash. The daemon
-    # answers "created" only after COMMIT returns, and a client may act on that
-    # answer at once, so COMMIT must mean "on disk": FULL fsyncs the WAL on
-    # every commit. Writes are rare (state changes), so the cost is small.
-    "PRAGMA synchronous = FULL",
-)
-
-
-def _prepare_files(path: Path) -> None:
-    """Parent dir 0700 if we create it; the db file 0600 before SQLite opens it."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.parent.chmod(0o700)
-    # Created here, not by SQLite, so it is never world-readable even for an
-    # instant; SQLite gives its -wal and -shm files the same mode.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
-async def _migrate(db: aiosqlite.Connection, where: str) -> None:
-    rows = list(await db.execute_fetchall("PRAGMA user_version"))
-    for migration in schema.pending(rows[0][0], where=where):
-        with anyio.CancelScope(shield=True):
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = list(await db.execute_fetchall("PRAGMA user_version"))
-                if rows[0][0] < migration.version:  # not applied by another process meanwhile
-                    for statement in migration.statements:
-                        await db.execute(statement)
-                    await db.execute(f"PRAGMA user_version = {int(migration.version)}")
-                await db.commit()
-            except BaseException:
-                await db.rollback()
-                raise
-
-
 @asynccontextmanager
 async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIterator[Store]:
     """Open (creating and migrating if needed) the database at `path`; close it on exit.
@@ -574,37 +530,8 @@ async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIte
     transaction appended (never for a rolled-back one), in `seq` order; it
     must neither block nor raise (the change is already on disk).
     """
+    db = await connect(path)
     try:
-        await anyio.to_thread.run_sync(_prepare_files, path)
-    except OSError as exc:
-        raise StoreError(f"cannot create the database {path}: {exc}",
-                         data={"path": str(path)}) from exc
-    # isolation_level=None: the sqlite3 module never opens transactions on its
-    # own; the store says BEGIN IMMEDIATE itself.
-    try:
-        db = await aiosqlite.connect(path, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StoreError(f"cannot open the database {path}: {exc}",
-                         data={"path": str(path)}) from exc
-    try:
-        try:
-            # First, so that another process holding the file (a second msbd
-            # starting, the sqlite3 CLI) is waited for, even while switching to WAL.
-            await db.execute("PRAGMA busy_timeout = 5000")
-            rows = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))
-            if str(rows[0][0]).lower() != "wal":
-                raise StoreError(f"the database {path} cannot use WAL mode "
-                                 f"(journal_mode is {rows[0][0]})", data={"path": str(path)})
-            for pragma in _PRAGMAS:
-                await db.execute(pragma)
-            # Off while migrating (SQLite's default, said out loud): a migration that
-            # rebuilds a table drops the old one while the new one refers to its name.
-            await db.execute("PRAGMA foreign_keys = OFF")
-            await _migrate(db, str(path))
-            await db.execute("PRAGMA foreign_keys = ON")  # runs go with their sandbox
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the database {path}: {exc}",
-                             data={"path": str(path)}) from exc
         yield Store(db, on_event)
     finally:
         with anyio.CancelScope(shield=True):

@@ -164,8 +164,12 @@ class DaemonInfo(Result, frozen=True):
 
 
 class LogsResult(Result, frozen=True):
+    """`offset` is where the next call continues; `more` says that output after it was
+    already in the log (the page ended at `limit`): call again at once from `offset`."""
+
     data: str
     offset: int
+    more: bool
 
 
 class MetricsResult(Result, frozen=True):
@@ -220,7 +224,8 @@ METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
     _M("sandbox.wait", WaitSandboxParams, SandboxInfo, "Answers once the current run ended."),
     _M("sandbox.touch", NameParams, SandboxInfo, "Count as activity: moves the idle deadline."),
     _M("sandbox.logs", LogsSandboxParams, LogsResult,
-       "Console output from `offset` (bytes) or the last `tail` lines."),
+       "Console output from `offset` (bytes, a page of at most `limit`; `more` when the "
+       "log already holds more) or the last `tail` lines."),
     _M("sandbox.metrics", NameParams, MetricsResult, "Resource use of the worker process."),
     _M("events.subscribe", SubscribeEventsParams, Subscription,
        "Replay events after `since`, then send live `event` notifications."),
