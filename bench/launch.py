@@ -160,7 +160,7 @@ def prespawned_latency(spec: bytes, env: dict[str, str]) -> float:
     """What a pool of pre-spawned workers would give: spec in, `entering` out.
 
     The unmodified worker (`python -m msbd.vm`) gets its spec on a pipe
-    (DESIGN.md allows a pipe on fd 96) whose write end we hold; once it is
+    (the fd protocol allows a pipe on fd 96) whose write end we hold; once it is
     blocked reading it (all imports and fd checks done), the clock starts,
     the spec is written and the pipe closed, and it runs until `entering`.
     """

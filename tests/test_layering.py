@@ -1,4 +1,4 @@
-"""The import layering of STYLE.md, enforced: imports flow one way, and each foreign
+"""The import layering of docs/design.md, enforced: imports flow one way, and each foreign
 library is touched by the one module that owns it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Start one worker process with exactly the fd map of DESIGN.md, and nothing else.
+"""Start one worker process with exactly the fd map of `msbd.vm`, and nothing else.
 
     0  /dev/null                        96  launch spec (sealed memfd)
     1  console pipe, write end          97  watchdog pipe, read end (EOF: daemon gone)

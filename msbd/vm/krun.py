@@ -27,7 +27,7 @@ class Symbol(NamedTuple):
     optional: bool = False
 
 
-# Every libkrun function the worker calls, with its C signature (LIBKRUN-ABI.md).
+# Every libkrun function the worker calls, with its C signature (docs/libkrun.md).
 SYMBOLS: Final = (
     Symbol("krun_set_log_level", (_u32,), _i32),
     Symbol("krun_create_ctx", (), _i32),
