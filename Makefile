@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps venv fakekrun libkrun test lint typecheck pytest demo bench clean
+.PHONY: setup system-deps venv fakekrun libkrun test lint typecheck pytest vm-test demo demo-vm \
+	bench clean
 
 setup: system-deps venv fakekrun
 
@@ -38,7 +39,12 @@ typecheck: venv
 pytest: setup
 	$(BIN)/pytest
 
-test: setup lint typecheck pytest
+# Real guests (pytest -m vm): here if this host's KVM can boot a kernel, else inside
+# scripts/nested-kvm; never skipped.
+vm-test: setup libkrun
+	@scripts/vm-test
+
+test: setup lint typecheck pytest vm-test
 
 demo: setup
 	@scripts/demo.sh

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from workerproc import REPO
 
 from msbd.rpc.methods import CheckInfo
-from msbd.vm import doctor
+from msbd.vm import doctor, krun
 
 
 @pytest.mark.parametrize(("cpuinfo", "flags"), [
@@ -63,7 +64,8 @@ def run_doctor(*args: str) -> subprocess.CompletedProcess[str]:
 def test_json_shape_for_the_daemon(fakekrun: Path) -> None:
     proc = run_doctor("--json", "--libkrun", str(fakekrun))
     report = json.loads(proc.stdout)
-    assert set(report) == {"checks", "libkrun", "libkrun_problem"}
+    assert set(report) == {"checks", "libkrun", "libkrun_problem", "libkrun_version",
+                           "libkrunfw", "libkrunfw_version"}
     assert [c["name"] for c in report["checks"]] == [
         "virtualization", "kvm_device", "kvm_module", "libkrun", "libkrunfw"]
     for c in report["checks"]:
@@ -85,3 +87,26 @@ def test_no_libkrun_in_json_and_text(tmp_path: Path) -> None:
     assert text.returncode == 1
     assert "PROBLEM  libkrun: libkrun not loadable" in text.stdout
     assert text.stdout.endswith("not ready to launch sandboxes\n")
+
+
+@pytest.mark.parametrize(("name", "soname", "version"), [
+    ("libkrun.so.1.19.7", "libkrun.so.1", "1.19.7"),
+    ("libkrun.so.1", "libkrun.so.1", "1"),
+    ("libkrunfw.so.5.6.1", "libkrunfw.so.5", "5.6.1"),
+    ("libkrun.so", "libkrun.so.1", None),
+    ("libfakekrun.so", "libkrun.so.1", None),
+    ("libkrun.so.1.19.7-rc1", "libkrun.so.1", None),
+])
+def test_version_in_a_librarys_name(tmp_path: Path, name: str, soname: str,
+                                    version: str | None) -> None:
+    (tmp_path / name).touch()
+    (tmp_path / "link").symlink_to(name)
+    assert krun.version_in_name(str(tmp_path / "link"), soname) == version
+
+
+def test_doctor_names_the_version_it_loaded(fakekrun: Path, tmp_path: Path) -> None:
+    shutil.copy2(fakekrun, tmp_path / "libkrun.so.1.2.3")
+    (tmp_path / "libkrun.so.1").symlink_to("libkrun.so.1.2.3")
+    report = json.loads(run_doctor("--json", "--libkrun", str(tmp_path / "libkrun.so.1")).stdout)
+    assert report["libkrun_version"] == "1.2.3"
+    assert "(libkrun 1.2.3)" in report["checks"][3]["detail"]

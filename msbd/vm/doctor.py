@@ -29,6 +29,9 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
     checks: list[Check]
     libkrun: str | None
     libkrun_problem: str | None
+    libkrun_version: str | None = None
+    libkrunfw: str | None = None
+    libkrunfw_version: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,8 @@ def pvm_loaded(sys_module: Path = Path("/sys/module"),
 
 
 def check_kvm_module(pvm: bool) -> Check:
+    """kvm_pvm opens and creates VMs like KVM, but dies on an unmodified guest kernel:
+    the device opening is not enough, the module serving it decides."""
     if pvm:
         return Check(name="kvm_module", ok=False,
                      detail="/dev/kvm is served by kvm_pvm, which cannot boot an unmodified "
@@ -98,19 +103,26 @@ def check_libkrun(configured: str | None) -> tuple[Check, str | None, str | None
                            "or the daemon's libkrun setting to its path"),
                 None, str(exc))
     detail = f"loaded {lib.path}"
+    if version := krun.version_in_name(lib.path, krun.SONAME):
+        detail += f" (libkrun {version})"
     if lib.test_double:
         detail += " (msbd's libkrun TEST DOUBLE from tests/fakekrun: it runs no VM)"
     return Check(name="libkrun", ok=True, detail=detail), lib.path, None
 
 
-def check_libkrunfw() -> Check:
+def check_libkrunfw(beside: str | None = None) -> tuple[Check, str | None]:
+    """(check, path): libkrunfw as a worker loads it (the loader, then next to libkrun)."""
     try:
-        path = krun.load_libkrunfw()
+        path = krun.load_libkrunfw(beside)
     except krun.LibraryNotLoadable as exc:
-        return Check(name="libkrunfw", ok=False, detail=str(exc),
-                     hint="install libkrunfw where the dynamic loader finds it "
-                          "(ldconfig, or LD_LIBRARY_PATH in the daemon's environment)")
-    return Check(name="libkrunfw", ok=True, detail=f"loaded {path}")
+        return (Check(name="libkrunfw", ok=False, detail=str(exc),
+                      hint="install libkrunfw where the dynamic loader finds it (ldconfig, "
+                           "LD_LIBRARY_PATH in the daemon's environment, or next to libkrun)"),
+                None)
+    detail = f"loaded {path}"
+    if version := krun.version_in_name(path, "libkrunfw.so.5"):
+        detail += f" (libkrunfw {version})"
+    return Check(name="libkrunfw", ok=True, detail=detail), path
 
 
 def run_checks(libkrun: str | None) -> Report:
@@ -119,9 +131,14 @@ def run_checks(libkrun: str | None) -> Report:
     except OSError:
         cpuinfo = ""
     lib_check, path, problem = check_libkrun(libkrun)
+    fw_check, fw_path = check_libkrunfw(path)
     checks = [check_cpu(cpuinfo), check_kvm_device(), check_kvm_module(pvm_loaded()),
-              lib_check, check_libkrunfw()]
-    return Report(checks=checks, libkrun=path, libkrun_problem=problem)
+              lib_check, fw_check]
+    return Report(checks=checks, libkrun=path, libkrun_problem=problem,
+                  libkrun_version=path and krun.version_in_name(path, krun.SONAME),
+                  libkrunfw=fw_path,
+                  libkrunfw_version=fw_path and krun.version_in_name(fw_path,
+                                                                     "libkrunfw.so.5"))
 
 
 def render(report: Report) -> str:

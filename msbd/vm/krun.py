@@ -207,6 +207,17 @@ def load(configured: str | None, environ: Mapping[str, str] | None = None) -> Kr
     raise LibraryNotLoadable("libkrun", tried)
 
 
+def version_in_name(path: str, soname: str) -> str | None:
+    """The version a library's file name says, as distributions install them:
+    `/usr/lib64/libkrun.so.1.19.7` for soname `libkrun.so.1` gives "1.19.7"."""
+    name = os.path.basename(os.path.realpath(path))
+    stem = soname.rsplit(".so", 1)[0] + ".so."
+    if not name.startswith(stem):
+        return None
+    version = name[len(stem):]
+    return version if version and all(p.isdigit() for p in version.split(".")) else None
+
+
 def load_libkrunfw(beside: str | None = None) -> str:
     """Load libkrunfw (the guest kernel libkrun loads by soname) and say where it is, or
     `LibraryNotLoadable`. The dynamic loader's search comes first, then the directory
