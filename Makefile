@@ -49,6 +49,11 @@ test: setup lint typecheck pytest vm-test
 demo: setup
 	@scripts/demo.sh
 
+# The same demo with real microVMs, inside scripts/nested-kvm (for hosts whose own KVM
+# cannot boot a guest kernel, like kvm_pvm).
+demo-vm: setup libkrun
+	@scripts/nested-kvm --env DEMO_DIR=/tmp/msbd-demo -- scripts/demo.sh
+
 bench: setup
 	$(BIN)/pip install -q -r bench/requirements.txt
 	$(BIN)/python -m bench.run

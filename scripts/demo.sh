@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
 # The main job, end to end: start msbd, launch sandboxes, show their state and
-# output, stop them, stop the daemon. Run by `make demo` after setup.
+# output, stop them, stop the daemon. Run by `make demo` after setup, and by
+# `make demo-vm` inside scripts/nested-kvm.
+#
+# It launches real microVMs when this host can run them (a KVM that boots a
+# guest kernel, and libkrun from `make libkrun` or $MSBD_LIBKRUN); otherwise
+# it says so and uses the libkrun test double, which runs no VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 DEMO=${DEMO_DIR:-$PWD/.demo}
 SOCK=$DEMO/msbd.sock
 FAKEKRUN=$PWD/tests/fakekrun/libfakekrun.so
+LIBKRUN=${MSBD_LIBKRUN:-}
+if [ -z "$LIBKRUN" ] && dir=$(scripts/build-libkrun --print-dir 2>/dev/null); then
+    LIBKRUN=$dir/libkrun.so.1
+fi
+if [ -n "$LIBKRUN" ] && "$BIN/python" -m msbd.vm doctor --libkrun "$LIBKRUN" >/dev/null 2>&1
+then
+    REAL=1
+else
+    REAL=0
+    LIBKRUN=$FAKEKRUN
+fi
 
 rm -rf "$DEMO"
-mkdir -p "$DEMO/rootfs/bin" "$DEMO/rootfs/tmp"
+mkdir -p "$DEMO/rootfs/bin" "$DEMO/rootfs/tmp" "$DEMO/rootfs/proc" "$DEMO/rootfs/sys" \
+    "$DEMO/rootfs/dev"
 cp /bin/busybox "$DEMO/rootfs/bin/busybox"
 for applet in sh echo cat sleep uname seq date env ls; do ln -s busybox "$DEMO/rootfs/bin/$applet"; done
 
@@ -17,21 +34,26 @@ say() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 msbctl() { "$BIN/msbctl" --socket "$SOCK" "$@"; }
 
-cat <<NOTE
-NOTE: this machine has no libkrun (no package ships it, and its /dev/kvm is kvm_pvm,
-which cannot boot a guest kernel), so this demo launches sandboxes with the libkrun
-TEST DOUBLE from tests/fakekrun: it runs the workload as a plain child process in a
-chroot, NOT in a VM. Everything else (daemon, socket, database, worker, fd checks,
-timers) is the real thing. Point --libkrun at a real libkrun.so.1 to get real VMs.
+if [ "$REAL" = 1 ]; then
+    echo "Real microVMs: libkrun $LIBKRUN on a KVM that boots a guest kernel."
+else
+    cat <<NOTE
+NOTE: this host cannot run real microVMs (\`msbd doctor\` says why: here, most likely a
+/dev/kvm served by kvm_pvm, or no libkrun), so this demo launches sandboxes with the
+libkrun TEST DOUBLE from tests/fakekrun: it runs the workload as a plain child process,
+NOT in a VM. Everything else (daemon, socket, database, worker, fd checks, timers) is the
+real thing. \`make demo-vm\` runs this same demo with real microVMs inside a QEMU guest.
 NOTE
+    "$BIN/python" -m msbd.vm doctor --libkrun "${MSBD_LIBKRUN:-$FAKEKRUN}" | sed 's/^/  doctor: /' || true
+fi
 
 say "start the daemon (msbd serve) in the background"
-printf '$ msbd serve --socket %s --state-dir %s --libkrun %s &\n' "$SOCK" "$DEMO/state" "$FAKEKRUN"
-"$BIN/msbd" serve --socket "$SOCK" --state-dir "$DEMO/state" --libkrun "$FAKEKRUN" \
+printf '$ msbd serve --socket %s --state-dir %s --libkrun %s &\n' "$SOCK" "$DEMO/state" "$LIBKRUN"
+"$BIN/msbd" serve --socket "$SOCK" --state-dir "$DEMO/state" --libkrun "$LIBKRUN" \
     2>"$DEMO/daemon.log" &
 DAEMON=$!
 trap 'kill $DAEMON 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
+for _ in $(seq 600); do  # Python starts slowly under emulation (make demo-vm)
     msbctl ping >/dev/null 2>&1 && break
     kill -0 $DAEMON 2>/dev/null || { cat "$DEMO/daemon.log"; exit 1; }
     sleep 0.1
@@ -56,7 +78,11 @@ PY
 
 say "launch a sandbox that says hello, then idles (idle timeout 60 s)"
 run msbctl run hello --rootfs "$DEMO/rootfs" --memory 256 --idle-timeout 60 -l demo=yes \
-    -- /bin/sh -c 'echo "hello from $(uname -s) inside the sandbox"; seq 1 3; exec sleep 600'
+    -- /bin/sh -c 'echo hello from $(uname -s) $(uname -r) inside the sandbox; seq 1 3; exec sleep 600'
+for _ in $(seq 1200); do  # a real guest boots first: wait for its first line
+    msbctl logs hello | grep -q hello && break
+    sleep 0.1
+done
 run msbctl ls
 run msbctl metrics hello
 run msbctl logs hello
