@@ -9,6 +9,7 @@ unknown key or a bad value is reported with the source it came from.
 from __future__ import annotations
 
 import os
+import pwd
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -76,8 +77,15 @@ def default_paths(uid: int | None = None,
     if uid == 0:
         return "/run/msbd/msbd.sock", "/var/lib/msbd"
     runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/msbd-{uid}"
-    home = Path(env.get("HOME", "~")).expanduser()
-    state = env.get("XDG_STATE_HOME") or str(home / ".local/state")
+    state = env.get("XDG_STATE_HOME")
+    if not state:
+        home = env.get("HOME")
+        if not home:
+            try:
+                home = pwd.getpwuid(uid).pw_dir
+            except KeyError:  # no HOME and no passwd entry: keep state with the socket
+                return f"{runtime}/msbd/msbd.sock", f"{runtime}/msbd/state"
+        state = str(Path(home) / ".local/state")
     return f"{runtime}/msbd/msbd.sock", f"{state}/msbd"
 
 
