@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,14 +89,15 @@ def vm_settings(**extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def vm_daemon(real_libkrun: str, tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[DaemonProc]:
-    base = Path(tmp_path_factory.mktemp("vmd"))
+def vm_daemon(real_libkrun: str) -> Iterator[DaemonProc]:
+    """A daemon with the real libkrun whose socket every test uid can reach."""
+    base = Path(tempfile.mkdtemp(prefix="msbd-vm-", dir="/tmp"))
     os.chmod(base, 0o755)
     d = DaemonProc(base, libkrun=Path(real_libkrun), settings=vm_settings())
     d.start()
     yield d
     d.close()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def finished(d: DaemonProc, name: str) -> dict[str, Any]:
@@ -189,7 +191,8 @@ def test_args_env_workdir_and_resources_reach_the_guest(vm_daemon: DaemonProc,
     assert "PWD=/work" in out
     assert "NPROC=2" in out
     mem_kib = int(out.split("MemTotal:")[1].split()[0])
-    assert 200 * 1024 < mem_kib <= 300 * 1024, out
+    # The guest kernel keeps some for itself; libkrun adds a little (seen: 316816 kB).
+    assert 0.75 * 300 * 1024 < mem_kib < 1.1 * 300 * 1024, out
 
 
 def test_stop_and_kill_end_real_guests(vm_daemon: DaemonProc, vm_root: Path) -> None:
