@@ -10,13 +10,11 @@ which also clears close-on-exec), no preexec function, and setsid.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
 import select
 import signal
-import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -169,43 +167,6 @@ class Worker:
                 os.close(reader.fd)
         self.close_watchdog()
         os.close(self.pidfd)
-
-
-_IN_DELETE = 0x200
-_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
-
-
-def wait_removed(path: Path, timeout: float = 20.0) -> None:
-    """Return once `path` is removed: inotify on its parent (no polling, no sleeps).
-
-    The parent's IN_DELETE, not the path's own IN_DELETE_SELF: that one comes only
-    once nothing references the directory any more (a socket bound in it still does).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "inotify_init1")
-    try:
-        if libc.inotify_add_watch(fd, os.fsencode(path.parent), _IN_DELETE) < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(path.parent))
-        if not path.exists():
-            return  # already gone (and the watch came first: nothing was missed)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError(f"{path} still exists after {timeout} s")
-            data, offset = os.read(fd, 65536), 0
-            while offset < len(data):
-                _, _, _, size = _INOTIFY_EVENT.unpack_from(data, offset)
-                offset += _INOTIFY_EVENT.size
-                name = data[offset:offset + size].rstrip(b"\0")
-                offset += size
-                if name == os.fsencode(path.name):
-                    return
-    finally:
-        os.close(fd)
 
 
 def fake_spec(fakekrun: Path, root: Path, **fields: Any) -> bytes:
