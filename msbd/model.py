@@ -14,6 +14,7 @@ from typing import Annotated, Final, NamedTuple, TypeVar
 
 import msgspec
 
+from msbd.cmdline import check_workload
 from msbd.errors import InvalidParams
 
 _T = TypeVar("_T")
@@ -189,6 +190,7 @@ class LaunchSpec(Spec, frozen=True):
                                     "(its entries lead into other processes)", field=field)
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise InvalidParams("`workdir` must be an absolute guest path", field="workdir")
+        check_workload(self.exec, self.workdir, self.args, self.env)
         seen_tags: set[str] = set()
         for i, mount in enumerate(self.mounts):
             if mount.tag in seen_tags:
@@ -220,7 +222,12 @@ class WorkerSpec(LaunchSpec, frozen=True):
     """
 
     heartbeat_interval: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
+    # A stop request gives the guest's processes `shutdown_grace` seconds (its
+    # init SIGKILLs what is left then) and its init `shutdown_margin` more to
+    # sync, report the status and end the VM; only then does the worker force
+    # its own exit (msbd.vm: statuses 6 and 128+n).
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+    shutdown_margin: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
     libkrun: HostPath | None = None
     log_level: Annotated[int, msgspec.Meta(ge=0, le=5)] = 1
     # The identity the VM runs as: the sandbox owner's. The worker takes it

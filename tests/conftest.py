@@ -46,6 +46,15 @@ def fakekrun() -> Path:
 
 
 @pytest.fixture(scope="session")
+def fakekrun_old(fakekrun: Path) -> Path:
+    """The test double without the calls older libkrun releases lack
+    (krun_add_vsock_port2, krun_set_root_disk_remount)."""
+    old = FAKEKRUN_DIR / "libfakekrun-old.so"
+    assert old.exists(), "make did not build libfakekrun-old.so"
+    return old
+
+
+@pytest.fixture(scope="session")
 def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny root filesystem: Debian's static busybox and its applet links."""
     if not BUSYBOX.exists():

@@ -118,6 +118,12 @@ def test_records_survive_a_restart(daemon: DaemonProc, tmp_path: Path) -> None:
     ({"idle_timeout": -1}, "idle_timeout"),
     ({"surprise": True}, "surprise"),
     ({"args": ["ok", "nul\u0000byte"]}, "args[1]"),
+    # What the guest kernel's command line cannot carry (msbd.cmdline).
+    ({"args": ["ok", 'a "quoted" word']}, "args[1]"),
+    ({"args": ["tab\there"]}, "args[0]"),
+    ({"env": {"A": "caf\u00e9"}}, "env.A"),
+    ({"env": {"MSBD_CONTROL_PORT": "1"}}, "env.MSBD_CONTROL_PORT"),
+    ({"exec": "/bin/my prog"}, "exec"),
 ])
 def test_spec_validation_names_the_field(daemon: DaemonProc, tmp_path: Path,
                                          change: dict[str, Any], field: str) -> None:

@@ -137,7 +137,10 @@ def test_sigterm_to_init_stops_the_workload_which_decides_its_code(root: Path) -
 
 
 def test_after_the_grace_what_is_left_is_killed(root: Path) -> None:
-    script = "trap 'echo ignoring TERM' TERM; kill -TERM 1; while :; do sleep 1; done"
+    # `wait` returns as soon as a trapped signal arrives (a foreground `sleep 1` would
+    # hold the trap back past the 0.2 s grace).
+    script = ("trap 'echo ignoring TERM' TERM; kill -TERM 1; "
+              "while :; do sleep 1 & wait $!; done")
     run = boot(root, {"KRUN_INIT": "/bin/sh", "MSBD_STOP_GRACE": "0.2"}, "-c", script)
     assert run.code == 137
     assert "ignoring TERM" in run.lines

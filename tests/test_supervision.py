@@ -469,12 +469,13 @@ def _assert_no_fd_leaks(record: Path, *, expected_workers: int) -> None:
         by_fn.setdefault(e["fn"], []).append(e)
     enters = by_fn["krun_start_enter"]
     assert len(enters) == expected_workers
-    eventfds = {e["ret"] for e in by_fn["krun_get_shutdown_eventfd"]}
     # The root directories the workers opened, handed to libkrun as /proc/self/fd/N/.
     roots = {int(r["root_path"].split("/")[4]) for r in by_fn["krun_set_root"]}
     for e in enters:
-        # stdio, the watchdog and status pipes, the opened root, libkrun's shutdown eventfd.
-        assert set(e["fds"]) <= {0, 1, 2, 97, 98} | roots | eventfds, e["fds"]
+        # stdio, the watchdog and status pipes, the opened root, and the control channel's
+        # two socket fds (its listening socket, the O_PATH fd libkrun connects through).
+        assert len(e["sockets"]) == 2, e
+        assert set(e["fds"]) <= {0, 1, 2, 97, 98} | roots | set(e["sockets"]), e["fds"]
     children = by_fn["child"]
     assert len(children) == expected_workers
     assert all(c["fds"] == [0, 1, 2] for c in children)

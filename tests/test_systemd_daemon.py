@@ -113,10 +113,11 @@ def test_worker_environment_has_nothing_of_systemd(make_daemon: Any, fakekrun: P
     assert not names & set(SYSTEMD_VARS), names
     assert "DAEMON_ONLY_SECRET" not in names
     assert names <= {"PATH", "LANG", "LC_ALL", "TZ", "FAKEKRUN_LOG"}, names
-    # The guest gets exactly the spec's environment.
+    # The guest gets exactly the spec's environment, plus what msbd tells the guest's init
+    # (which keeps it from the workload): the control channel's port and the stop grace.
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     exec_call = next(c for c in calls if c["fn"] == "krun_set_exec")
-    assert exec_call["envp"] == ["GUEST_ONLY=1"]
+    assert exec_call["envp"] == ["GUEST_ONLY=1", "MSBD_CONTROL_PORT=7097", "MSBD_STOP_GRACE=10"]
 
 
 def test_socket_activation_with_systemd_socket_activate(sock_dir: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -101,9 +102,64 @@ def test_uint8_vcpus_and_formats_reach_the_library(lib: krun.Krun, log: Path) ->
         ("raw", 0, True), ("qcow2", 1, False), ("vmdk", 2, False)]
 
 
-def test_shutdown_eventfd_is_a_real_fd(lib: krun.Krun, log: Path) -> None:
+def test_like_libkrun_on_linux_there_is_no_shutdown_eventfd(lib: krun.Krun, log: Path) -> None:
     ctx = lib.create_ctx()
-    fd = lib.shutdown_eventfd(ctx)
-    assert fd is not None and fd > 2
-    os.write(fd, (1).to_bytes(8, "little"))
-    assert int.from_bytes(os.read(fd, 8), "little") == 1
+    assert not lib.has("krun_get_shutdown_eventfd")
+    assert lib.shutdown_eventfd(ctx) is None
+    assert [r["fn"] for r in records(log)] == ["krun_create_ctx"]
+
+
+def test_vsock_ports_map_while_a_vsock_device_is_to_exist(lib: krun.Krun, log: Path) -> None:
+    """The test double refuses what libkrun refuses: no mapping without a vsock device,
+    krun_add_vsock only after the implicit one is disabled."""
+    ctx = lib.create_ctx()
+    lib.map_vsock_port(ctx, 7097, "/proc/self/fd/9")
+    other = lib.create_ctx()
+    fn = ctypes.CDLL(lib.path)
+    assert fn.krun_add_vsock(other, 1) == -errno.EEXIST  # the implicit device is there
+    assert fn.krun_disable_implicit_vsock(other) == 0
+    with pytest.raises(KrunError) as info:
+        lib.map_vsock_port(other, 7097, "/x")
+    assert info.value.errno == errno.ENODEV
+    assert fn.krun_add_vsock(other, 4) == -errno.EINVAL  # an unknown TSI flag
+    assert fn.krun_add_vsock(other, 0) == 0
+    lib.map_vsock_port(other, 7097, "/x")
+    assert [(r["fn"], r.get("port"), r.get("listen"), r["ret"]) for r in records(log)
+            if r["fn"] not in ("krun_create_ctx",)] == [
+        ("krun_add_vsock_port2", 7097, False, 0),
+        ("krun_add_vsock", None, None, -errno.EEXIST),
+        ("krun_disable_implicit_vsock", None, None, 0),
+        ("krun_add_vsock_port2", 7097, False, -errno.ENODEV),
+        ("krun_add_vsock", None, None, -errno.EINVAL),
+        ("krun_add_vsock", None, None, 0),
+        ("krun_add_vsock_port2", 7097, False, 0)]
+
+
+def test_root_disk_remount_needs_a_disk_and_no_root_directory(lib: krun.Krun,
+                                                              log: Path) -> None:
+    ctx = lib.create_ctx()
+    with pytest.raises(KrunError) as info:
+        lib.set_root_disk_remount(ctx, "/dev/vda", "auto", None)  # no disk yet
+    assert info.value.errno == errno.EINVAL
+    lib.add_disk(ctx, "root", "/r.img", DiskFormat.RAW, readonly=True)
+    lib.set_root_disk_remount(ctx, "/dev/vda", "ext4", "noatime")
+    with_root = lib.create_ctx()
+    lib.set_root(with_root, "/")
+    lib.add_disk(with_root, "root", "/r.img", DiskFormat.RAW, readonly=True)
+    with pytest.raises(KrunError):
+        lib.set_root_disk_remount(with_root, "/dev/vda", None, None)
+    got = [(r["ctx"], r["device"], r["fstype"], r["options"], r["ret"]) for r in records(log)
+           if r["fn"] == "krun_set_root_disk_remount"]
+    assert got == [(ctx, "/dev/vda", "auto", None, -errno.EINVAL),
+                   (ctx, "/dev/vda", "ext4", "noatime", 0),
+                   (with_root, "/dev/vda", None, None, -errno.EINVAL)]
+
+
+def test_an_older_libkrun_lacks_the_newer_calls(fakekrun_old: Path, log: Path) -> None:
+    old = krun.load(str(fakekrun_old), environ={})
+    assert not old.has("krun_add_vsock_port2") and not old.has("krun_set_root_disk_remount")
+    ctx = old.create_ctx()
+    with pytest.raises(KrunError) as info:
+        old.set_root_disk_remount(ctx, "/dev/vda", "auto", None)
+    assert info.value.errno == errno.ENOSYS
+    assert "so it cannot boot a root disk" in str(info.value)

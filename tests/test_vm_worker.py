@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -47,6 +48,17 @@ def by_fd(value: object) -> object:
     if isinstance(value, str) and (m := FD_NAME.match(value)):
         return "<fd>" + m.group(2)
     return value
+
+
+CONTROL_SOCKET = re.compile(r"^/proc/self/fd/\d+$")  # the socket's file is gone already
+# msbd's own entries of the guest environment, after the spec's (grace: the default 10 s).
+MSBD_ENV = ["MSBD_CONTROL_PORT=7097", "MSBD_STOP_GRACE=10"]
+
+
+def vm_records(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records but the guest init's control channel ones, which its own thread writes
+    at its own pace (test_vm_control.py checks those)."""
+    return [c for c in calls if not c["fn"].startswith(("control_", "guest_signal"))]
 
 
 # --- fd checks: status 2, one stderr line, no libkrun call ---------------------------
@@ -121,7 +133,7 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
     files = disk_files(tmp_path)
     spec = make_spec(
         vcpus=3, memory_mib=320, workdir="/work", exec="/bin/sh",
-        args=["-c", 'echo "$0|$1|$2"', "zero", "one two", ""],
+        args=["-c", "echo $0:$#:${#1}:${#2}", "zero", "one two", ""],
         env={"A": "1", "SPACED": "x y", "EMPTY": ""},
         mounts=[{"tag": "data", "host": str(tmp_path / "a")},
                 {"tag": "seed", "host": str(tmp_path / "b"), "readonly": True}],
@@ -132,9 +144,15 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
     w = workers.start(spec, log=log)
     assert w.status_line() == "entering"
     assert w.wait() == 0
-    assert w.output() == "zero|one two|\n"
-    calls = w.calls()
-    [eventfd] = [c["ret"] for c in calls if c["fn"] == "krun_get_shutdown_eventfd"]
+    # One argument with a space, one empty. At log level 3 the worker also says what the
+    # guest's init did, as far as it got before the run ended.
+    lines = w.output().splitlines()
+    said = [ln for ln in lines if ln.startswith("msbd-worker: control channel: ")]
+    assert [ln for ln in lines if ln not in said] == ["zero:2:7:0"]
+    init = "msbd-worker: control channel: the guest's init "
+    assert said == [f"{init}connected", f"{init}says 'started'", f"{init}says 'exit 0'"][
+        :len(said)]
+    calls = vm_records(w.calls())
     # Host files go to libkrun as the files the worker opened (/proc/self/fd/N).
     expected = [
         {"fn": "krun_set_log_level", "level": 3, "ret": 0},
@@ -151,15 +169,18 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
         {"fn": "krun_add_disk2", "ctx": 0, "block_id": "v", "disk_path": "<fd>",
          "disk_format": 2, "read_only": False, "ret": 0},
         {"fn": "krun_set_workdir", "ctx": 0, "workdir": "/work", "ret": 0},
-        {"fn": "krun_get_shutdown_eventfd", "ctx": 0, "ret": eventfd},
+        # The control channel: the guest's port 7097 leads to the worker's socket.
+        {"fn": "krun_add_vsock_port2", "ctx": 0, "port": 7097, "filepath": "<socket>",
+         "listen": False, "ret": 0},
+        # argv is what follows the program; msbd's own variables come after the spec's.
+        {"fn": "krun_set_exec", "ctx": 0, "exec_path": "/bin/sh",
+         "argv": ["-c", "echo $0:$#:${#1}:${#2}", "zero", "one two", ""],
+         "envp": ["A=1", "SPACED=x y", "EMPTY=", *MSBD_ENV], "ret": 0},
     ]
-    # krun_set_exec comes right before the eventfd call; argv is what follows the program.
-    exec_call = {"fn": "krun_set_exec", "ctx": 0, "exec_path": "/bin/sh",
-                 "argv": ["-c", 'echo "$0|$1|$2"', "zero", "one two", ""],
-                 "envp": ["A=1", "SPACED=x y", "EMPTY="], "ret": 0}
-    expected.insert(10, exec_call)
+    [vsock] = [c for c in calls if c["fn"] == "krun_add_vsock_port2"]
+    assert CONTROL_SOCKET.match(vsock["filepath"]), vsock
+    vsock["filepath"] = "<socket>"
     assert [{k: by_fd(v) for k, v in c.items()} for c in calls[:12]] == expected
-    assert isinstance(eventfd, int) and eventfd > 2
     assert [c["fn"] for c in calls[12:]] == [
         "open_disk", "open_disk", "open_disk", "krun_start_enter",
         "open_dir", "open_dir", "open_dir", "child", "exit"]
@@ -219,24 +240,38 @@ def test_bad_spec_exits_2(workers: Workers, log: Path, spec: bytes, message: str
 
 CONFIGURING = ["krun_set_log_level", "krun_create_ctx", "krun_set_vm_config", "krun_set_root",
                "krun_add_virtiofs", "krun_add_virtiofs3", "krun_add_disk2", "krun_set_workdir",
-               "krun_set_exec", "krun_get_shutdown_eventfd"]
+               "krun_add_vsock_port2", "krun_set_exec"]
 
 
 @pytest.mark.parametrize("symbol", CONFIGURING)
 def test_configuring_call_failure_exits_4(workers: Workers, make_spec: Callable[..., bytes],
                                           log: Path, tmp_path: Path, symbol: str) -> None:
     (tmp_path / "d.raw").write_bytes(b"\0" * 512)
+    tmpdir = tmp_path / "tmpdir"  # where the worker makes its control channel's directory
+    tmpdir.mkdir()
     spec = make_spec(workdir="/work",
                      mounts=[{"tag": "rw", "host": str(tmp_path)},
                              {"tag": "ro", "host": str(tmp_path), "readonly": True}],
                      disks=[{"id": "d", "host": str(tmp_path / "d.raw"), "format": "raw"}])
-    w = workers.start(spec, log=log, env={"FAKEKRUN_FAIL": f"{symbol}:5"})
+    w = workers.start(spec, log=log, env={"FAKEKRUN_FAIL": f"{symbol}:5",
+                                          "TMPDIR": str(tmpdir)})
     assert w.wait() == 4
     message = f"{symbol} failed: Input/output error (errno 5)"
     assert w.status_lines() == [f"error {message}"]
     assert w.output() == f"msbd-worker: {message}\n"
     fns = [c["fn"] for c in w.calls()]
     assert fns[-1] == symbol and "krun_start_enter" not in fns
+    assert list(tmpdir.iterdir()) == []  # the control channel's directory is gone again
+
+
+def test_control_channel_that_cannot_be_made_exits_4(
+        workers: Workers, make_spec: Callable[..., bytes], log: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    w = workers.start(make_spec(), log=log, env={"TMPDIR": str(missing)})
+    assert w.wait() == 4
+    [line] = w.status_lines()
+    assert line.startswith("error cannot create the control channel: ") and str(missing) in line
+    assert w.calls() == []  # before any libkrun call
 
 
 def test_krun_start_enter_returning_exits_5(workers: Workers,
@@ -248,21 +283,44 @@ def test_krun_start_enter_returning_exits_5(workers: Workers,
     assert w.output() == f"msbd-worker: {message}\n"
 
 
-def test_root_disk_is_configured_but_the_test_double_cannot_boot_it(
+def test_root_disk_is_the_first_disk_and_remounted_as_the_root(
         workers: Workers, make_spec: Callable[..., bytes], log: Path, tmp_path: Path) -> None:
-    image = disk_files(tmp_path)["qcow2"]
-    spec = make_spec(rootfs=None, root_disk={"path": str(image), "format": "qcow2",
-                                             "readonly": True})
+    files = disk_files(tmp_path)
+    spec = make_spec(rootfs=None, root_disk={"path": str(files["qcow2"]), "format": "qcow2",
+                                             "readonly": True},
+                     disks=[{"id": "r", "host": str(files["raw"]), "format": "raw"}])
     w = workers.start(spec, log=log)
+    # The test double cannot boot a disk image: it says so where libkrun would start.
     assert w.wait() == 5
     assert w.status_lines() == [
         "entering", "error krun_start_enter failed: Operation not supported (errno 95)"]
-    root = w.calls_named("krun_add_disk2", "krun_set_root")
+    root = w.calls_named("krun_add_disk2", "krun_set_root", "krun_set_root_disk_remount")
+    # The root disk first, so the guest has it as /dev/vda, which its init mounts.
     assert [{k: by_fd(v) for k, v in c.items()} for c in root] == [
         {"fn": "krun_add_disk2", "ctx": 0, "block_id": "root", "disk_path": "<fd>",
-         "disk_format": 1, "read_only": True, "ret": 0}]
-    [opened] = w.calls_named("open_disk")  # opened, like libkrun, before it gives up
-    assert (opened["path"], opened["ok"]) == (root[0]["disk_path"], True)
+         "disk_format": 1, "read_only": True, "ret": 0},
+        {"fn": "krun_set_root_disk_remount", "ctx": 0, "device": "/dev/vda", "fstype": "auto",
+         "options": None, "ret": 0},
+        {"fn": "krun_add_disk2", "ctx": 0, "block_id": "r", "disk_path": "<fd>",
+         "disk_format": 0, "read_only": False, "ret": 0}]
+    opened = w.calls_named("open_disk")  # opened, like libkrun, before it gives up
+    assert [(c["path"], c["ok"]) for c in opened] == [
+        (root[0]["disk_path"], True), (root[2]["disk_path"], True)]
+
+
+def test_a_libkrun_without_root_disk_remount_cannot_boot_a_root_disk(
+        workers: Workers, make_spec: Callable[..., bytes], log: Path, tmp_path: Path,
+        fakekrun_old: Path) -> None:
+    image = disk_files(tmp_path)["raw"]
+    spec = make_spec(rootfs=None, libkrun=str(fakekrun_old),
+                     root_disk={"path": str(image), "format": "raw"})
+    w = workers.start(spec, log=log)
+    assert w.wait() == 4
+    message = (f"krun_set_root_disk_remount failed: not in this libkrun ({fakekrun_old}), "
+               "so it cannot boot a root disk (errno 38)")
+    assert w.status_lines() == [f"error {message}"]
+    assert w.output() == f"msbd-worker: {message}\n"
+    assert [c["fn"] for c in w.calls()][-1] == "krun_add_disk2"
 
 
 def test_library_not_found_exits_3_and_names_every_place(
@@ -309,21 +367,45 @@ def test_workload_exit_status_is_the_workers(workers: Workers,
 
 def test_guest_env_is_exactly_the_specs(workers: Workers, make_spec: Callable[..., bytes],
                                         log: Path) -> None:
-    env = {"A": "1", "PATH": "/bin", "EMPTY": "", "QUOTED": "'\"$x"}
+    env = {"A": "1", "PATH": "/bin", "EMPTY": "", "QUOTED": "'$x `y` \\n;"}
     w = workers.start(make_spec(exec="/bin/env", env=env), log=log,
               env={"LEAK_ME_NOT": "daemon secret"})
     assert w.wait() == 0
+    # msbd's own MSBD_* entries went to libkrun, but the guest's init keeps them.
     assert sorted(w.output().splitlines()) == sorted(f"{k}={v}" for k, v in env.items())
+    [call] = w.calls_named("krun_set_exec")
+    assert call["envp"] == [f"{k}={v}" for k, v in env.items()] + MSBD_ENV
 
 
-def test_an_empty_env_is_passed_as_an_empty_array(workers: Workers,
-                                                  make_spec: Callable[..., bytes],
-                                                  log: Path) -> None:
-    w = workers.start(make_spec(exec="/bin/env"), log=log)
+def test_an_empty_env_reaches_the_guest_empty(workers: Workers,
+                                              make_spec: Callable[..., bytes],
+                                              log: Path) -> None:
+    w = workers.start(make_spec(exec="/bin/env", shutdown_grace=2.5), log=log)
     assert w.wait() == 0
     assert w.output() == ""
-    [call] = w.calls_named("krun_set_exec")
-    assert call["argv"] == [] and call["envp"] == []
+    [call] = w.calls_named("krun_set_exec")  # an explicit array, never NULL
+    assert call["argv"] == [] and call["envp"] == ["MSBD_CONTROL_PORT=7097",
+                                                   "MSBD_STOP_GRACE=2.5"]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("args", ["-c", 'echo "hi"'],
+     '`args[1]` contains a double quote ("): libkrun passes each argument'),
+    ("args", ["a\tb"], "`args[0]` contains the control character '\\t'"),
+    ("env", {"A": "caf\u00e9"}, "`env.A` contains 'é' (U+00E9), which is not ASCII"),
+    ("env", {"MSBD_CONTROL_PORT": "1"}, "`env.MSBD_CONTROL_PORT`: names starting with KRUN_"),
+    ("workdir", "/my dir", "`workdir` contains a space: libkrun passes it"),
+])
+def test_what_the_guest_command_line_cannot_carry_exits_2(
+        workers: Workers, log: Path, busybox_root: Path, fakekrun: Path, field: str,
+        value: object, message: str) -> None:
+    spec = json.dumps({"name": "t", "rootfs": str(busybox_root), "exec": "/bin/true",
+                       "libkrun": str(fakekrun), field: value}).encode()
+    w = workers.start(spec, log=log)
+    assert w.wait() == 2
+    [line] = w.status_lines()
+    assert line.startswith(f"error spec: {message}"), line
+    assert not log.exists()
 
 
 # --- fd hygiene -------------------------------------------------------------------------
@@ -339,13 +421,15 @@ def test_only_allowed_fds_reach_libkrun_and_only_stdio_reaches_the_guest(
     finally:
         os.close(leak_r)
         os.close(leak_w)
-    [eventfd_call] = w.calls_named("krun_get_shutdown_eventfd")
     [root_call] = w.calls_named("krun_set_root")
     root_match = FD_NAME.match(root_call["root_path"])
     assert root_match is not None  # the root directory the worker opened, and nothing else
     [enter] = w.calls_named("krun_start_enter")
+    # The control channel: its listening socket, and the O_PATH fd libkrun connects through.
+    [vsock] = w.calls_named("krun_add_vsock_port2")
+    assert len(enter["sockets"]) == 2 and int(vsock["filepath"].split("/")[-1]) in enter["sockets"]
     assert sorted(enter["fds"]) == sorted([0, 1, 2, int(root_match.group(1)), 97, 98,
-                                           eventfd_call["ret"]])
+                                           *enter["sockets"]])
     [child] = w.calls_named("child")
     assert child["fds"] == [0, 1, 2]
 

@@ -155,6 +155,12 @@ class Worker:
     def calls_named(self, *names: str) -> list[dict[str, Any]]:
         return [c for c in self.calls() if c["fn"] in names]
 
+    def control_socket(self) -> Path:
+        """Where the worker's control channel listens (the test double recorded the
+        `krun_add_vsock_port2` call before `entering`)."""
+        [call] = self.calls_named("krun_add_vsock_port2")
+        return Path(call["filepath"])
+
     def close_watchdog(self) -> None:
         if self.watchdog_w is not None:
             os.close(self.watchdog_w)

@@ -1,4 +1,4 @@
-"""The worker's guard threads: signals, the parent watchdog (fd 97), heartbeats, forced exit."""
+"""The worker's guard threads: signals, the parent watchdog (fd 97), heartbeats, the stop."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import select
 import signal
 import sys
 import threading
-from typing import Final, NoReturn
+from collections.abc import Callable
+from typing import Final
 
-from msbd.vm import SIGNAL_EXIT_BASE, WorkerExit
+from msbd.vm import SIGNAL_EXIT_BASE, WorkerExit, control
 from msbd.vm.status import StatusPipe, say
 
 SHUTDOWN_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -25,11 +26,25 @@ def block_signals() -> None:
 
 
 class Shutdown:
-    """Asks the guest to stop once, then forces `os._exit` when the grace period ends."""
+    """Asks the guest to stop once, then forces the worker's exit if it has not ended.
 
-    def __init__(self, grace: float, eventfd: int | None) -> None:
+    How it asks: over the control channel when there is one (msbd.vm.control;
+    a stop asked before the guest's init connected goes out when it does);
+    else through libkrun's shutdown eventfd (a libkrun that has one: not on
+    Linux); else not at all, and the worker exits at once. After asking it
+    waits `grace` (the guest's own grace: its init SIGKILLs what is left then)
+    plus `margin` (for the init to sync, report and end the VM), then calls
+    `force_exit` with the status. A second SIGTERM/SIGINT forces the exit at once.
+    """
+
+    def __init__(self, grace: float, margin: float, *, channel: control.Channel | None = None,
+                 eventfd: int | None = None,
+                 force_exit: Callable[[int], None] = os._exit) -> None:
         self._grace = grace
+        self._margin = margin
+        self._channel = channel
         self._eventfd = eventfd
+        self._force_exit = force_exit
         self._lock = threading.Lock()
         self._status: int | None = None
         self._timer: threading.Timer | None = None
@@ -46,24 +61,34 @@ class Shutdown:
             if insist:
                 self._force(current, f"{why} again: exiting now")
             return
-        if self._eventfd is None:
-            self._force(status, f"{why}: libkrun has no shutdown eventfd, exiting now")
-        say(f"{why}: asking the guest to shut down (grace {self._grace:g} s)")
-        try:
-            os.write(self._eventfd, (1).to_bytes(8, sys.byteorder))
-        except OSError as exc:
-            self._force(status, f"cannot write the shutdown eventfd ({exc.strerror}), "
-                                "exiting now")
-        timer = threading.Timer(self._grace, self._force,
-                                (status, f"the guest did not stop within {self._grace:g} s"))
+        if self._channel is not None:
+            self._channel.stop(why, self._grace)
+        elif self._eventfd is not None:
+            say(f"{why}: asking the guest to shut down through libkrun's shutdown eventfd "
+                f"(grace {self._grace:g} s)")
+            try:
+                os.write(self._eventfd, (1).to_bytes(8, sys.byteorder))
+            except OSError as exc:
+                self._force(status, f"cannot write the shutdown eventfd ({exc.strerror}), "
+                                    "exiting now")
+                return
+        else:
+            self._force(status, f"{why}: this libkrun has no way to ask its guest to stop "
+                                "(no control channel, no shutdown eventfd), exiting now")
+            return
+        timer = threading.Timer(self._grace + self._margin, self._give_up, (status,))
         timer.daemon = True
         self._timer = timer
         timer.start()
 
-    @staticmethod
-    def _force(status: int, why: str) -> NoReturn:
+    def _give_up(self, status: int) -> None:
+        what = "" if self._channel is None else f" ({self._channel.describe()})"
+        self._force(status, f"the guest did not stop within its grace of {self._grace:g} s "
+                            f"and {self._margin:g} s more{what}")
+
+    def _force(self, status: int, why: str) -> None:
         say(f"{why}; exit status {status}")
-        os._exit(status)
+        self._force_exit(status)
 
 
 def _take_signals(shutdown: Shutdown) -> None:

@@ -27,7 +27,9 @@ class Symbol(NamedTuple):
     optional: bool = False
 
 
-# Every libkrun function the worker calls, with its C signature (docs/libkrun.md).
+# Every libkrun function the worker calls, with its C signature (libkrun.h, described in
+# docs/libkrun.md). An optional one may be missing: the worker then does without it or
+# says why it cannot.
 SYMBOLS: Final = (
     Symbol("krun_set_log_level", (_u32,), _i32),
     Symbol("krun_create_ctx", (), _i32),
@@ -35,10 +37,12 @@ SYMBOLS: Final = (
     Symbol("krun_set_root", (_u32, _str), _i32),
     Symbol("krun_add_disk", (_u32, _str, _str, _bool), _i32, optional=True),
     Symbol("krun_add_disk2", (_u32, _str, _str, _u32, _bool), _i32, optional=True),
+    Symbol("krun_set_root_disk_remount", (_u32, _str, _str, _str), _i32, optional=True),
     Symbol("krun_add_virtiofs", (_u32, _str, _str), _i32),
     Symbol("krun_add_virtiofs3", (_u32, _str, _str, _u64, _bool), _i32, optional=True),
     Symbol("krun_set_workdir", (_u32, _str), _i32),
     Symbol("krun_set_exec", (_u32, _str, _StrArray, _StrArray), _i32),
+    Symbol("krun_add_vsock_port2", (_u32, _u32, _str, _bool), _i32, optional=True),
     Symbol("krun_get_shutdown_eventfd", (_u32,), _i32, optional=True),
     Symbol("krun_setgid", (_u32, _u32), _i32),
     Symbol("krun_setuid", (_u32, _u32), _i32),
@@ -153,6 +157,19 @@ class Krun:
                             f"not in this libkrun ({self.path}), and krun_add_disk only "
                             f"takes raw images: disk {block_id!r} is {fmt.value}")
 
+    def set_root_disk_remount(self, ctx: int, device: str, fstype: str | None,
+                              options: str | None) -> None:
+        """Boot from `device` (a disk added before): libkrun's init mounts it as the root.
+
+        `fstype` None or "auto" lets the guest try every block file system it knows.
+        """
+        if not self.has("krun_set_root_disk_remount"):
+            raise KrunError("krun_set_root_disk_remount", errno.ENOSYS,
+                            f"not in this libkrun ({self.path}), so it cannot boot a root disk")
+        self._call("krun_set_root_disk_remount", ctx, _b(device),
+                   None if fstype is None else _b(fstype),
+                   None if options is None else _b(options))
+
     def add_virtiofs(self, ctx: int, tag: str, path: str, readonly: bool) -> None:
         """A shared directory; read-only needs `krun_add_virtiofs3` (never silently rw)."""
         if readonly:
@@ -167,6 +184,11 @@ class Krun:
         """`args` are the arguments after the program name; `env` KEY=VALUE, exactly."""
         self._call("krun_set_exec", ctx, _b(exec_path), _strv(args), _strv(env))
 
+    def map_vsock_port(self, ctx: int, port: int, path: str) -> None:
+        """Guest connections to host vsock `port` become connections to the Unix socket
+        at `path`, made by libkrun in this process (`krun_add_vsock_port2`, listen false)."""
+        self._call("krun_add_vsock_port2", ctx, port, _b(path), False)
+
     def set_identity(self, ctx: int, uid: int | None, gid: int | None) -> None:
         """The uid/gid libkrun drops to right before the guest starts (gid first)."""
         if gid is not None:
@@ -175,7 +197,8 @@ class Krun:
             self._call("krun_setuid", ctx, uid)
 
     def shutdown_eventfd(self, ctx: int) -> int | None:
-        """The eventfd that asks the guest to stop in order, if this libkrun has one."""
+        """The eventfd that asks the guest to stop in order, if this libkrun has one
+        (libkrun 1.19 builds it only for macOS on aarch64: Linux uses msbd.vm.control)."""
         if not self.has("krun_get_shutdown_eventfd"):
             return None
         return self._call("krun_get_shutdown_eventfd", ctx)

@@ -1,4 +1,4 @@
-"""The worker's main line: fds → spec → libkrun → owner → host files → `entering` → enter."""
+"""The worker's main line: fds → spec → libkrun → owner → host files, channel → enter."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from msbd.errors import FdCheckFailed, InvalidParams, KrunError
 from msbd.model import WorkerSpec
-from msbd.vm import WorkerExit, fds, guard, hostfiles, krun, spec
+from msbd.vm import WorkerExit, control, fds, guard, hostfiles, krun, spec
 from msbd.vm.status import ENTERING, StatusPipe, error_line, say
+
+ROOT_DISK_ID: Final = "root"
+ROOT_DISK_DEVICE: Final = "/dev/vda"  # the first disk added
+LOG_INFO: Final = 3  # libkrun's log level from which the worker says more too
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,16 +110,30 @@ def run(argv: Sequence[str]) -> int:
         names = hostfiles.open_host_files(worker_spec)
     except hostfiles.HostFileRefused as exc:
         return _fail(WorkerExit.CHECK_FAILED, str(exc), pipe)
+    channel = None
+    if lib.has("krun_add_vsock_port2"):  # else no orderly stop on Linux (msbd.vm.control)
+        try:
+            channel = control.Channel.open(verbose=worker_spec.log_level >= LOG_INFO)
+        except OSError as exc:
+            return _fail(WorkerExit.CONFIG_FAILED,
+                         f"cannot create the control channel: {exc}", pipe)
     try:
-        ctx, eventfd = configure(lib, worker_spec, names)
+        ctx, eventfd = configure(lib, worker_spec, names, channel)
     except KrunError as exc:
+        if channel is not None:
+            channel.discard()
         return _fail(WorkerExit.CONFIG_FAILED, str(exc), pipe)
 
     pipe.send(ENTERING)  # first, so no heartbeat can come before it
+    if channel is not None:
+        channel.serve_in_background()
     guard.start(watchdog_fd=fds.WATCHDOG_FD, status=pipe,
                 heartbeat_interval=worker_spec.heartbeat_interval,
-                shutdown=guard.Shutdown(worker_spec.shutdown_grace, eventfd))
+                shutdown=guard.Shutdown(worker_spec.shutdown_grace, worker_spec.shutdown_margin,
+                                        channel=channel, eventfd=eventfd))
     error = lib.start_enter(ctx)
+    if channel is not None:
+        channel.discard()
     return _fail(WorkerExit.START_RETURNED, str(error), pipe)
 
 
@@ -132,9 +150,10 @@ def _read_spec(opts: argparse.Namespace) -> WorkerSpec:
     return decoded
 
 
-def configure(lib: krun.Krun, s: WorkerSpec, names: hostfiles.HostNames
-              ) -> tuple[int, int | None]:
-    """Every configuring call, in order; returns the context and the shutdown eventfd.
+def configure(lib: krun.Krun, s: WorkerSpec, names: hostfiles.HostNames,
+              channel: control.Channel | None = None) -> tuple[int, int | None]:
+    """Every configuring call, in order; returns the context and the shutdown eventfd
+    (None: this libkrun has none, as on Linux).
 
     Host files are given by `names` (the files the worker opened), never by the
     spec's paths, which libkrun would resolve again.
@@ -145,13 +164,20 @@ def configure(lib: krun.Krun, s: WorkerSpec, names: hostfiles.HostNames
     if names.rootfs is not None:
         lib.set_root(ctx, names.rootfs)
     elif s.root_disk is not None and names.root_disk is not None:
-        lib.add_disk(ctx, "root", names.root_disk, s.root_disk.format, s.root_disk.readonly)
+        # The first disk, so the guest has it as /dev/vda; its init mounts it (any
+        # file system the kernel knows, read-only if the disk is) and switches into it.
+        lib.add_disk(ctx, ROOT_DISK_ID, names.root_disk, s.root_disk.format,
+                     s.root_disk.readonly)
+        lib.set_root_disk_remount(ctx, ROOT_DISK_DEVICE, "auto", None)
     for mount, mount_name in zip(s.mounts, names.mounts, strict=True):
         lib.add_virtiofs(ctx, mount.tag, mount_name, mount.readonly)
     for disk, disk_name in zip(s.disks, names.disks, strict=True):
         lib.add_disk(ctx, disk.id, disk_name, disk.format, disk.readonly)
     if s.workdir is not None:
         lib.set_workdir(ctx, s.workdir)
-    lib.set_exec(ctx, s.exec, s.args, spec.guest_env(s))
+    if channel is not None:
+        lib.map_vsock_port(ctx, control.PORT, channel.path)
+    lib.set_exec(ctx, s.exec, s.args,
+                 spec.guest_env(s) + control.guest_env(s.shutdown_grace, channel))
     lib.set_identity(ctx, s.uid, s.gid)
     return ctx, lib.shutdown_eventfd(ctx)

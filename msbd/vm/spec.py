@@ -91,5 +91,5 @@ def _merge(old: Sequence[_T], new: Sequence[_T], key: Callable[[_T], str]) -> li
 
 
 def guest_env(spec: WorkerSpec) -> list[str]:
-    """The guest's environment exactly as the spec says, as KEY=VALUE entries."""
+    """The spec's environment, as KEY=VALUE entries (the worker adds msbd.vm.control's)."""
     return [f"{key}={value}" for key, value in spec.env.items()]

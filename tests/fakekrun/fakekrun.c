@@ -2,24 +2,28 @@
  * libfakekrun.so: a TEST DOUBLE of libkrun's C ABI, for msbd's tests only.
  *
  * It is not a VMM and never a fallback of msbd: it exports the libkrun
- * functions msbd's worker uses (LIBKRUN-ABI.md, same names, same signatures),
+ * functions msbd's worker uses (libkrun 1.19 on Linux: same names, same
+ * signatures, and no krun_get_shutdown_eventfd, which Linux builds lack),
  * records every call as one JSON line, and in krun_start_enter opens the
  * disks and shared directories the way libkrun does (same flags, same moment,
  * so as the same identity) and runs the configured program inside the
  * configured root as a child process that dies with its parent, the way a
- * guest dies with its VMM. See README.md.
+ * guest dies with its VMM. fakeinit.c plays the guest init's side of msbd's
+ * control channel. Built with -DFAKEKRUN_OLD it lacks the calls older
+ * libkrun releases lack (krun_add_vsock_port2, krun_set_root_disk_remount).
+ * See README.md.
  *
  * Environment:
  *   FAKEKRUN_LOG=path           append one JSON line per call (O_APPEND, one
  *                               write per line); unset: record nothing.
  *   FAKEKRUN_FAIL=sym:errno,... make `sym` return -errno (after recording).
+ *   FAKEKRUN_CONTROL, FAKEKRUN_CONTROL_GATE: see fakeinit.c.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -27,7 +31,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -35,22 +38,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "fakekrun.h"
+
 #define EXPORT __attribute__((visibility("default")))
 #define MAX_CTX 64
 #define MAX_FDS 1024
 #define MAX_DISKS 64
 #define MAX_MOUNTS 64
+#define MAX_PORTS 64
 #define GUEST_DISK_FD 100 /* the "guest" finds disk i on fd 100 + i */
 #define HEAD_BYTES 32     /* how much of each opened disk a record shows */
 
 extern char **environ;
 
 /* ---- a growable buffer for one JSON line ------------------------------- */
-
-struct jbuf {
-    char *p;
-    size_t len, cap;
-};
 
 static void jb_reserve(struct jbuf *b, size_t more)
 {
@@ -74,9 +75,9 @@ static void jb_raw(struct jbuf *b, const char *s, size_t n)
     b->p[b->len] = '\0';
 }
 
-static void jb_puts(struct jbuf *b, const char *s) { jb_raw(b, s, strlen(s)); }
+INTERNAL void jb_puts(struct jbuf *b, const char *s) { jb_raw(b, s, strlen(s)); }
 
-static void jb_int(struct jbuf *b, long long v)
+INTERNAL void jb_int(struct jbuf *b, long long v)
 {
     char tmp[32];
     int n = snprintf(tmp, sizeof tmp, "%lld", v);
@@ -84,7 +85,7 @@ static void jb_int(struct jbuf *b, long long v)
 }
 
 /* A JSON string with proper escaping, or null. */
-static void jb_str(struct jbuf *b, const char *s)
+INTERNAL void jb_str(struct jbuf *b, const char *s)
 {
     if (s == NULL) {
         jb_puts(b, "null");
@@ -127,14 +128,14 @@ static void jb_strv(struct jbuf *b, const char *const *v)
     jb_raw(b, "]", 1);
 }
 
-static void jb_key(struct jbuf *b, const char *key)
+INTERNAL void jb_key(struct jbuf *b, const char *key)
 {
     jb_raw(b, ",", 1);
     jb_str(b, key);
     jb_raw(b, ":", 1);
 }
 
-static void jb_begin(struct jbuf *b, const char *fn)
+INTERNAL void jb_begin(struct jbuf *b, const char *fn)
 {
     b->p = NULL;
     b->len = b->cap = 0;
@@ -175,6 +176,13 @@ static void log_write(const char *line, size_t len)
         return;
     ssize_t n = write(log_fd, line, len); /* one write per line: O_APPEND keeps lines whole */
     (void)n;
+}
+
+INTERNAL void jb_finish(struct jbuf *b)
+{
+    jb_puts(b, "}\n");
+    log_write(b->p, b->len);
+    free(b->p);
 }
 
 /* Finish the record with "ret", write it as one line, and return `ret`. */
@@ -232,7 +240,10 @@ struct ctx {
     char *exec_path;
     char **argv; /* arguments after the program name */
     char **envp;
-    int shutdown_fd;
+    enum { VSOCK_IMPLICIT, VSOCK_DISABLED, VSOCK_EXPLICIT } vsock;
+    struct vsock_port ports[MAX_PORTS]; /* in the order they were mapped */
+    size_t nports;
+    char *root_device, *root_fstype, *root_options; /* krun_set_root_disk_remount */
     long uid, gid; /* -1: keep the caller's (krun_setuid/krun_setgid not called) */
 };
 
@@ -315,7 +326,6 @@ EXPORT int32_t krun_create_ctx(void)
     next_ctx++;
     memset(&contexts[id], 0, sizeof contexts[id]);
     contexts[id].used = true;
-    contexts[id].shutdown_fd = -1;
     contexts[id].uid = -1;
     contexts[id].gid = -1;
     pthread_mutex_unlock(&ctx_lock);
@@ -340,8 +350,11 @@ EXPORT int32_t krun_free_ctx(uint32_t ctx_id)
     free(c->exec_path);
     free_strv(c->argv);
     free_strv(c->envp);
-    if (c->shutdown_fd >= 0)
-        close(c->shutdown_fd);
+    for (size_t i = 0; i < c->nports; i++)
+        free(c->ports[i].path);
+    free(c->root_device);
+    free(c->root_fstype);
+    free(c->root_options);
     memset(c, 0, sizeof *c);
     return jb_end(&b, 0);
 }
@@ -433,6 +446,30 @@ EXPORT int32_t krun_add_disk2(uint32_t ctx_id, const char *block_id, const char 
     return jb_end(&b, add_disk(c, block_id, disk_path, disk_format, read_only));
 }
 
+#ifndef FAKEKRUN_OLD
+/* Like libkrun: refused with a root directory set or no disk added yet; "auto"
+ * (or NULL) means any file system. Remembered: the double cannot boot it. */
+EXPORT int32_t krun_set_root_disk_remount(uint32_t ctx_id, const char *c_device,
+                                          const char *c_fstype, const char *c_options)
+{
+    struct ctx *c;
+    BEGIN(b, "krun_set_root_disk_remount", ctx_id);
+    jb_key(&b, "device");
+    jb_str(&b, c_device);
+    jb_key(&b, "fstype");
+    jb_str(&b, c_fstype);
+    jb_key(&b, "options");
+    jb_str(&b, c_options);
+    CHECK(b, "krun_set_root_disk_remount", ctx_id, c);
+    if (c_device == NULL || c->root != NULL || c->ndisks == 0 || c->root_device != NULL)
+        return jb_end(&b, -EINVAL);
+    c->root_device = strdup(c_device);
+    c->root_fstype = c_fstype && strcmp(c_fstype, "auto") != 0 ? strdup(c_fstype) : NULL;
+    c->root_options = c_options ? strdup(c_options) : NULL;
+    return jb_end(&b, 0);
+}
+#endif
+
 EXPORT int32_t krun_add_virtiofs(uint32_t ctx_id, const char *c_tag, const char *c_path)
 {
     struct ctx *c;
@@ -447,7 +484,7 @@ EXPORT int32_t krun_add_virtiofs(uint32_t ctx_id, const char *c_tag, const char 
     return jb_end(&b, add_mount(c, c_tag, c_path));
 }
 
-/* Newer libkrun (not in LIBKRUN-ABI.md's table): the only way to share read-only. */
+/* Newer libkrun: the only call that shares a directory read-only. */
 EXPORT int32_t krun_add_virtiofs3(uint32_t ctx_id, const char *c_tag, const char *c_path,
                                   uint64_t shm_size, bool read_only)
 {
@@ -540,6 +577,32 @@ EXPORT int32_t krun_set_port_map(uint32_t ctx_id, const char *const port_map[])
     return jb_end(&b, 0);
 }
 
+/* Like libkrun: a port maps once per context (a later mapping replaces it), and
+ * only while a vsock device is to exist (not after krun_disable_implicit_vsock
+ * without krun_add_vsock). fakeinit.c connects to the path of a listen=false
+ * mapping; a listen=true one is only remembered. */
+static int32_t map_port(struct ctx *c, uint32_t port, const char *path, bool listen)
+{
+    if (path == NULL)
+        return -EINVAL;
+    struct stat st;
+    if (listen && stat(path, &st) == 0)
+        return -EEXIST;
+    if (c->vsock == VSOCK_DISABLED)
+        return -ENODEV;
+    size_t i = 0;
+    while (i < c->nports && c->ports[i].port != port)
+        i++;
+    if (i == MAX_PORTS)
+        return -ENOSPC;
+    if (i == c->nports)
+        c->nports++;
+    else
+        free(c->ports[i].path);
+    c->ports[i] = (struct vsock_port){.port = port, .path = strdup(path), .listen = listen};
+    return 0;
+}
+
 EXPORT int32_t krun_add_vsock_port(uint32_t ctx_id, uint32_t port, const char *c_filepath)
 {
     struct ctx *c;
@@ -549,8 +612,49 @@ EXPORT int32_t krun_add_vsock_port(uint32_t ctx_id, uint32_t port, const char *c
     jb_key(&b, "filepath");
     jb_str(&b, c_filepath);
     CHECK(b, "krun_add_vsock_port", ctx_id, c);
-    (void)c;
-    return jb_end(&b, c_filepath == NULL ? -EINVAL : 0);
+    return jb_end(&b, map_port(c, port, c_filepath, false));
+}
+
+#ifndef FAKEKRUN_OLD
+EXPORT int32_t krun_add_vsock_port2(uint32_t ctx_id, uint32_t port, const char *c_filepath,
+                                    bool listen)
+{
+    struct ctx *c;
+    BEGIN(b, "krun_add_vsock_port2", ctx_id);
+    jb_key(&b, "port");
+    jb_int(&b, port);
+    jb_key(&b, "filepath");
+    jb_str(&b, c_filepath);
+    jb_key(&b, "listen");
+    jb_puts(&b, listen ? "true" : "false");
+    CHECK(b, "krun_add_vsock_port2", ctx_id, c);
+    return jb_end(&b, map_port(c, port, c_filepath, listen));
+}
+#endif
+
+EXPORT int32_t krun_disable_implicit_vsock(uint32_t ctx_id)
+{
+    struct ctx *c;
+    BEGIN(b, "krun_disable_implicit_vsock", ctx_id);
+    CHECK(b, "krun_disable_implicit_vsock", ctx_id, c);
+    c->vsock = VSOCK_DISABLED;
+    return jb_end(&b, 0);
+}
+
+/* Like libkrun: only after krun_disable_implicit_vsock, once; TSI bits 0-1 only. */
+EXPORT int32_t krun_add_vsock(uint32_t ctx_id, uint32_t tsi_features)
+{
+    struct ctx *c;
+    BEGIN(b, "krun_add_vsock", ctx_id);
+    jb_key(&b, "tsi_features");
+    jb_int(&b, tsi_features);
+    CHECK(b, "krun_add_vsock", ctx_id, c);
+    if (tsi_features & ~3U)
+        return jb_end(&b, -EINVAL);
+    if (c->vsock != VSOCK_DISABLED)
+        return jb_end(&b, -EEXIST);
+    c->vsock = VSOCK_EXPLICIT;
+    return jb_end(&b, 0);
 }
 
 EXPORT int32_t krun_set_console_output(uint32_t ctx_id, const char *c_filepath)
@@ -586,24 +690,11 @@ EXPORT int32_t krun_setgid(uint32_t ctx_id, gid_t gid)
     return jb_end(&b, 0);
 }
 
-EXPORT int32_t krun_get_shutdown_eventfd(uint32_t ctx_id)
-{
-    struct ctx *c;
-    BEGIN(b, "krun_get_shutdown_eventfd", ctx_id);
-    CHECK(b, "krun_get_shutdown_eventfd", ctx_id, c);
-    if (c->shutdown_fd < 0) {
-        c->shutdown_fd = eventfd(0, EFD_CLOEXEC);
-        if (c->shutdown_fd < 0)
-            return jb_end(&b, -errno);
-    }
-    return jb_end(&b, c->shutdown_fd);
-}
-
 /* ---- krun_start_enter: run the workload as a child that dies with us ---- */
 
 /* The open fds of this process, by getdents64 on an open /proc/self/fd:
  * no malloc, so it is safe in the child of a multi-threaded parent. */
-static size_t list_fds(int dirfd, int *out, size_t max, int skip1, int skip2)
+static size_t list_fds(int dirfd, int *out, size_t max, int skip1, int skip2, int skip3)
 {
     char buf[4096];
     size_t n = 0;
@@ -621,7 +712,7 @@ static size_t list_fds(int dirfd, int *out, size_t max, int skip1, int skip2)
             int fd = 0;
             for (const char *p = d->d_name; *p; p++)
                 fd = fd * 10 + (*p - '0');
-            if (fd != dirfd && fd != skip1 && fd != skip2 && n < max)
+            if (fd != dirfd && fd != skip1 && fd != skip2 && fd != skip3 && n < max)
                 out[n++] = fd;
         }
     }
@@ -651,31 +742,16 @@ static size_t put_fds(char *buf, size_t pos, size_t cap, const char *key, const 
     return pos;
 }
 
-struct watch {
-    int eventfd;
-    pid_t child;
-};
-
-/* The orderly-shutdown path: the eventfd was written, so ask the "guest" to stop. */
-static void *watch_shutdown(void *arg)
-{
-    struct watch *w = arg;
-    struct pollfd p = {.fd = w->eventfd, .events = POLLIN};
-    for (;;) {
-        int r = poll(&p, 1, -1);
-        if (r > 0) {
-            uint64_t v;
-            ssize_t n = read(w->eventfd, &v, sizeof v);
-            (void)n;
-            kill(w->child, SIGTERM);
-        } else if (r < 0 && errno != EINTR) {
-            return NULL;
-        }
-    }
-}
+/* In the child: the write end of the exec report pipe (fakeinit.c reads EOF when the
+ * exec worked, a byte when it did not). */
+static int exec_report_fd = -1;
 
 static _Noreturn void child_fail(int status, const char *what, const char *path, int err)
 {
+    if (exec_report_fd >= 0) {
+        ssize_t r = write(exec_report_fd, "!", 1);
+        (void)r;
+    }
     char msg[512];
     int n = snprintf(msg, sizeof msg, "fakekrun (test double): %s %s: errno %d\n", what, path, err);
     ssize_t w = write(2, msg, (size_t)(n > 0 && n < (int)sizeof msg ? n : 0));
@@ -825,13 +901,25 @@ static void close_range_or_loop(unsigned first, unsigned last)
 
 /* ---- krun_start_enter: run the workload as a child that dies with us ---- */
 
+/* The end of the "VM": the init reports the status, the process exits with it. */
+static _Noreturn void exit_with(int code)
+{
+    fakeinit_exit(code);
+    struct jbuf e;
+    jb_begin(&e, "exit");
+    jb_key(&e, "status");
+    jb_int(&e, code);
+    jb_finish(&e);
+    _exit(code);
+}
+
 EXPORT int32_t krun_start_enter(uint32_t ctx_id)
 {
     struct ctx *c;
     BEGIN(b, "krun_start_enter", ctx_id);
     int dirfd = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     int fds[MAX_FDS];
-    size_t nfds = dirfd >= 0 ? list_fds(dirfd, fds, MAX_FDS, log_fd, -1) : 0;
+    size_t nfds = dirfd >= 0 ? list_fds(dirfd, fds, MAX_FDS, log_fd, -1, -1) : 0;
     if (dirfd >= 0)
         close(dirfd);
     jb_key(&b, "fds");
@@ -840,6 +928,17 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         if (i)
             jb_raw(&b, ",", 1);
         jb_int(&b, fds[i]);
+    }
+    jb_raw(&b, "]", 1);
+    jb_key(&b, "sockets"); /* which of those are sockets */
+    jb_raw(&b, "[", 1);
+    for (size_t i = 0, any = 0; i < nfds; i++) {
+        struct stat st;
+        if (fstat(fds[i], &st) == 0 && S_ISSOCK(st.st_mode)) {
+            if (any++)
+                jb_raw(&b, ",", 1);
+            jb_int(&b, fds[i]);
+        }
     }
     jb_raw(&b, "]", 1);
     CHECK(b, "krun_start_enter", ctx_id, c);
@@ -857,7 +956,7 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
             return jb_end(&b, -EINVAL); /* libkrun: "Error configuring virtio-blk" */
         }
     }
-    if (c->root == NULL) { /* a root_disk: this test double cannot boot a disk image */
+    if (c->root == NULL) { /* a disk root: this test double cannot boot a disk image */
         for (size_t k = 0; k < c->ndisks; k++)
             close(disk_fds[k]);
         return jb_end(&b, -ENOTSUP);
@@ -876,6 +975,16 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         abort();
     argv[0] = c->exec_path; /* argv[0] is the guest path, as libkrun's init does */
     memcpy(argv + 1, c->argv, argc * sizeof *argv);
+    /* Like msbd's init: the workload does not see the KRUN_* and MSBD_* variables. */
+    size_t envc = 0;
+    while (c->envp[envc] != NULL)
+        envc++;
+    char **envp = calloc(envc + 1, sizeof *envp);
+    if (envp == NULL)
+        abort();
+    for (size_t i = 0, k = 0; i < envc; i++)
+        if (strncmp(c->envp[i], "KRUN_", 5) != 0 && strncmp(c->envp[i], "MSBD_", 5) != 0)
+            envp[k++] = c->envp[i];
     struct jbuf dir_recs[1 + MAX_MOUNTS];
     dir_record(&dir_recs[0], "/dev/root", c->root);
     for (size_t i = 0; i < c->nmounts; i++)
@@ -898,11 +1007,18 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
     log_write(b.p, b.len);
     free(b.p);
 
+    int init_failed = fakeinit_prepare(c->envp, c->ports, c->nports, c->vsock != VSOCK_DISABLED);
+    if (init_failed)
+        exit_with(init_failed);
+    int report[2]; /* close-on-exec: EOF in the parent once the workload's exec worked */
+    if (pipe2(report, O_CLOEXEC) != 0)
+        return -errno;
     pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0)
         return -errno;
     if (pid == 0) {
+        exec_report_fd = report[1];
         /* The "guest": dies with its VMM, starts with clean signals and fds 0-2, plus
          * disk i on fd 100+i. */
         prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -930,15 +1046,20 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
             child_fail(125, "cannot open the root directory", c->root, -rootfd);
         if (fstat(rootfd, &st) != 0 || !S_ISDIR(st.st_mode))
             child_fail(125, "the root is not a directory:", c->root, ENOTDIR);
-        /* Disks to 100+i (inherited); the log and the root right above them
-         * (close-on-exec); all moved above those first, so no dup2 clobbers a source. */
+        /* Disks to 100+i (inherited); the log, the root and the exec report right
+         * above them (close-on-exec); all moved above those first, so no dup2
+         * clobbers a source. */
         size_t n = c->ndisks;
-        int log_at = GUEST_DISK_FD + (int)n, root_at = log_at + 1, above = root_at + 1;
-        int moved[MAX_DISKS + 2];
+        int log_at = GUEST_DISK_FD + (int)n, root_at = log_at + 1, report_at = root_at + 1;
+        int above = report_at + 1;
+        int moved[MAX_DISKS + 3];
         for (size_t i = 0; i < n; i++)
             moved[i] = fcntl(disk_fds[i], F_DUPFD_CLOEXEC, above);
         moved[n] = log_fd >= 0 ? fcntl(log_fd, F_DUPFD_CLOEXEC, above) : -1;
         moved[n + 1] = fcntl(rootfd, F_DUPFD_CLOEXEC, above);
+        moved[n + 2] = fcntl(report[1], F_DUPFD_CLOEXEC, above);
+        if (moved[n + 2] >= 0 && dup3(moved[n + 2], report_at, O_CLOEXEC) == report_at)
+            exec_report_fd = report_at;
         for (size_t i = 0; i < n; i++)
             if (moved[i] < 0 || dup2(moved[i], GUEST_DISK_FD + (int)i) < 0)
                 child_fail(125, "cannot pass on disk", c->disks[i].path, errno);
@@ -961,7 +1082,8 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
                       : fchdir(rootfd) != 0 || (*rel_workdir && chdir(rel_workdir) != 0))
             child_fail(125, "cannot chdir to", workdir, errno);
         int seen[MAX_FDS];
-        size_t nseen = procfd >= 0 ? list_fds(procfd, seen, MAX_FDS, logfd, rootfd) : 0;
+        size_t nseen = procfd >= 0 ? list_fds(procfd, seen, MAX_FDS, logfd, rootfd,
+                                              exec_report_fd) : 0;
         if (logfd >= 0) {
             size_t pos = child_rec.len;
             char *rec = child_rec.p;
@@ -978,22 +1100,16 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
         if (procfd >= 0)
             close(procfd);
         if (do_chroot)
-            execve(c->exec_path, argv, c->envp);
+            execve(c->exec_path, argv, envp);
         else
-            syscall(SYS_execveat, rootfd, rel_exec, argv, c->envp, 0);
+            syscall(SYS_execveat, rootfd, rel_exec, argv, envp, 0);
         int err = errno;
         child_fail(err == ENOENT || err == ENOTDIR ? 127 : 126, "cannot execute", c->exec_path,
                    err);
     }
 
-    if (c->shutdown_fd >= 0) {
-        static struct watch w;
-        w.eventfd = c->shutdown_fd;
-        w.child = pid;
-        pthread_t tid;
-        if (pthread_create(&tid, NULL, watch_shutdown, &w) == 0)
-            pthread_detach(tid);
-    }
+    close(report[1]);
+    fakeinit_start(pid, report[0]);
     int status = 0;
     while (waitpid(pid, &status, 0) < 0) {
         if (errno != EINTR) {
@@ -1001,13 +1117,6 @@ EXPORT int32_t krun_start_enter(uint32_t ctx_id)
             break;
         }
     }
-    int code = WIFEXITED(status) ? WEXITSTATUS(status)
-             : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 255;
-    struct jbuf e;
-    jb_begin(&e, "exit");
-    jb_key(&e, "status");
-    jb_int(&e, code);
-    jb_puts(&e, "}\n");
-    log_write(e.p, e.len);
-    _exit(code);
+    exit_with(WIFEXITED(status) ? WEXITSTATUS(status)
+              : WIFSIGNALED(status) ? 128 + WTERMSIG(status) : 255);
 }
