@@ -18,6 +18,7 @@ import pytest
 
 from msbd.config import Settings, default_paths
 from msbd.daemon import systemd
+from msbd.daemon.stopping import KILL_MARGIN
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
@@ -180,7 +181,7 @@ def test_service_timing_fits_the_daemon() -> None:
     # every sandbox (stop_timeout, then its own SIGKILL) and writes the final
     # state, all before systemd SIGKILLs what is left: keep a 5 s margin.
     defaults = Settings()
-    assert defaults.shutdown_timeout + defaults.stop_timeout + 5 <= stop
+    assert defaults.shutdown_timeout + defaults.stop_timeout + KILL_MARGIN + 5 <= stop
 
 
 def test_units_agree_with_the_daemon_defaults() -> None:

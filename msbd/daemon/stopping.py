@@ -1,9 +1,11 @@
 """How a run is asked to end: the signals, the grace, the timers that decide, the record.
 
 Every stop (a call, a kill, a timer) goes through `ask`: the first reason
-asked sticks, the worker gets SIGTERM (it asks its guest to shut down) and a
-KILL_GRACE deadline is set; when that falls, the worker's whole process
-group gets SIGKILL. Signals go out at once, with no await, so a burst of a
+asked sticks, the worker gets SIGTERM (it asks its guest to stop over the
+control channel: the guest's init SIGTERMs its processes, SIGKILLs what is
+left after the grace and reports the exit code) and a KILL_GRACE deadline is
+set after the grace and `KILL_MARGIN`; when that falls, the worker's whole
+process group gets SIGKILL. Signals go out at once, with no await, so a burst of a
 thousand due deadlines is a thousand signals in a row; the `stopping` record
 follows separately (`record`), and failing to write it changes nothing: the
 reason is in memory and the end is what gets recorded.
@@ -35,6 +37,13 @@ from msbd.model import Reason, State
 
 log = logging.getLogger("msbd.supervisor")
 
+GUEST_MARGIN = 5.0
+"""What a guest's init gets after its own grace to SIGKILL what is left, sync and
+report its exit code (the worker's `shutdown_margin`)."""
+KILL_MARGIN = GUEST_MARGIN + 2.0
+"""The daemon's SIGKILL comes this long after a stop's grace: after the guest's own
+end and the worker's forced exit, never before them (a guest's exit code would be lost)."""
+
 
 class Stopping:
     """The stop and signal policy, over the shared timers; owns no run."""
@@ -61,7 +70,7 @@ class Stopping:
             self.kill_group(live)
         else:
             self.signal(live, sig)
-            deadline = self._timers.now() + grace
+            deadline = self._timers.now() + grace + KILL_MARGIN
             current = self._timers.get(live.ref.id, TimerKind.KILL_GRACE)
             if current is None or deadline < current:
                 self._timers.set(live.ref.id, TimerKind.KILL_GRACE, deadline)

@@ -44,7 +44,7 @@ from msbd.daemon.limits import Limits, Share, Usage
 from msbd.daemon.live import Live
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.spawn import spawn_worker, worker_environ
-from msbd.daemon.stopping import Stopping
+from msbd.daemon.stopping import GUEST_MARGIN, Stopping
 from msbd.daemon.timers import (
     Lateness,
     Scheduler,
@@ -197,7 +197,8 @@ class Supervisor:
         fields = {f: getattr(spec, f) for f in spec.__struct_fields__}
         uid, gid, groups = vm_identity(owner, self._daemon_uid)
         worker_spec = WorkerSpec(**fields, heartbeat_interval=self._settings.heartbeat_interval,
-                                 shutdown_grace=self._settings.stop_timeout, libkrun=libkrun,
+                                 shutdown_grace=self._settings.stop_timeout,
+                                 shutdown_margin=GUEST_MARGIN, libkrun=libkrun,
                                  uid=uid, gid=gid, groups=groups)
         try:
             console = ConsoleLog(log_path(self.log_dir, ref.id),
