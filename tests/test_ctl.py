@@ -179,7 +179,7 @@ def test_env_file_and_bare_env_keys(daemon: DaemonProc, tmp_path: Path) -> None:
         b"  # an indented comment\n"
         b"PLAIN=value\n"
         b"SPACES=  both ends  \n"
-        b"QUOTED=\"kept\" 'as is'\n"
+        b"QUOTED='kept' as is\n"
         b"DOLLAR=$HOME and ${PATH} and \\n\n"
         b"EQUALS=a=b=c\n"
         b"EMPTY=\n"
@@ -193,7 +193,7 @@ def test_env_file_and_bare_env_keys(daemon: DaemonProc, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     env = json.loads(msbctl(daemon, "inspect", "envs").stdout)["spec"]["env"]
     assert env == {
-        "PLAIN": "value", "SPACES": "  both ends  ", "QUOTED": "\"kept\" 'as is'",
+        "PLAIN": "value", "SPACES": "  both ends  ", "QUOTED": "'kept' as is",
         "DOLLAR": "$HOME and ${PATH} and \\n", "EQUALS": "a=b=c", "EMPTY": "",
         "HASH": "not # a comment", "CRLF": "windows", "FROM_ENV": "file's bare key",
         "OVERRIDDEN": "from -e", "BARE": "flag's bare key"}
@@ -234,7 +234,7 @@ def test_secrets_stay_off_msbctls_command_line(kdaemon: DaemonProc, busybox_root
     env_file = tmp_path / "secret.env"
     env_file.write_text(f"FILE_TOKEN={from_file}\n")
     env_file.chmod(0o600)
-    script = 'echo "file=$FILE_TOKEN env=$ENV_TOKEN plain=$PLAIN"; echo ready; exec sleep 600'
+    script = "echo file=$FILE_TOKEN env=$ENV_TOKEN plain=$PLAIN; echo ready; exec sleep 600"
     argv = msbctl_argv(kdaemon, "run", "sec", "--rootfs", str(busybox_root), "--wait",
                        "--env-file", str(env_file), "-e", "ENV_TOKEN", "-e", "PLAIN=on-argv",
                        "--", "/bin/sh", "-c", script)
