@@ -14,218 +14,19 @@ need not sit on msbctl's command line, which every local user can read.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import re
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from msbd import ctlfmt as fmt
+from msbd import ctlspec
+from msbd.ctlspec import UsageError
 from msbd.errors import InvalidParams, MsbdError, RemoteError
-from msbd.model import ENV_KEY_PATTERN, parse_disk_arg, parse_mount_arg
 from msbd.rpc.client import Client, default_socket_path
 
 PROG = "msbctl"
-
-
-class UsageError(Exception):
-    pass
-
-
-# --- output ------------------------------------------------------------------
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    rows = [list(r) for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
-def _ago(stamp: str | None, now: dt.datetime) -> str:
-    if not stamp:
-        return "-"
-    seconds = (now - dt.datetime.fromisoformat(stamp)).total_seconds()
-    return _duration(seconds) + " ago"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    if seconds < 86400:
-        return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
-    return f"{seconds // 86400:.0f}d{seconds % 86400 // 3600:02.0f}h"
-
-
-def _status(info: dict[str, Any]) -> str:
-    run = info.get("run") or {}
-    if info["state"] in ("stopped", "failed") and run.get("reason"):
-        code = run.get("exit_code")
-        sig = run.get("signal")
-        tail = f" {code}" if code is not None else ""
-        tail += f" {_signame(sig)}" if sig else ""
-        return f"{run['reason']}{tail}"
-    return "-"
-
-
-def _signame(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-def _print_sandboxes(items: list[dict[str, Any]]) -> None:
-    now = dt.datetime.now(dt.UTC)
-    rows = []
-    for info in items:
-        run = info.get("run") or {}
-        spec = info.get("spec") or {}
-        command = " ".join([spec.get("exec", "?"), *spec.get("args", [])])
-        rows.append([
-            info["name"], info["state"], str(run.get("pid") or "-"),
-            _ago(run.get("started_at"), now), _status(info),
-            command if len(command) <= 40 else command[:37] + "...",
-        ])
-    print(_table(["NAME", "STATE", "PID", "STARTED", "ENDED", "COMMAND"], rows))
-
-
-def _print_info(info: dict[str, Any]) -> None:
-    print(f"msbd {info['version']}  pid {info['pid']}  up {_duration(info['uptime'])}")
-    print(f"socket     {info['socket']}")
-    print(f"state dir  {info['state_dir']}")
-    print(f"libkrun    {info['libkrun'] or 'not found: ' + (info['libkrun_problem'] or '?')}")
-    counts = ", ".join(f"{n} {s}" for s, n in info["counts"].items() if n) or "none"
-    print(f"sandboxes  {counts}")
-    lim = info["limits"]
-    print(f"limits     {lim['max_sandboxes']} sandboxes, {lim['max_vcpus']} vcpus, "
-          f"{lim['max_memory_mib']} MiB")
-    t = info.get("timers")
-    if t and t["fired"]:
-        print(f"timers     {t['fired']} fired, late p50 {t['late_p50'] * 1000:.1f} ms, "
-              f"p99 {t['late_p99'] * 1000:.1f} ms")
-    for check in info["checks"]:
-        mark = "ok " if check["ok"] else "!! "
-        print(f"{mark} {check['name']}: {check['detail']}")
-        if not check["ok"] and check.get("hint"):
-            print(f"      -> {check['hint']}")
-
-
-def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], None]) -> None:
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=False))
-    else:
-        human(result)
-
-
-# --- launch spec from flags ----------------------------------------------------
-
-
-def _kv(entries: list[str] | None, what: str, field: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for entry in entries or []:
-        key, sep, value = entry.partition("=")
-        if not sep or not key:
-            raise InvalidParams(f"invalid {what} {entry!r}: expected KEY=VALUE", field=field)
-        out[key] = value
-    return out
-
-
-def _own_env(key: str, where: str) -> str:
-    """`key`'s value in msbctl's own environment (`-e KEY`, a bare `KEY` line)."""
-    if not re.fullmatch(ENV_KEY_PATTERN, key):
-        raise UsageError(f"{where}: {key!r} is not a variable name")
-    try:
-        return os.environ[key]
-    except KeyError:
-        raise UsageError(f"{where}: {key} is not set in msbctl's environment") from None
-
-
-def _env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines, taken literally (the syntax is in README.md and `--help`)."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--env-file {path}: {getattr(exc, 'strerror', None) or exc}"
-                         ) from None
-    out: dict[str, str] = {}
-    for number, raw in enumerate(text.split("\n"), 1):
-        line = raw.removesuffix("\r")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        where = f"--env-file {path}, line {number}"
-        key, sep, value = line.partition("=")
-        if not re.fullmatch(ENV_KEY_PATTERN, key):
-            raise UsageError(f"{where}: expected KEY=VALUE or KEY, with KEY a variable name")
-        out[key] = value if sep else _own_env(key, where)
-    return out
-
-
-def _env(args: argparse.Namespace) -> dict[str, str]:
-    """Files first, in order, then each `-e`; a later value for a key wins."""
-    env: dict[str, str] = {}
-    for path in args.env_file or []:
-        env.update(_env_file(path))
-    for entry in args.env or []:
-        key, sep, value = entry.partition("=")
-        if sep and not key:
-            raise InvalidParams(f"invalid --env {entry!r}: expected KEY=VALUE or KEY",
-                                field="env")
-        env[key] = value if sep else _own_env(key, f"-e {key}")
-    return env
-
-
-def _abs(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def _spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.command:
-        raise UsageError("the command to run is required: ... -- EXEC [ARGS...]")
-    spec: dict[str, Any] = {"name": args.name, "exec": args.command[0], "args": args.command[1:]}
-    if args.rootfs:
-        spec["rootfs"] = _abs(args.rootfs)
-    if args.root_disk:
-        parts = args.root_disk.split(":")
-        disk = parse_disk_arg(":".join(["root", *parts]))
-        spec["root_disk"] = {"path": _abs(disk.host), "format": disk.format.value,
-                             "readonly": disk.readonly}
-    env = _env(args)
-    if env:
-        spec["env"] = env
-    if args.label:
-        spec["labels"] = _kv(args.label, "--label", "labels")
-    for key, flag in (("workdir", args.workdir), ("vcpus", args.vcpus),
-                      ("memory_mib", args.memory), ("idle_timeout", args.idle_timeout),
-                      ("max_duration", args.max_duration)):
-        if flag is not None:
-            spec[key] = flag
-    if args.mount:
-        spec["mounts"] = [
-            {"tag": m.tag, "host": _abs(m.host), "readonly": m.readonly}
-            for m in map(parse_mount_arg, args.mount)]
-    if args.disk:
-        spec["disks"] = [
-            {"id": d.id, "host": _abs(d.host), "format": d.format.value, "readonly": d.readonly}
-            for d in map(parse_disk_arg, args.disk)]
-    return spec
-
-
-def _exit_code_of(info: dict[str, Any]) -> int:
-    run = info.get("run") or {}
-    if run.get("exit_code") is not None:
-        return int(run["exit_code"])
-    if run.get("signal"):
-        return 128 + int(run["signal"])
-    return 1 if info["state"] == "failed" else 0
 
 
 # --- commands --------------------------------------------------------------------
@@ -234,32 +35,32 @@ def _exit_code_of(info: dict[str, Any]) -> int:
 def cmd_ping(c: Client, a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = c.call("daemon.ping")
-    _emit(a, result, lambda r: print(f"{r} ({(time.perf_counter() - t0) * 1000:.2f} ms)"))
+    fmt.emit(a, result, lambda r: print(f"{r} ({(time.perf_counter() - t0) * 1000:.2f} ms)"))
     return 0
 
 
 def cmd_info(c: Client, a: argparse.Namespace) -> int:
-    _emit(a, c.call("daemon.info"), _print_info)
+    fmt.emit(a, c.call("daemon.info"), fmt.print_info)
     return 0
 
 
 def cmd_create(c: Client, a: argparse.Namespace) -> int:
-    info = c.call("sandbox.create", _spec_from_args(a))
-    _emit(a, info, lambda i: print(f"created {i['name']}"))
+    info = c.call("sandbox.create", ctlspec.spec_from_args(a))
+    fmt.emit(a, info, lambda i: print(f"created {i['name']}"))
     return 0
 
 
 def cmd_run(c: Client, a: argparse.Namespace) -> int:
-    info = c.call("sandbox.run", _spec_from_args(a), timeout=None)
+    info = c.call("sandbox.run", ctlspec.spec_from_args(a), timeout=None)
     if not a.wait:
-        _emit(a, info, lambda i: print(f"{i['name']} {i['state']} (pid {i['run']['pid']})"))
+        fmt.emit(a, info, lambda i: print(f"{i['name']} {i['state']} (pid {i['run']['pid']})"))
         return 0
     info = c.call("sandbox.wait", {"name": a.name}, timeout=None)
     if not a.json:
         _print_log(c, {"name": a.name, "offset": 0})
     else:
-        _emit(a, info, print)
-    return _exit_code_of(info)
+        fmt.emit(a, info, print)
+    return ctlspec.exit_code_of(info)
 
 
 def cmd_ls(c: Client, a: argparse.Namespace) -> int:
@@ -274,7 +75,7 @@ def cmd_ls(c: Client, a: argparse.Namespace) -> int:
         if not page.get("next"):
             break
         params["cursor"] = page["next"]
-    _emit(a, {"sandboxes": items}, lambda r: _print_sandboxes(r["sandboxes"]))
+    fmt.emit(a, {"sandboxes": items}, lambda r: fmt.print_sandboxes(r["sandboxes"]))
     return 0
 
 
@@ -285,7 +86,7 @@ def cmd_inspect(c: Client, a: argparse.Namespace) -> int:
 
 def cmd_rm(c: Client, a: argparse.Namespace) -> int:
     info = c.call("sandbox.remove", {"name": a.name, "force": a.force}, timeout=None)
-    _emit(a, info, lambda i: print(f"removed {i['name']}"))
+    fmt.emit(a, info, lambda i: print(f"removed {i['name']}"))
     return 0
 
 
@@ -293,7 +94,8 @@ def _simple(method: str, extra: Callable[[argparse.Namespace], dict[str, Any]]
             ) -> Callable[[Client, argparse.Namespace], int]:
     def run(c: Client, a: argparse.Namespace) -> int:
         info = c.call(method, {"name": a.name, **extra(a)}, timeout=None)
-        _emit(a, info, lambda i: print(f"{i['name']}: {i['state']} {_status(i)}".rstrip(" -")))
+        fmt.emit(a, info,
+                 lambda i: print(f"{i['name']}: {i['state']} {fmt.status(i)}".rstrip(" -")))
         return 0
     return run
 
@@ -304,8 +106,8 @@ def _timeout(a: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_wait(c: Client, a: argparse.Namespace) -> int:
     info = c.call("sandbox.wait", {"name": a.name, **_timeout(a)}, timeout=None)
-    _emit(a, info, lambda i: print(f"{i['name']}: {i['state']} {_status(i)}"))
-    return _exit_code_of(info)
+    fmt.emit(a, info, lambda i: print(f"{i['name']}: {i['state']} {fmt.status(i)}"))
+    return ctlspec.exit_code_of(info)
 
 
 def _print_log(c: Client, params: dict[str, Any]) -> dict[str, Any]:
@@ -342,8 +144,8 @@ def cmd_logs(c: Client, a: argparse.Namespace) -> int:
 def cmd_metrics(c: Client, a: argparse.Namespace) -> int:
     def show(m: dict[str, Any]) -> None:
         print(f"pid {m['pid']}  rss {m['rss_bytes'] / 1048576:.1f} MiB  "
-              f"cpu {m['cpu_seconds']:.2f}s  up {_duration(m['uptime'])}")
-    _emit(a, c.call("sandbox.metrics", {"name": a.name}), show)
+              f"cpu {m['cpu_seconds']:.2f}s  up {fmt.duration(m['uptime'])}")
+    fmt.emit(a, c.call("sandbox.metrics", {"name": a.name}), show)
     return 0
 
 
@@ -365,7 +167,7 @@ def cmd_events(c: Client, a: argparse.Namespace) -> int:
         else:
             end = f" {ev['reason']}" if ev.get("reason") else ""
             end += f" exit={ev['exit_code']}" if ev.get("exit_code") is not None else ""
-            end += f" signal={_signame(ev['signal'])}" if ev.get("signal") else ""
+            end += f" signal={fmt.signame(ev['signal'])}" if ev.get("signal") else ""
             print(f"{ev['seq']:>6} {ev['time']} {ev['sandbox']} {ev['state']}{end}", flush=True)
         if a.no_follow and ev["seq"] >= head:
             return 0

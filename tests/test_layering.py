@@ -26,7 +26,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     # msbd.cmdline only through msbd.model (the checks of a launch spec).
     "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors"),
     "msbd.ctl": ("msbd.model", "msbd.errors", "msbd.rpc.client", "msbd.rpc.codec",
-                 "msbd.rpc.methods", "msbd"),
+                 "msbd.rpc.methods", "msbd.ctlfmt", "msbd.ctlspec", "msbd"),
+    "msbd.ctlfmt": (),
+    "msbd.ctlspec": ("msbd.model", "msbd.errors"),
     "msbd.cli": ("msbd.config", "msbd.errors", "msbd.daemon.app", "msbd"),
 }
 # Foreign modules owned by exactly one of ours.
