@@ -21,6 +21,7 @@ then
     REAL=1
 else
     REAL=0
+    CHECKED=${LIBKRUN:-$FAKEKRUN}  # what doctor is shown for: the real library if there is one
     LIBKRUN=$FAKEKRUN
 fi
 
@@ -44,7 +45,7 @@ libkrun TEST DOUBLE from tests/fakekrun: it runs the workload as a plain child p
 NOT in a VM. Everything else (daemon, socket, database, worker, fd checks, timers) is the
 real thing. \`make demo-vm\` runs this same demo with real microVMs inside a QEMU guest.
 NOTE
-    "$BIN/python" -m msbd.vm doctor --libkrun "${MSBD_LIBKRUN:-$FAKEKRUN}" | sed 's/^/  doctor: /' || true
+    "$BIN/python" -m msbd.vm doctor --libkrun "$CHECKED" | sed 's/^/  doctor: /' || true
 fi
 
 say "start the daemon (msbd serve) in the background"
