@@ -124,6 +124,25 @@ def become_subreaper() -> None:
     libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
 
 
+@contextlib.contextmanager
+def contained() -> Iterator[None]:
+    """Run a benchmark so that whatever it starts ends with it, errors and SIGTERM included.
+
+    We become a child subreaper, SIGTERM/SIGHUP end the run through `finally`,
+    and everything still below us is killed on the way out.
+    """
+    become_subreaper()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        leftover = kill_descendants()
+        if leftover:
+            print(f"# cleanup: killed {len(leftover)} leftover processes: "
+                  + " ".join(leftover[:10]), flush=True)
+
+
 def descendants(root: int | None = None) -> list[int]:
     """Every live process below `root` (default: us), found through /proc's ppid links."""
     root = os.getpid() if root is None else root

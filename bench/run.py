@@ -2,6 +2,8 @@
 
 Prints the machine, then each benchmark's figures and ratios. `--quick` is a
 tiny run (seconds per benchmark) for the smoke test; its figures mean nothing.
+`vm` (real guests against `msb run`, bench/vm_launch.py) runs only when named:
+it needs a KVM that boots a kernel and $MSBD_TEST_LIBKRUN.
 Everything started is ended on the way out, even on error: the bench makes
 itself a child subreaper, so workers orphaned by a killed daemon are ours too.
 """
@@ -12,7 +14,6 @@ import argparse
 import contextlib
 import os
 import platform
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import msgspec
 
-from bench import control, launch, peer, scale
-from bench.common import REPO, RESULTS, become_subreaper, kill_descendants
+from bench import control, launch, peer, scale, vm_launch
+from bench.common import REPO, RESULTS, contained
 
 BENCHMARKS = ("control", "launch", "scale")
+# Real guests: only when asked for (`--only vm`), on a KVM that boots a kernel (BENCHMARKS.md)
+OPTIONAL = ("vm",)
 
 
 def machine() -> dict[str, str]:
@@ -56,21 +59,19 @@ def _took(name: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS,
-                        help="run only this benchmark (repeatable)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS + OPTIONAL,
+                        help="run only this benchmark (repeatable); `vm` (real guests) runs "
+                             "only when named")
     parser.add_argument("--sandboxes", type=int, help="sandboxes for `scale` (default 1000)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     args = parser.parse_args(argv)
     chosen = args.only or list(BENCHMARKS)
     os.chdir(REPO)  # workers spawned by the bench inherit it, like the daemon's
-    become_subreaper()
-    # SIGTERM/SIGHUP end the run through `finally`: everything started gets ended.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    # SIGTERM/SIGHUP end the run through `contained`'s `finally`: everything started ends.
     info = machine()
     print("msbd benchmarks: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     t0 = time.monotonic()
-    try:
+    with contained():
         rate = None
         if "control" in chosen:
             with _took("control"):
@@ -87,11 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                               margin=2.0)
                 else:
                     scale.run(sandboxes=n, launch_rate=rate)
-    finally:
-        leftover = kill_descendants()
-        if leftover:
-            print(f"# cleanup: killed {len(leftover)} leftover processes: "
-                  + " ".join(leftover[:10]), flush=True)
+        if "vm" in chosen:
+            with _took("vm"):
+                vm_launch.run(vm_launch.real_libkrun(None), rounds=1 if args.quick else 5)
     took = time.monotonic() - t0
     print(f"\nall benchmarks done in {took:.0f} s", flush=True)
     if args.json:
