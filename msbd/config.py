@@ -21,6 +21,9 @@ from msbd.errors import ConfigError
 
 DEFAULT_CONFIG: Final = Path("/etc/msbd/msbd.toml")
 ENV_PREFIX: Final = "MSBD_"
+# Variables of msbd's build and test tools that share the prefix but are no
+# settings: `make libkrun`'s cache, the real-VM tests' library, the nested lane.
+NOT_SETTINGS: Final = frozenset({"MSBD_CACHE", "MSBD_TEST_LIBKRUN", "MSBD_NESTED_KVM"})
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -140,7 +143,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     fields = set(Settings.__struct_fields__)
     data: dict[str, Any] = {}
     for key, value in env.items():
-        if not key.startswith(ENV_PREFIX):
+        if not key.startswith(ENV_PREFIX) or key in NOT_SETTINGS:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in fields:

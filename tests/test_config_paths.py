@@ -1,12 +1,15 @@
-"""Where the daemon keeps its socket and state by default, for every kind of user."""
+"""Where the daemon keeps its socket and state by default, and which MSBD_ variables are
+settings."""
 
 from __future__ import annotations
 
 import pwd
+from pathlib import Path
 
 import pytest
 
-from msbd.config import default_paths
+from msbd.config import default_paths, load_settings
+from msbd.errors import ConfigError
 
 
 def _unused_uid() -> int:
@@ -43,3 +46,13 @@ def test_no_home_falls_back_to_the_passwd_entry() -> None:
     nobody = pwd.getpwnam("nobody")
     state = default_paths(uid=nobody.pw_uid, environ={})[1]
     assert state == f"{nobody.pw_dir}/.local/state/msbd"
+
+
+def test_the_tools_variables_are_not_settings(tmp_path: Path) -> None:
+    """`make libkrun`'s cache, the real-VM tests' library and the nested lane's marker share
+    the MSBD_ prefix; a daemon started where they are set must not take them for typos."""
+    env = {"MSBD_CACHE": str(tmp_path), "MSBD_TEST_LIBKRUN": "/x/libkrun.so.1",
+           "MSBD_NESTED_KVM": "1", "MSBD_MAX_SANDBOXES_PER_USER": "7", "HOME": str(tmp_path)}
+    assert load_settings(environ=env).max_sandboxes_per_user == 7
+    with pytest.raises(ConfigError, match="MSBD_MAX_SANDBOXEZ"):
+        load_settings(environ={**env, "MSBD_MAX_SANDBOXEZ": "1"})
