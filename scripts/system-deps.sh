@@ -12,14 +12,5 @@ dpkg -s busybox-static >/dev/null 2>&1 || missing="$missing busybox-static"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 command -v systemd-socket-activate >/dev/null 2>&1 || missing="$missing systemd"
 command -v qemu-img >/dev/null 2>&1 || missing="$missing qemu-utils"
-if [ -n "$missing" ]; then
-    echo "installing Debian packages:$missing" >&2
-    if [ "$(id -u)" -ne 0 ]; then
-        echo "error: not root; install them yourself: apt-get install$missing" >&2
-        exit 1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    # shellcheck disable=SC2086
-    apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# shellcheck disable=SC2086
+"$(dirname "$0")/apt-install" $missing
