@@ -163,16 +163,21 @@ def _toml(value: Any) -> str:
     raise TypeError(value)
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """One line from a connected socket, newline included (less if the server closed)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def raw_exchange(path: Path, payload: bytes, *, timeout: float = 30.0) -> bytes:
     """Send bytes on a fresh connection, read one reply line (b"" if the server closed)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
         s.sendall(payload)
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-        return buf
+        return read_line(s)

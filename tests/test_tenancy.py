@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import DaemonProc
+from daemonproc import DaemonProc, read_line
 from tenants import ROOT, A, AsUser, B, User, names, ok, refused, sleeper
 
 from msbd.errors import RpcCode
@@ -44,16 +44,6 @@ def limit_of(err: dict[str, Any]) -> str:
 # --- connections ---------------------------------------------------------------------
 
 
-def _line(sock: socket.socket) -> bytes:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 def test_one_users_connections_never_cost_another(
         make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path) -> None:
     d = tenant_daemon(make_daemon, fakekrun, max_connections_per_user=3, max_connections=8)
@@ -66,13 +56,13 @@ def test_one_users_connections_never_cost_another(
             s.settimeout(30)
             s.connect(str(d.socket))
             s.sendall(PING)
-            assert b'"pong"' in _line(s)
+            assert b'"pong"' in read_line(s)
             held.append(s)
         extra = socket.socket(socket.AF_UNIX)
         extra.settimeout(30)
         extra.connect(str(d.socket))
-        refused_line = _line(extra)
-        after = _line(extra)  # then closed
+        refused_line = read_line(extra)
+        after = read_line(extra)  # then closed
         ready()
         os.read(go_r, 1)  # hold them until the parent has seen the others served
         return [refused_line, after]
@@ -182,6 +172,10 @@ def test_list_pages_and_leaves_specs_out(shared: DaemonProc,
             break
         params["cursor"] = page["next"]
     assert seen == [f"s{i}" for i in range(5)]
+    for cursor in ("9" * 19, "-1", "", "1e3"):  # not a cursor the daemon gives: -32602
+        err = refused(shared.socket, B, "sandbox.list", {"cursor": cursor})
+        assert (err["code"], err["data"]) == (RpcCode.INVALID_PARAMS, {"field": "cursor"})
+    assert ok(shared.socket, B, "sandbox.list", {"cursor": "9" * 18})["sandboxes"] == []
     full = ok(shared.socket, B, "sandbox.list", {"spec": True, "label": "n=3"})
     assert [s["spec"]["name"] for s in full["sandboxes"]] == ["s3"]
 
@@ -289,3 +283,13 @@ def test_one_unreadable_record_fails_only_calls_about_it(
     assert ok(d.socket, B, "sandbox.remove", {"name": "bad"})["name"] == "bad"
     assert ok(d.socket, ROOT, "daemon.info")["unreadable"] == {}
     assert stat.S_ISSOCK(d.socket.stat().st_mode)
+
+
+def test_numbers_past_what_sqlite_stores_are_refused(shared: DaemonProc) -> None:
+    """A `since` past SQLite's integers would have failed inside the subscription's
+    stream, after its reply: the subscriber would wait for events that never come."""
+    for method, params in (("events.subscribe", {"since": 2**63}),
+                           ("sandbox.logs", {"name": "x", "offset": 2**63})):
+        err = refused(shared.socket, ROOT, method, params)
+        assert err["code"] == RpcCode.INVALID_PARAMS, err
+    assert "seq" in ok(shared.socket, ROOT, "events.subscribe", {"since": 2**63 - 1})

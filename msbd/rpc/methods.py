@@ -22,6 +22,9 @@ from msbd.model import (
     State,
 )
 
+MAX_SQL_INT: Final = 2**63 - 1
+"""The largest integer SQLite stores: sequence numbers and offsets never pass it."""
+
 LabelFilter = Annotated[str, msgspec.Meta(
     pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}=[^\x00]{0,256}$", description="key=value")]
 
@@ -72,7 +75,8 @@ class ListSandboxParams(Params, frozen=True):
     label: LabelFilter | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_LIST_PAGE)] = 100
     # `next` of the previous page; absent for the first one.
-    cursor: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,19}$")] | None = None
+    # At most 18 digits: every such number is a valid SQLite integer (ids are below 2**63).
+    cursor: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,18}$")] | None = None
     # Include each sandbox's launch spec (left out by default: it can be large).
     spec: bool = False
 
@@ -91,7 +95,7 @@ class WaitSandboxParams(Params, frozen=True):
 class LogsSandboxParams(Params, frozen=True):
     name: Name
     tail: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
-    offset: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_SQL_INT)] | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=4 * 1024 * 1024)] = 256 * 1024
     # With `offset` at the end of the output so far: wait up to this many
     # seconds for more (long poll; `msbctl logs -f` uses it).
@@ -99,7 +103,7 @@ class LogsSandboxParams(Params, frozen=True):
 
 
 class SubscribeEventsParams(Params, frozen=True):
-    since: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    since: Annotated[int, msgspec.Meta(ge=0, le=MAX_SQL_INT)] | None = None
 
 
 # --- results -------------------------------------------------------------------
