@@ -9,13 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import posixpath
-import re
 from typing import Annotated, Final, NamedTuple, TypeVar
 
 import msgspec
 
 from msbd.cmdline import check_workload
 from msbd.errors import InvalidParams
+from msbd.network import MAX_PORTS, Network, PortMap, RlimitName, RlimitValue, check_ports
 
 _T = TypeVar("_T")
 
@@ -54,10 +54,6 @@ DiskId = Annotated[str, msgspec.Meta(pattern=DISK_ID_PATTERN)]
 LabelKey = Annotated[str, msgspec.Meta(pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, msgspec.Meta(pattern=NO_NUL, max_length=256)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=MAX_TIMEOUT_S)]
-
-
-def valid_name(name: str) -> bool:
-    return 1 <= len(name.encode()) <= 128 and re.match(NAME_PATTERN, name) is not None
 
 
 # --- enums -------------------------------------------------------------------
@@ -173,6 +169,10 @@ class LaunchSpec(Spec, frozen=True):
     idle_timeout: Seconds | None = None
     max_duration: Seconds | None = None
     labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
+    # None: the daemon's `default_network`, written into the record at creation.
+    network: Network | None = None
+    ports: Annotated[list[PortMap], msgspec.Meta(max_length=MAX_PORTS)] = []
+    rlimits: dict[RlimitName, RlimitValue] = {}
 
     def check(self) -> None:
         """Cross-field rules msgspec's per-field constraints cannot say.
@@ -201,6 +201,7 @@ class LaunchSpec(Spec, frozen=True):
             if disk.id in seen_ids:
                 raise InvalidParams(f"duplicate disk id {disk.id!r}", field=f"disks[{i}].id")
             seen_ids.add(disk.id)
+        check_ports(self.network, self.ports)
 
     def host_paths(self) -> list[tuple[str, str, bool]]:
         """(field, path, needs_write) for every host path the spec names."""
@@ -363,6 +364,10 @@ class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
     run: RunInfo | None = None
     # None in `sandbox.list` entries unless the caller asks for specs.
     spec: LaunchSpec | None = None
+    # From the spec, in every entry: None only for a record made before networks were
+    # chosen (it gets the daemon's default when it starts).
+    network: Network | None = None
+    ports: list[PortMap] = []
 
     @property
     def ref(self) -> SandboxRef:

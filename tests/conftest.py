@@ -95,6 +95,12 @@ def workers() -> Iterator[Workers]:
 
 
 @pytest.fixture
+def log(tmp_path: Path) -> Path:
+    """Where the libkrun test double records its calls (FAKEKRUN_LOG)."""
+    return tmp_path / "fakekrun.jsonl"
+
+
+@pytest.fixture
 def make_spec(fakekrun: Path, busybox_root: Path) -> Callable[..., bytes]:
     """A worker spec (JSON) that runs in the busybox root with the libkrun test double."""
     return lambda **fields: fake_spec(fakekrun, busybox_root, **fields)

@@ -20,12 +20,6 @@ from workerproc import (
     pipe_with,
 )
 
-
-@pytest.fixture
-def log(tmp_path: Path) -> Path:
-    return tmp_path / "fakekrun.jsonl"
-
-
 ZERO_VMDK = b'# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\nRW 2048 ZERO\n'
 """A vmdk descriptor naming no file (all its data reads as zeros): one the worker accepts."""
 
@@ -158,6 +152,10 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
         {"fn": "krun_set_log_level", "level": 3, "ret": 0},
         {"fn": "krun_create_ctx", "ret": 0},
         {"fn": "krun_set_vm_config", "ctx": 0, "num_vcpus": 3, "ram_mib": 320, "ret": 0},
+        # No network by default: a vsock device without TSI, and an empty port map.
+        {"fn": "krun_disable_implicit_vsock", "ctx": 0, "ret": 0},
+        {"fn": "krun_add_vsock", "ctx": 0, "tsi_features": 0, "ret": 0},
+        {"fn": "krun_set_port_map", "ctx": 0, "port_map": [], "ret": 0},
         {"fn": "krun_set_root", "ctx": 0, "root_path": "<fd>/", "ret": 0},
         {"fn": "krun_add_virtiofs", "ctx": 0, "tag": "data", "path": "<fd>/", "ret": 0},
         {"fn": "krun_add_virtiofs3", "ctx": 0, "tag": "seed", "path": "<fd>/",
@@ -180,19 +178,19 @@ def test_good_launch_calls_libkrun_in_order_with_exact_arguments(
     [vsock] = [c for c in calls if c["fn"] == "krun_add_vsock_port2"]
     assert CONTROL_SOCKET.match(vsock["filepath"]), vsock
     vsock["filepath"] = "<socket>"
-    assert [{k: by_fd(v) for k, v in c.items()} for c in calls[:12]] == expected
-    assert [c["fn"] for c in calls[12:]] == [
+    assert [{k: by_fd(v) for k, v in c.items()} for c in calls[:15]] == expected
+    assert [c["fn"] for c in calls[15:]] == [
         "open_disk", "open_disk", "open_disk", "krun_start_enter",
         "open_dir", "open_dir", "open_dir", "child", "exit"]
     # The test double opened what the worker had opened, the way libkrun does.
     disks = {c["block_id"]: c for c in calls if c["fn"] == "krun_add_disk2"}
-    for opened in calls[12:15]:
+    for opened in calls[15:18]:
         assert opened["path"] == disks[opened["block_id"]]["disk_path"] and opened["ok"]
-    assert [bytes.fromhex(c["head"])[:4] for c in calls[12:15]] == [
+    assert [bytes.fromhex(c["head"])[:4] for c in calls[15:18]] == [
         b"RAW!", b"QFI\xfb", ZERO_VMDK[:4]]
-    assert [(c["tag"], c["ok"], c["directory"]) for c in calls[16:19]] == [
+    assert [(c["tag"], c["ok"], c["directory"]) for c in calls[19:22]] == [
         ("/dev/root", True, True), ("data", True, True), ("seed", True, True)]
-    child = calls[19]
+    child = calls[22]
     assert (child["chroot"], child["cwd"], child["exec"]) == (
         os.geteuid() == 0, "/work", "/bin/sh")  # the double chroots only as root (README)
     assert by_fd(child["root"]) == "<fd>/"
@@ -238,7 +236,9 @@ def test_bad_spec_exits_2(workers: Workers, log: Path, spec: bytes, message: str
 
 # --- failures in libkrun -------------------------------------------------------------
 
-CONFIGURING = ["krun_set_log_level", "krun_create_ctx", "krun_set_vm_config", "krun_set_root",
+CONFIGURING = ["krun_set_log_level", "krun_create_ctx", "krun_set_vm_config",
+               "krun_disable_implicit_vsock", "krun_add_vsock", "krun_set_port_map",
+               "krun_set_rlimits", "krun_set_root",
                "krun_add_virtiofs", "krun_add_virtiofs3", "krun_add_disk2", "krun_set_workdir",
                "krun_add_vsock_port2", "krun_set_exec"]
 
@@ -249,7 +249,7 @@ def test_configuring_call_failure_exits_4(workers: Workers, make_spec: Callable[
     (tmp_path / "d.raw").write_bytes(b"\0" * 512)
     tmpdir = tmp_path / "tmpdir"  # where the worker makes its control channel's directory
     tmpdir.mkdir()
-    spec = make_spec(workdir="/work",
+    spec = make_spec(workdir="/work", rlimits={"nofile": 64},
                      mounts=[{"tag": "rw", "host": str(tmp_path)},
                              {"tag": "ro", "host": str(tmp_path), "readonly": True}],
                      disks=[{"id": "d", "host": str(tmp_path / "d.raw"), "format": "raw"}])

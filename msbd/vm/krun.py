@@ -42,6 +42,10 @@ SYMBOLS: Final = (
     Symbol("krun_add_virtiofs3", (_u32, _str, _str, _u64, _bool), _i32, optional=True),
     Symbol("krun_set_workdir", (_u32, _str), _i32),
     Symbol("krun_set_exec", (_u32, _str, _StrArray, _StrArray), _i32),
+    Symbol("krun_disable_implicit_vsock", (_u32,), _i32),
+    Symbol("krun_add_vsock", (_u32, _u32), _i32),
+    Symbol("krun_set_port_map", (_u32, _StrArray), _i32),
+    Symbol("krun_set_rlimits", (_u32, _StrArray), _i32),
     Symbol("krun_add_vsock_port2", (_u32, _u32, _str, _bool), _i32, optional=True),
     Symbol("krun_get_shutdown_eventfd", (_u32,), _i32, optional=True),
     Symbol("krun_setgid", (_u32, _u32), _i32),
@@ -184,6 +188,18 @@ class Krun:
         """`args` are the arguments after the program name; `env` KEY=VALUE, exactly."""
         self._call("krun_set_exec", ctx, _b(exec_path), _strv(args), _strv(env))
 
+    def set_network(self, ctx: int, tsi_features: int, port_map: Sequence[str]) -> None:
+        """The guest's only vsock device, explicitly: TSI exactly as `tsi_features` says
+        (libkrun's implicit one would forward inet sockets), and the port map, always
+        given (no map at all would publish every port the guest listens on)."""
+        self._call("krun_disable_implicit_vsock", ctx)
+        self._call("krun_add_vsock", ctx, tsi_features)
+        self._call("krun_set_port_map", ctx, _strv(port_map))
+
+    def set_rlimits(self, ctx: int, entries: Sequence[str]) -> None:
+        """Guest resource limits, `ID=CUR:MAX` each (set by the guest's init)."""
+        self._call("krun_set_rlimits", ctx, _strv(entries))
+
     def map_vsock_port(self, ctx: int, port: int, path: str) -> None:
         """Guest connections to host vsock `port` become connections to the Unix socket
         at `path`, made by libkrun in this process (`krun_add_vsock_port2`, listen false)."""
@@ -210,6 +226,18 @@ class Krun:
         except KrunError as exc:
             return exc
         return KrunError("krun_start_enter", 0, f"returned {ret} without starting the VM")
+
+
+def unshare_network() -> None:
+    """Move this process into a new network namespace (needs CAP_SYS_ADMIN); OSError if
+    it cannot. A libc call, here because this is the worker's one ctypes module."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_CLONE_NEWNET: Final = 0x40000000
 
 
 def load(configured: str | None, environ: Mapping[str, str] | None = None) -> Krun:

@@ -10,7 +10,8 @@ from typing import Any, Final
 
 from msbd.errors import FdCheckFailed, InvalidParams, KrunError
 from msbd.model import WorkerSpec
-from msbd.vm import WorkerExit, control, fds, guard, hostfiles, krun, spec
+from msbd.network import Network, needs_namespace, port_map_entries, rlimit_entries, tsi_features
+from msbd.vm import WorkerExit, control, fds, guard, hostfiles, krun, portrelay, spec
 from msbd.vm.status import ENTERING, StatusPipe, error_line, say
 
 ROOT_DISK_ID: Final = "root"
@@ -96,6 +97,17 @@ def run(argv: Sequence[str]) -> int:
             krun.load_libkrunfw(beside=lib.path)
     except krun.LibraryNotLoadable as exc:
         return _fail(WorkerExit.NO_LIBKRUN, str(exc), pipe)
+    relay = None
+    if needs_namespace(network_of(worker_spec), worker_spec.ports):
+        # Before the owner's identity: a namespace and its loopback need privileges.
+        try:
+            relay = portrelay.Relay.create(worker_spec.ports)
+            krun.unshare_network()
+            portrelay.loopback_up()
+        except OSError as exc:
+            return _fail(WorkerExit.CONFIG_FAILED,
+                         "cannot give the VM a network namespace of its own (published "
+                         f"ports without network access need one): {exc.strerror or exc}", pipe)
     # From here on the worker is the sandbox's owner: every host file is opened
     # with the owner's rights, libkrun's own opens included (msbd.vm.hostfiles).
     # Nothing is imported after this point: the owner need not be able to read
@@ -106,6 +118,11 @@ def run(argv: Sequence[str]) -> int:
         return _fail(WorkerExit.CONFIG_FAILED,
                      f"cannot take the sandbox owner's identity (uid {worker_spec.uid}, "
                      f"gid {worker_spec.gid}): {exc.strerror or exc}", pipe)
+    if relay is not None:
+        try:
+            relay.bind()  # as the owner: a port the owner may not bind stays refused
+        except portrelay.PortUnavailable as exc:
+            return _fail(WorkerExit.CONFIG_FAILED, str(exc), pipe)
     try:
         names = hostfiles.open_host_files(worker_spec)
     except hostfiles.HostFileRefused as exc:
@@ -127,6 +144,8 @@ def run(argv: Sequence[str]) -> int:
     pipe.send(ENTERING)  # first, so no heartbeat can come before it
     if channel is not None:
         channel.serve_in_background()
+    if relay is not None:
+        relay.serve_in_background()
     guard.start(watchdog_fd=fds.WATCHDOG_FD, status=pipe,
                 heartbeat_interval=worker_spec.heartbeat_interval,
                 shutdown=guard.Shutdown(worker_spec.shutdown_grace, worker_spec.shutdown_margin,
@@ -150,6 +169,11 @@ def _read_spec(opts: argparse.Namespace) -> WorkerSpec:
     return decoded
 
 
+def network_of(s: WorkerSpec) -> Network:
+    """The spec's network; a spec without one (a worker run by hand) gets none."""
+    return Network.NONE if s.network is None else s.network
+
+
 def configure(lib: krun.Krun, s: WorkerSpec, names: hostfiles.HostNames,
               channel: control.Channel | None = None) -> tuple[int, int | None]:
     """Every configuring call, in order; returns the context and the shutdown eventfd
@@ -161,6 +185,10 @@ def configure(lib: krun.Krun, s: WorkerSpec, names: hostfiles.HostNames,
     lib.set_log_level(s.log_level)
     ctx = lib.create_ctx()
     lib.set_vm_config(ctx, s.vcpus, s.memory_mib)
+    network = network_of(s)
+    lib.set_network(ctx, tsi_features(network, s.ports), port_map_entries(network, s.ports))
+    if s.rlimits:
+        lib.set_rlimits(ctx, rlimit_entries(s.rlimits))
     if names.rootfs is not None:
         lib.set_root(ctx, names.rootfs)
     elif s.root_disk is not None and names.root_disk is not None:

@@ -20,6 +20,7 @@
  *   FAKEKRUN_CONTROL, FAKEKRUN_CONTROL_GATE: see fakeinit.c.
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -566,6 +567,29 @@ EXPORT int32_t krun_set_rlimits(uint32_t ctx_id, const char *const rlimits[])
     return jb_end(&b, rlimits == NULL ? -EINVAL : 0);
 }
 
+/* Like libkrun 1.19: "host:guest" entries of two u16 numbers, no guest port and no
+ * host port twice; refused with -ENODEV while no vsock device is to exist. A NULL
+ * array is read as an empty one here (libkrun reads it, the worker never passes it). */
+static int32_t check_port_map(const struct ctx *c, const char *const port_map[])
+{
+    unsigned long hosts[MAX_PORTS], guests[MAX_PORTS];
+    size_t n = 0;
+    for (size_t i = 0; port_map != NULL && port_map[i] != NULL; i++) {
+        unsigned long host, guest;
+        int used = -1;
+        if (sscanf(port_map[i], "%5lu:%5lu%n", &host, &guest, &used) != 2 ||
+            port_map[i][used] != '\0' || !isdigit((unsigned char)port_map[i][0]) ||
+            host > 65535 || guest > 65535 || n == MAX_PORTS)
+            return -EINVAL;
+        for (size_t j = 0; j < n; j++)
+            if (hosts[j] == host || guests[j] == guest)
+                return -EINVAL;
+        hosts[n] = host;
+        guests[n++] = guest;
+    }
+    return c->vsock == VSOCK_DISABLED ? -ENODEV : 0;
+}
+
 EXPORT int32_t krun_set_port_map(uint32_t ctx_id, const char *const port_map[])
 {
     struct ctx *c;
@@ -573,8 +597,7 @@ EXPORT int32_t krun_set_port_map(uint32_t ctx_id, const char *const port_map[])
     jb_key(&b, "port_map");
     jb_strv(&b, port_map);
     CHECK(b, "krun_set_port_map", ctx_id, c);
-    (void)c;
-    return jb_end(&b, 0);
+    return jb_end(&b, check_port_map(c, port_map));
 }
 
 /* Like libkrun: a port maps once per context (a later mapping replaces it), and
