@@ -58,6 +58,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_live_sandboxes_per_user: Count = 50
     max_memory_mib_per_user: Count = 64 * 1024
     max_spec_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    # network (docs/network.md): a spec without `network` gets `default_network`;
+    # `egress` reaches the host's loopback, so by default only admins may ask for it.
+    default_network: Literal["none", "egress"] = "none"
+    egress: Literal["admins", "everyone"] = "admins"
     start_timeout: Positive = 30.0
     stop_timeout: Positive = 10.0
     heartbeat_interval: Positive = 1.0
@@ -121,6 +125,9 @@ def load_settings(
         if not os.path.isabs(getattr(settings, name)):
             raise ConfigError(f"setting `{name}` must be an absolute path, "
                               f"got {getattr(settings, name)!r}")
+    if settings.default_network == "egress" and settings.egress != "everyone":
+        raise ConfigError("setting `default_network` = 'egress' needs `egress` = 'everyone' "
+                          "(else every other user's launch with the default is refused)")
     return settings
 
 

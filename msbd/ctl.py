@@ -201,6 +201,14 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
                    help="extra disk image (repeatable)")
     p.add_argument("-l", "--label", action="append", metavar="KEY=VALUE",
                    help="label (repeatable)")
+    p.add_argument("--network", choices=["none", "egress"],
+                   help="none: no network; egress: outbound through the host, as the owner "
+                        "(the daemon's default_network if not given)")
+    p.add_argument("-p", "--publish", action="append", metavar="[ADDRESS:]HOST:GUEST",
+                   help="publish the guest's TCP port GUEST on the host's HOST "
+                        "(on ADDRESS, default 127.0.0.1; repeatable)")
+    p.add_argument("--rlimit", action="append", metavar="NAME=VALUE",
+                   help="a guest resource limit such as nofile=1024 (repeatable)")
     p.add_argument("--idle-timeout", type=float, metavar="SECONDS")
     p.add_argument("--max-duration", type=float, metavar="SECONDS")
     p.epilog = "The guest program and its arguments follow --: ... -- EXEC [ARGS...]"

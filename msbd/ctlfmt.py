@@ -67,10 +67,23 @@ def print_sandboxes(items: list[dict[str, Any]]) -> None:
         command = " ".join([spec.get("exec", "?"), *spec.get("args", [])])
         rows.append([
             info["name"], info["state"], str(run.get("pid") or "-"),
-            ago(run.get("started_at"), now), status(info),
+            ago(run.get("started_at"), now), status(info), info.get("network") or "default",
+            ports(info.get("ports") or [], info.get("network")),
             command if len(command) <= 40 else command[:37] + "...",
         ])
-    print(table(["NAME", "STATE", "PID", "STARTED", "ENDED", "COMMAND"], rows))
+    print(table(["NAME", "STATE", "PID", "STARTED", "ENDED", "NETWORK", "PORTS", "COMMAND"],
+                rows))
+
+
+def ports(published: list[dict[str, Any]], network: str | None) -> str:
+    """`127.0.0.1:8080->80/tcp` as docker prints them (`*:` with egress, where the guest's
+    own listen address applies); `-` for none."""
+    out = []
+    for p in published:
+        address = "*" if network == "egress" else p.get("address") or "127.0.0.1"
+        host = f"[{address}]" if ":" in address else address
+        out.append(f"{host}:{p['host']}->{p['guest']}/tcp")
+    return ",".join(out) or "-"
 
 
 def print_info(info: dict[str, Any]) -> None:

@@ -100,6 +100,13 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
                       ("max_duration", args.max_duration)):
         if flag is not None:
             spec[key] = flag
+    if args.network is not None:
+        spec["network"] = args.network
+    if args.publish:
+        spec["ports"] = [parse_publish(entry) for entry in args.publish]
+    if args.rlimit:
+        spec["rlimits"] = {name: parse_int(value, f"--rlimit {name}")
+                           for name, value in parse_kv(args.rlimit, "--rlimit", "rlimits").items()}
     if args.mount:
         spec["mounts"] = [
             {"tag": m.tag, "host": absolute(m.host), "readonly": m.readonly}
@@ -109,6 +116,32 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
             {"id": d.id, "host": absolute(d.host), "format": d.format.value, "readonly": d.readonly}
             for d in map(parse_disk_arg, args.disk)]
     return spec
+
+
+def parse_publish(entry: str) -> dict[str, Any]:
+    """`HOST:GUEST`, `ADDRESS:HOST:GUEST` or `[IPV6]:HOST:GUEST`, as docker's `-p`."""
+    address = None
+    rest = entry
+    if entry.startswith("["):
+        address, sep, rest = entry[1:].partition("]:")
+        if not sep:
+            raise UsageError(f"-p {entry}: expected [ADDRESS]:HOST:GUEST")
+    elif entry.count(":") == 2:
+        address, _, rest = entry.partition(":")
+    host, sep, guest = rest.partition(":")
+    if not sep:
+        raise UsageError(f"-p {entry}: expected [ADDRESS:]HOST:GUEST")
+    port: dict[str, Any] = {"host": parse_int(host, f"-p {entry}"),
+                            "guest": parse_int(guest, f"-p {entry}")}
+    if address is not None:
+        port["address"] = address
+    return port
+
+
+def parse_int(text: str, where: str) -> int:
+    if not text.isdigit():
+        raise UsageError(f"{where}: {text!r} is not a number")
+    return int(text)
 
 
 def exit_code_of(info: dict[str, Any]) -> int:

@@ -52,13 +52,16 @@ def test_create_ls_inspect_rm(daemon: DaemonProc, tmp_path: Path) -> None:
     done = msbctl(daemon, "create", "box", "--rootfs", str(tmp_path), "--vcpus", "2",
                   "--memory", "256", "-e", "TOKEN=s3cret", "-l", "team=infra",
                   "--mount", f"src:{tmp_path}:ro", "--disk", f"data:{disk}:qcow2:ro",
+                  "-p", "18080:80", "-p", "[::1]:18081:81", "--rlimit", "nofile=100",
                   "--", "/bin/sh", "-c", "echo hi")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "created box"
     ls = msbctl(daemon, "ls")
     lines = ls.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "STATE", "PID", "STARTED", "ENDED", "COMMAND"]
-    assert lines[1].split()[:5] == ["box", "created", "-", "-", "-"]
+    assert lines[0].split() == ["NAME", "STATE", "PID", "STARTED", "ENDED", "NETWORK", "PORTS",
+                                "COMMAND"]
+    assert lines[1].split()[:7] == ["box", "created", "-", "-", "-", "none",
+                                    "127.0.0.1:18080->80/tcp,[::1]:18081->81/tcp"]
     # Columns are aligned: each row's STATE starts under the header's.
     assert lines[1].index("created") == lines[0].index("STATE")
     info = json.loads(msbctl(daemon, "inspect", "box").stdout)
@@ -66,12 +69,31 @@ def test_create_ls_inspect_rm(daemon: DaemonProc, tmp_path: Path) -> None:
                                       "readonly": True}]
     assert info["spec"]["mounts"] == [{"tag": "src", "host": str(tmp_path), "readonly": True}]
     assert info["spec"]["args"] == ["-c", "echo hi"]
+    assert info["ports"] == [{"host": 18080, "guest": 80, "address": None},
+                             {"host": 18081, "guest": 81, "address": "::1"}]
+    assert info["spec"]["rlimits"] == {"nofile": 100}
     listed = json.loads(msbctl(daemon, "--json", "ls", "--label", "team=infra").stdout)
     assert [s["name"] for s in listed["sandboxes"]] == ["box"]
     assert msbctl(daemon, "rm", "box").returncode == 0
     gone = msbctl(daemon, "rm", "box")
     assert gone.returncode == 1
     assert gone.stderr == "msbctl: no sandbox named 'box'\n"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["-p", "80"], "-p 80: expected [ADDRESS:]HOST:GUEST"),
+    (["-p", "x:80"], "-p x:80: 'x' is not a number"),
+    (["-p", "[::1:80:81"], "-p [::1:80:81: expected [ADDRESS]:HOST:GUEST"),
+    (["--rlimit", "nofile"], "invalid --rlimit 'nofile': expected KEY=VALUE"),
+    (["--rlimit", "nofile=lots"], "--rlimit nofile: 'lots' is not a number"),
+    (["--network", "bridge"], "argument --network: invalid choice: 'bridge'"),
+])
+def test_bad_network_flags_say_which(daemon: DaemonProc, tmp_path: Path, flags: list[str],
+                                     message: str) -> None:
+    done = msbctl(daemon, "create", "box", "--rootfs", str(tmp_path), *flags, "--", "/bin/true")
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert daemon.call("sandbox.list", {})["sandboxes"] == []
 
 
 @pytest.mark.parametrize(("disk", "message"), [

@@ -41,6 +41,7 @@ from msbd.daemon.access import (
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, Lagged, stream_events
+from msbd.daemon.netpolicy import check_network, with_network
 from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
 from msbd.errors import Conflict, InvalidParams, LimitReached, NotFound
@@ -150,10 +151,20 @@ class Api:
         owner = owner_caller(await self._store.owner(info.ref), self._daemon_uid)
         if owner is not None and owner.uid != caller.uid:
             await self._check_paths(info.spec, owner)
+        # The network goes to the VM's identity: the owner's, or the daemon's own.
+        check_network(info.spec, owner or self._daemon, settings=self._settings,
+                      daemon_uid=self._daemon_uid)
 
     def _owner_filter(self, caller: Caller) -> int | None:
         """None (everything) for an admin, else the caller's uid."""
         return None if caller.is_admin(self._daemon_uid) else caller.uid
+
+    def _admit(self, spec: LaunchSpec, caller: Caller) -> LaunchSpec:
+        """The checks of a new spec that need no I/O; the spec with its network decided."""
+        self._check_spec_size(spec)
+        spec = with_network(spec, self._settings)
+        check_network(spec, caller, settings=self._settings, daemon_uid=self._daemon_uid)
+        return spec
 
     def _check_spec_size(self, spec: LaunchSpec) -> None:
         size = len(_SPEC_ENCODER.encode(spec))
@@ -203,7 +214,7 @@ class Api:
     # --- records ------------------------------------------------------------------
 
     async def create(self, caller: Caller, spec: LaunchSpec, ctx: CallContext) -> SandboxInfo:
-        self._check_spec_size(spec)
+        spec = self._admit(spec, caller)
         await self._check_paths(spec, caller)
         admin = caller.is_admin(self._daemon_uid)
         info, _ = await self._store.create_sandbox(
@@ -248,12 +259,14 @@ class Api:
 
     async def run(self, caller: Caller, spec: LaunchSpec, ctx: CallContext) -> SandboxInfo:
         self._sup.check_can_launch()
-        self._check_spec_size(spec)
+        spec = self._admit(spec, caller)
+        # No room, or a host port held: refused before anything is recorded.
+        self._sup.check_fits(spec, owner_uid=caller.uid, name=spec.name)
         info = await self.create(caller, spec, ctx)
         try:
             return await self._sup.start(info, timeout=None)
-        except LimitReached:
-            # No room to start it: start nothing, keep nothing.
+        except (LimitReached, Conflict):
+            # Taken while the record was written: start nothing, keep nothing.
             await self._store.remove_sandbox(info.ref, now=time.time(),
                                              expect=states.removable)
             raise

@@ -13,6 +13,11 @@ everyone. The per-user ones (`max_live_sandboxes_per_user`,
 `max_memory_mib_per_user`) apply to each owner but the admins (root and the
 daemon's own uid), so one user filling their share never costs another user
 anything. A refusal is `LimitReached` naming the setting.
+
+Published host ports are held the same way: a start whose spec publishes a
+host port that a starting or live sandbox holds is refused (`Conflict`,
+naming that sandbox if it is the same owner's, else only saying it is
+another user's), in the same synchronous step.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from msbd.config import Settings
-from msbd.errors import LimitReached
+from msbd.errors import Conflict, LimitReached
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +33,8 @@ class Share:
     owner_uid: int
     vcpus: int
     memory_mib: int
+    name: str = ""
+    host_ports: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,9 @@ class Limits:
                      sum(s.memory_mib for s in shares))
 
     def check(self, share: Share, *, name: str) -> None:
-        """`LimitReached` if `share` would not fit now."""
+        """`LimitReached` if `share` would not fit now, `Conflict` if a host port it
+        publishes is held."""
+        self._check_ports(share, name)
         s = self._s
         data = {"sandbox": name}
         total = self.usage()
@@ -83,6 +92,17 @@ class Limits:
                 f"limit reached: uid {share.owner_uid} uses {mine.memory_mib} of "
                 f"{s.max_memory_mib_per_user} MiB, {share.memory_mib} more asked",
                 data=data | {"limit": "max_memory_mib_per_user"})
+
+    def _check_ports(self, share: Share, name: str) -> None:
+        if not share.host_ports:
+            return
+        for held in self._held.values():
+            if taken := share.host_ports & held.host_ports:
+                port = min(taken)
+                whose = (f"sandbox {held.name!r}" if held.owner_uid == share.owner_uid
+                         else "a sandbox of another user")
+                raise Conflict(f"host port {port} is published by {whose}, which is running",
+                               data={"sandbox": name, "port": port, "field": "ports"})
 
     def reserve(self, sandbox_id: int, share: Share, *, name: str) -> None:
         self.check(share, name=name)

@@ -42,6 +42,7 @@ from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.limits import Limits, Share, Usage
 from msbd.daemon.live import Live
+from msbd.daemon.netpolicy import with_network
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.spawn import spawn_worker, worker_environ
 from msbd.daemon.stopping import GUEST_MARGIN, Stopping
@@ -56,6 +57,7 @@ from msbd.db.store import RunEnd, Store
 from msbd.errors import Conflict, LaunchFailed, StoreError, TimedOut
 from msbd.log import ctx
 from msbd.model import (
+    LaunchSpec,
     Reason,
     SandboxInfo,
     SandboxRef,
@@ -104,6 +106,7 @@ class Supervisor:
     def _ended(self, live: Live) -> None:
         self.live.pop(live.ref.id, None)
         self._notify_change()
+
     def _notify_change(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
@@ -137,9 +140,10 @@ class Supervisor:
         """(sandboxes, vcpus, memory MiB) held by starting and live sandboxes."""
         return self._limits.usage(owner_uid)
 
-    def check_limits(self, info: SandboxInfo) -> None:
-        """`LimitReached` if starting `info`'s sandbox now would pass a limit."""
-        self._limits.check(_share(info), name=info.name)
+    def check_fits(self, spec: LaunchSpec, *, owner_uid: int, name: str) -> None:
+        """`LimitReached` if starting a sandbox of `spec` now would pass a limit, `Conflict`
+        if a host port it publishes is held by a running sandbox."""
+        self._limits.check(_spec_share(spec, owner_uid, name), name=name)
 
     def busy(self, ref: SandboxRef) -> bool:
         """Whether `ref` has a launch, a worker, or an unrecorded end."""
@@ -194,7 +198,9 @@ class Supervisor:
                                                     expect=states.startable)
         assert record.run is not None and record.spec is not None
         spec, run_id = record.spec, record.run.id
-        fields = {f: getattr(spec, f) for f in spec.__struct_fields__}
+        # A record from before networks were chosen gets the default now.
+        decided = with_network(spec, self._settings)
+        fields = {f: getattr(decided, f) for f in decided.__struct_fields__}
         uid, gid, groups = vm_identity(owner, self._daemon_uid)
         worker_spec = WorkerSpec(**fields, heartbeat_interval=self._settings.heartbeat_interval,
                                  shutdown_grace=self._settings.stop_timeout,
@@ -383,7 +389,12 @@ class Supervisor:
 
 def _share(info: SandboxInfo) -> Share:
     assert info.spec is not None
-    return Share(info.owner_uid, info.spec.vcpus, info.spec.memory_mib)
+    return _spec_share(info.spec, info.owner_uid, info.name)
+
+
+def _spec_share(spec: LaunchSpec, owner_uid: int, name: str) -> Share:
+    return Share(owner_uid, spec.vcpus, spec.memory_mib, name=name,
+                 host_ports=frozenset(p.host for p in spec.ports))
 
 
 async def _first(*waits: Callable[[], Awaitable[object]]) -> None:

@@ -18,22 +18,29 @@ import msgspec
 
 from msbd.errors import StoreError
 from msbd.model import Event, LaunchSpec, Owner, Reason, RunInfo, SandboxInfo, State
+from msbd.network import Network, PortMap
 
 Row = Sequence[Any]  # a raw sqlite3 row (a tuple): the untyped edge
 
 SPEC_DECODER: Final = msgspec.json.Decoder(LaunchSpec)
 LABELS_DECODER: Final = msgspec.json.Decoder(dict[str, str])
 GROUPS_DECODER: Final = msgspec.json.Decoder(tuple[int, ...])
+PORTS_DECODER: Final = msgspec.json.Decoder(list[PortMap])
+NETWORKS: Final = {n.value: n for n in Network}
 ENCODER: Final = msgspec.json.Encoder()
 STATES: Final = {s.value: s for s in State}
 REASONS: Final = {r.value: r for r in Reason}
 _UTC: Final = dt.UTC
 
 # The columns of `sandbox_row`; `{spec}` is `s.spec` or NULL (list entries
-# leave the spec out unless asked: decoding specs is most of a list's cost).
+# leave the spec out unless asked: decoding specs is most of a list's cost, so
+# the two fields every entry shows are taken out of it by SQLite, only from a
+# spec that is valid JSON: one broken row must not fail the query for all).
 SANDBOX_COLUMNS: Final = """
 s.id, s.name, s.state, s.owner_uid, {spec}, s.labels, s.created_at, s.updated_at,
-r.id, r.pid, r.started_at, r.ended_at, r.reason, r.exit_code, r.signal, r.detail
+r.id, r.pid, r.started_at, r.ended_at, r.reason, r.exit_code, r.signal, r.detail,
+CASE WHEN json_valid(s.spec) THEN json_extract(s.spec, '$.network') END,
+CASE WHEN json_valid(s.spec) THEN json_extract(s.spec, '$.ports') END
 """
 SANDBOX_FROM: Final = " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run "
 SANDBOX_SELECT: Final = "SELECT" + SANDBOX_COLUMNS.format(spec="s.spec") + SANDBOX_FROM
@@ -64,10 +71,13 @@ def utc(value: float) -> dt.datetime:
 def sandbox_row(row: Row) -> SandboxInfo:
     """A `SANDBOX_SELECT` row as a `SandboxInfo` (spec None if the row has none)."""
     (sandbox_id, name, state, owner_uid, spec_json, labels_json, created_at, updated_at,
-     run_id, pid, started_at, ended_at, reason, exit_code, signal, detail) = row
+     run_id, pid, started_at, ended_at, reason, exit_code, signal, detail, network,
+     ports_json) = row
     try:
         spec = None if spec_json is None else SPEC_DECODER.decode(spec_json)
         labels = spec.labels if spec is not None else LABELS_DECODER.decode(labels_json)
+        ports = (spec.ports if spec is not None
+                 else [] if ports_json is None else PORTS_DECODER.decode(ports_json))
         run = None if run_id is None else RunInfo(
             id=run_id, pid=pid, started_at=utc(started_at),
             ended_at=None if ended_at is None else utc(ended_at),
@@ -75,7 +85,8 @@ def sandbox_row(row: Row) -> SandboxInfo:
             exit_code=exit_code, signal=signal, detail=detail)
         return SandboxInfo(id=sandbox_id, name=name, state=STATES[state], owner_uid=owner_uid,
                            spec=spec, created_at=utc(created_at), updated_at=utc(updated_at),
-                           labels=labels, run=run)
+                           labels=labels, run=run,
+                           network=None if network is None else NETWORKS[network], ports=ports)
     except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
         raise Unreadable(f"sandbox {name!r}", str(name), exc) from exc
 

@@ -217,7 +217,8 @@ class Store:
             event = await self._append(db, now, owner.uid, Event(
                 seq=0, time=created, sandbox=name, sandbox_id=sandbox_id, state=State.CREATED))
         info = SandboxInfo(id=sandbox_id, name=name, state=State.CREATED, owner_uid=owner.uid,
-                           spec=spec, created_at=created, updated_at=created, labels=spec.labels)
+                           spec=spec, created_at=created, updated_at=created, labels=spec.labels,
+                           network=spec.network, ports=spec.ports)
         return info, event
 
     async def get_sandbox(self, name: str, *, lenient: bool = False) -> SandboxInfo:

@@ -1,0 +1,167 @@
+"""The daemon's side of `network`, `ports` and `rlimits`: what it records, who may ask for
+what, and bad input refused with the field named and nothing recorded.
+
+Real daemons, real uids (forked clients), the libkrun test double. Needs root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import DaemonProc
+from tenants import ROOT, A, B, ok, refused, sleeper
+
+from msbd.config import load_settings
+from msbd.errors import ConfigError, RpcCode
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and become uids")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def netd(make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path) -> DaemonProc:
+    return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2,
+                                                   "socket_mode": 0o666})
+
+
+def nothing_recorded(d: DaemonProc) -> None:
+    assert ok(d.socket, ROOT, "sandbox.list", {})["sandboxes"] == []
+    assert d.call("sandbox.list", {})["sandboxes"] == []
+
+
+@pytest.mark.parametrize(("extra", "field", "words"), [
+    ({"network": "bridge"}, "network", "Invalid enum value 'bridge'"),
+    ({"ports": [{"host": 0, "guest": 80}]}, "ports[0].host", ">= 1"),
+    ({"ports": [{"host": 8080, "guest": 70000}]}, "ports[0].guest", "<= 65535"),
+    ({"ports": [{"host": 8080, "guest": 80}, {"host": 8080, "guest": 81}]},
+     "ports[1].host", "host port 8080 is published twice"),
+    ({"ports": [{"host": 8080, "guest": 80}, {"host": 8081, "guest": 80}]},
+     "ports[1].guest", "guest port 80 is published twice"),
+    ({"ports": [{"host": 8080, "guest": 80, "address": "localhost"}]},
+     "ports[0].address", "not an IPv4 or IPv6 address"),
+    ({"ports": [{"host": 8080, "guest": 80, "proto": "udp"}]}, "ports[0]", "unknown field"),
+    ({"network": "egress", "ports": [{"host": 8080, "guest": 80, "address": "127.0.0.1"}]},
+     "ports[0].address", "only for network 'none'"),
+    ({"rlimits": {"files": 10}}, "rlimits", "Invalid enum value 'files'"),
+    ({"rlimits": {"nofile": -1}}, "rlimits", ">= 0"),
+])
+@pytest.mark.parametrize("method", ["sandbox.create", "sandbox.run"])
+def test_bad_network_input_names_the_field_and_records_nothing(
+        netd: DaemonProc, make_root: Callable[..., Path], method: str, extra: dict[str, Any],
+        field: str, words: str) -> None:
+    root = make_root("r", ROOT)
+    err = refused(netd.socket, A, method, sleeper("x", root) | extra)
+    assert err["code"] == RpcCode.INVALID_PARAMS, err
+    assert words in err["message"], err
+    assert err["data"]["field"].startswith(field), err
+    nothing_recorded(netd)
+
+
+def test_the_default_network_is_written_into_the_record(
+        netd: DaemonProc, make_root: Callable[..., Path]) -> None:
+    root = make_root("r", A)
+    made = ok(netd.socket, A, "sandbox.create", sleeper("plain", root))
+    assert (made["network"], made["ports"]) == ("none", [])
+    assert made["spec"]["network"] == "none"
+    # List entries carry both without the spec.
+    [entry] = ok(netd.socket, A, "sandbox.list", {})["sandboxes"]
+    assert (entry["spec"], entry["network"], entry["ports"]) == (None, "none", [])
+
+
+def test_egress_is_for_admins_unless_a_setting_opens_it(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path,
+        make_root: Callable[..., Path]) -> None:
+    root = make_root("r", A)
+    d = make_daemon(libkrun=fakekrun, settings={"socket_mode": 0o666})
+    err = refused(d.socket, A, "sandbox.create", sleeper("out", root, network="egress"))
+    assert err["code"] == RpcCode.PERMISSION_DENIED and err["data"] == {"field": "network"}
+    assert "loopback" in err["message"]
+    nothing_recorded(d)
+    made = ok(d.socket, ROOT, "sandbox.create", sleeper("root-out", root, network="egress"))
+    assert made["network"] == "egress"
+
+    opened = make_daemon(libkrun=fakekrun, name="opened",
+                         settings={"socket_mode": 0o666, "egress": "everyone",
+                                   "default_network": "egress"})
+    made = ok(opened.socket, A, "sandbox.create", sleeper("out", root))
+    assert made["network"] == "egress"
+
+
+def test_closing_egress_again_holds_at_the_next_start(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path,
+        make_root: Callable[..., Path]) -> None:
+    root = make_root("r", A)
+    d = make_daemon(libkrun=fakekrun, settings={"socket_mode": 0o666, "egress": "everyone"},
+                    start=False)
+    d.start()
+    ok(d.socket, A, "sandbox.create", sleeper("out", root, network="egress"))
+    d.stop()
+    d.settings.pop("egress")
+    d.start()
+    err = refused(d.socket, A, "sandbox.start", {"name": "out"})
+    assert err["code"] == RpcCode.PERMISSION_DENIED and err["data"] == {"field": "network"}
+    assert d.call("sandbox.get", {"name": "out"})["state"] == "created"
+
+
+def test_a_host_port_below_1024_is_roots_only(
+        netd: DaemonProc, make_root: Callable[..., Path]) -> None:
+    root = make_root("r", A)
+    err = refused(netd.socket, A, "sandbox.create",
+                  sleeper("web", root, ports=[{"host": 8080, "guest": 80},
+                                              {"host": 80, "guest": 81}]))
+    assert err["code"] == RpcCode.PERMISSION_DENIED
+    assert err["data"] == {"field": "ports[1].host"}
+    assert "below 1024" in err["message"]
+    nothing_recorded(netd)
+
+
+def test_a_port_published_by_a_running_sandbox_is_refused_naming_it(
+        netd: DaemonProc, make_root: Callable[..., Path]) -> None:
+    root = make_root("r", A)
+    port = free_port()
+    first = ok(netd.socket, A, "sandbox.run", sleeper("first", root, ports=[
+        {"host": port, "guest": 80}]))
+    assert first["state"] == "running" and first["ports"] == [
+        {"host": port, "guest": 80, "address": None}]
+    # The worker holds it on the host (the test double's workload has no server; the
+    # relay's listener is msbd's own).
+    with pytest.raises(OSError), socket.create_server(("127.0.0.1", port)):
+        pass
+
+    again = sleeper("second", root, ports=[{"host": port + 1 if port < 65535 else 1025,
+                                            "guest": 81}, {"host": port, "guest": 82}])
+    err = refused(netd.socket, A, "sandbox.run", again)
+    assert err["code"] == RpcCode.CONFLICT, err
+    assert err["message"] == f"host port {port} is published by sandbox 'first', which is running"
+    assert err["data"] == {"sandbox": "second", "port": port, "field": "ports"}
+    # Another user learns only that it is taken.
+    err = refused(netd.socket, B, "sandbox.run", sleeper("b", root, ports=[
+        {"host": port, "guest": 80}]))
+    assert err["message"] == (f"host port {port} is published by a sandbox of another user, "
+                              "which is running")
+    assert [s["name"] for s in netd.call("sandbox.list", {})["sandboxes"]] == ["first"]
+
+    # Created meanwhile, it starts once the port is free again.
+    ok(netd.socket, A, "sandbox.create", again)
+    assert refused(netd.socket, A, "sandbox.start", {"name": "second"})["code"] == \
+        RpcCode.CONFLICT
+    ok(netd.socket, A, "sandbox.stop", {"name": "first"})
+    assert ok(netd.socket, A, "sandbox.start", {"name": "second"})["state"] == "running"
+
+
+def test_default_egress_needs_egress_for_everyone() -> None:
+    with pytest.raises(ConfigError, match="default_network"):
+        load_settings(environ={"MSBD_DEFAULT_NETWORK": "egress"})
+    assert load_settings(environ={"MSBD_DEFAULT_NETWORK": "egress",
+                                  "MSBD_EGRESS": "everyone"}).default_network == "egress"
