@@ -13,9 +13,9 @@ from typing import Annotated, Final, NamedTuple, TypeVar
 
 import msgspec
 
+import msbd.network as net
 from msbd.cmdline import check_workload
 from msbd.errors import InvalidParams
-from msbd.network import MAX_PORTS, Network, PortMap, RlimitName, RlimitValue, check_ports
 
 _T = TypeVar("_T")
 
@@ -170,9 +170,11 @@ class LaunchSpec(Spec, frozen=True):
     max_duration: Seconds | None = None
     labels: Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=MAX_LABELS)] = {}
     # None: the daemon's `default_network`, written into the record at creation.
-    network: Network | None = None
-    ports: Annotated[list[PortMap], msgspec.Meta(max_length=MAX_PORTS)] = []
-    rlimits: dict[RlimitName, RlimitValue] = {}
+    network: Annotated[net.Network | None, msgspec.Meta(description=net.NETWORK_HELP)] = None
+    ports: Annotated[list[net.PortMap], msgspec.Meta(max_length=net.MAX_PORTS,
+                                                     description=net.PORTS_HELP)] = []
+    rlimits: Annotated[dict[net.RlimitName, net.RlimitValue],
+                       msgspec.Meta(description=net.RLIMITS_HELP)] = {}
 
     def check(self) -> None:
         """Cross-field rules msgspec's per-field constraints cannot say.
@@ -201,7 +203,7 @@ class LaunchSpec(Spec, frozen=True):
             if disk.id in seen_ids:
                 raise InvalidParams(f"duplicate disk id {disk.id!r}", field=f"disks[{i}].id")
             seen_ids.add(disk.id)
-        check_ports(self.network, self.ports)
+        net.check_ports(self.network, self.ports)
 
     def host_paths(self) -> list[tuple[str, str, bool]]:
         """(field, path, needs_write) for every host path the spec names."""
@@ -366,8 +368,8 @@ class SandboxInfo(msgspec.Struct, frozen=True, kw_only=True):
     spec: LaunchSpec | None = None
     # From the spec, in every entry: None only for a record made before networks were
     # chosen (it gets the daemon's default when it starts).
-    network: Network | None = None
-    ports: list[PortMap] = []
+    network: net.Network | None = None
+    ports: list[net.PortMap] = []
 
     @property
     def ref(self) -> SandboxRef:

@@ -48,6 +48,23 @@ TSI_HIJACK_INET: Final = 1
 TSI_HIJACK_UNIX: Final = 2  # never used: documented so that a test can say so
 
 
+# What rpc.discover and msbctl say about the two fields (docs/network.md says more).
+NETWORK_HELP: Final = (
+    "'none': no network; only published ports reach the guest. 'egress': the guest's "
+    "inet sockets are its owner's sockets on the host: they reach whatever the host "
+    "reaches, the host's loopback services and other sandboxes' published ports "
+    "included, and every port the guest listens on is bound on the host (on the address "
+    "it asks for). Only administrators get 'egress' unless the daemon's `egress` setting "
+    "is 'everyone'. Default: the daemon's `default_network` ('none' unless set). No mode "
+    "lets a guest reach a host Unix socket.")
+PORTS_HELP: Final = (
+    "published TCP ports: host clients connect to `address`:`host` (127.0.0.1 unless "
+    "given) and reach the guest's port `guest`. A host port below 1024 needs a sandbox of "
+    "root's; one another running sandbox publishes is refused at start (-32002).")
+
+RLIMITS_HELP: Final = "guest resource limits by name (nofile, nproc, ...), soft and hard alike"
+
+
 class Network(enum.StrEnum):
     NONE = "none"
     EGRESS = "egress"
