@@ -165,3 +165,12 @@ def test_default_egress_needs_egress_for_everyone() -> None:
         load_settings(environ={"MSBD_DEFAULT_NETWORK": "egress"})
     assert load_settings(environ={"MSBD_DEFAULT_NETWORK": "egress",
                                   "MSBD_EGRESS": "everyone"}).default_network == "egress"
+
+
+def test_discover_documents_the_network_fields_and_the_egress_caveat(daemon: DaemonProc) -> None:
+    doc = daemon.call("rpc.discover")
+    spec = doc["components"]["schemas"]["LaunchSpec"]["properties"]
+    assert "loopback" in spec["network"]["description"]
+    assert "Unix socket" in spec["network"]["description"]
+    assert "127.0.0.1" in spec["ports"]["description"]
+    assert "nofile" in spec["rlimits"]["description"]

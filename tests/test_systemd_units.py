@@ -156,7 +156,7 @@ def test_service_directives() -> None:
         ("Service", "ProtectKernelLogs"): "yes",
         ("Service", "ProtectControlGroups"): "yes",
         ("Service", "ProtectClock"): "yes",
-        ("Service", "RestrictAddressFamilies"): "AF_UNIX",
+        ("Service", "RestrictAddressFamilies"): "AF_UNIX AF_INET AF_INET6",
         ("Service", "SystemCallFilter"): "@system-service",
         ("Service", "SystemCallArchitectures"): "native",
         ("Install", "WantedBy"): "multi-user.target",
