@@ -163,3 +163,30 @@ def test_an_older_libkrun_lacks_the_newer_calls(fakekrun_old: Path, log: Path) -
         old.set_root_disk_remount(ctx, "/dev/vda", "auto", None)
     assert info.value.errno == errno.ENOSYS
     assert "so it cannot boot a root disk" in str(info.value)
+
+
+@pytest.mark.parametrize(("port_map", "err"), [
+    (["8080:80", "8081:81"], 0),
+    (["8080:80", "8080:81"], errno.EINVAL),  # a host port twice
+    (["8080:80", "8081:80"], errno.EINVAL),  # a guest port twice
+    (["8080"], errno.EINVAL),
+    (["70000:80"], errno.EINVAL),
+    (["x:80"], errno.EINVAL),
+])
+def test_the_port_map_is_checked_as_libkrun_does(lib: krun.Krun, port_map: list[str],
+                                                 err: int) -> None:
+    ctx = lib.create_ctx()
+    if not err:
+        lib.set_network(ctx, 1, port_map)
+        return
+    with pytest.raises(KrunError) as exc:
+        lib.set_network(ctx, 1, port_map)
+    assert (exc.value.symbol, exc.value.errno) == ("krun_set_port_map", err)
+
+
+def test_a_port_map_without_a_vsock_device_is_refused(lib: krun.Krun) -> None:
+    ctx = lib.create_ctx()
+    lib._call("krun_disable_implicit_vsock", ctx)
+    with pytest.raises(KrunError) as exc:
+        lib._call("krun_set_port_map", ctx, krun._strv([]))
+    assert exc.value.errno == errno.ENODEV
