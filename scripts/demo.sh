@@ -29,7 +29,7 @@ rm -rf "$DEMO"
 mkdir -p "$DEMO/rootfs/bin" "$DEMO/rootfs/tmp" "$DEMO/rootfs/proc" "$DEMO/rootfs/sys" \
     "$DEMO/rootfs/dev"
 cp /bin/busybox "$DEMO/rootfs/bin/busybox"
-for applet in sh echo cat sleep uname seq date env ls; do ln -s busybox "$DEMO/rootfs/bin/$applet"; done
+for applet in sh echo cat sleep uname seq date env ls nc; do ln -s busybox "$DEMO/rootfs/bin/$applet"; done
 
 say() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
@@ -92,6 +92,19 @@ say "stop it (SIGTERM to the worker, which asks the guest to shut down)"
 run msbctl stop hello
 run msbctl ls
 
+say "a server with a published port: no network for the guest, one way in for clients"
+run msbctl run web --rootfs "$DEMO/rootfs" --memory 256 -p 127.0.0.1:18080:8080 \
+    -- /bin/sh -c 'exec nc -ll -p 8080 -e echo hello through a published port'
+for _ in $(seq 1200); do  # until the guest's server answers (the relay closes until then)
+    answer=$(/bin/busybox nc 127.0.0.1 18080 </dev/null 2>/dev/null || true)
+    [ -n "$answer" ] && break
+    sleep 0.1
+done
+echo "\$ busybox nc 127.0.0.1 18080"
+echo "$answer"
+run msbctl ls
+run msbctl stop web
+
 say "a batch job: run --wait prints its output and exits with its exit code"
 set +e
 run msbctl run job --rootfs "$DEMO/rootfs" --wait -- /bin/sh -c 'echo computing; echo done; exit 3'
@@ -108,7 +121,7 @@ say "every state change is in the events log"
 run msbctl events --since 0 --no-follow
 
 say "remove the records"
-for name in hello job short; do run msbctl rm "$name"; done
+for name in hello web job short; do run msbctl rm "$name"; done
 run msbctl ls
 
 say "stop the daemon (SIGTERM): in-flight calls finish, sandboxes stop, exit status 0"
