@@ -15,16 +15,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "msbd"
 # Which msbd modules each part may import (prefix match on dotted names).
 ALLOWED: dict[str, tuple[str, ...]] = {
     "msbd.errors": (),
+    # The daemon<->worker contract: both sides import it, it imports nothing of ours.
+    "msbd.contract": (),
     "msbd.cmdline": ("msbd.errors",),
     "msbd.model": ("msbd.errors", "msbd.cmdline"),
     "msbd.config": ("msbd.errors",),
     "msbd.log": (),
-    "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
+    "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.errors", "msbd.config", "msbd.log",
+                 "msbd.contract"),
     "msbd.db": ("msbd.db", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
     "msbd.daemon": ("msbd.daemon", "msbd.rpc", "msbd.db", "msbd.model", "msbd.errors",
-                    "msbd.config", "msbd.log", "msbd"),
+                    "msbd.config", "msbd.log", "msbd.contract", "msbd"),
     # msbd.cmdline only through msbd.model (the checks of a launch spec).
-    "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors"),
+    "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors", "msbd.contract"),
     "msbd.ctl": ("msbd.model", "msbd.errors", "msbd.rpc.client", "msbd.rpc.codec",
                  "msbd.rpc.methods", "msbd.ctlfmt", "msbd.ctlspec", "msbd"),
     "msbd.ctlfmt": (),

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from workerproc import (
     DEFAULT,
-    STATUS_FD,
-    WATCHDOG_FD,
     Workers,
     pipe_with,
 )
+
+from msbd.contract import STATUS_FD, WATCHDOG_FD
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final, assert_never
 
+from msbd.contract import LAUNCH_FAILURES
 from msbd.errors import Conflict
 from msbd.model import LIVE_STATES, Reason, State
 
@@ -72,12 +73,6 @@ REQUESTED_REASONS: Final = frozenset({
     Reason.MAX_DURATION, Reason.HEARTBEAT_LOST,
 })
 """Reasons the daemon can decide before the worker ends (`end_reason`'s `requested`)."""
-
-LAUNCH_FAILURE_STATUSES: Final = range(2, 6)
-"""The worker's own statuses for a failed launch (`msbd.vm.WorkerExit` 2-5:
-fd/spec check, no libkrun, configuration, `krun_start_enter` returned).
-Kept here as numbers: the daemon never imports `msbd.vm`."""
-
 
 def can_transition(src: State, dst: State) -> bool:
     """True if a sandbox in `src` may move to `dst`."""
@@ -131,7 +126,7 @@ def end_reason(*, requested: Reason | None, exit_code: int | None, signal: int |
         return requested
     if signal is not None:
         return Reason.WORKER_CRASHED
-    if exit_code in LAUNCH_FAILURE_STATUSES and (worker_error or not entered):
+    if exit_code in LAUNCH_FAILURES and (worker_error or not entered):
         return Reason.LAUNCH_FAILED
     if not entered:
         return Reason.WORKER_CRASHED

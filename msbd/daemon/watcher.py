@@ -27,6 +27,7 @@ import anyio
 import anyio.abc
 
 from msbd.config import Settings
+from msbd.contract import StatusWord, parse_status
 from msbd.daemon import states
 from msbd.daemon.live import Live, end_detail, end_reason
 from msbd.daemon.pipes import LineSplitter, pump
@@ -103,14 +104,17 @@ class Watcher:
 
     def _on_status(self, live: Live, tg: anyio.abc.TaskGroup, line: str) -> None:
         """One line from fd 98 (called from the pipe's read callback: never blocks)."""
-        if line == "heartbeat":
-            live.last_beat = self._timers.now()
-        elif line == "entering":
-            live.entered = True
-            tg.start_soon(self._entered, live)  # in the watcher's group: before the end
-        elif line.startswith("error"):
-            live.error_line = line[5:].strip()[:LINE_MAX] or "unknown error"
-            log.warning("worker error: %s", live.error_line, extra=ctx(sandbox=live.name))
+        match parse_status(line):
+            case (StatusWord.HEARTBEAT, _):
+                live.last_beat = self._timers.now()
+            case (StatusWord.ENTERING, _):
+                live.entered = True
+                tg.start_soon(self._entered, live)  # in the watcher's group: before the end
+            case (StatusWord.ERROR, text):
+                live.error_line = text[:LINE_MAX] or "unknown error"
+                log.warning("worker error: %s", live.error_line, extra=ctx(sandbox=live.name))
+            case _:
+                pass  # not a status line: the contract has no other words
 
     async def _entered(self, live: Live) -> None:
         now = self._timers.now()
