@@ -28,7 +28,7 @@ The worker's exit status is the workload's (0-255, libkrun exits with it),
 or one of the worker's own (`WorkerExit`, 128+n after a signal). Statuses
 2-5 are a failed launch when they come with an `error` line or before
 `entering`; that line, not the number, tells them from a workload's status
-(`msbd.daemon.states.end_reason`).
+(`msbd.states.end_reason`).
 
 The host check (`python -m msbd.vm doctor --json`) prints a `HostReport`;
 the daemon decodes it into the same struct and hands its `CheckInfo`s to

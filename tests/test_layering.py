@@ -20,12 +20,15 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "msbd.cmdline": ("msbd.errors",),
     "msbd.model": ("msbd.errors", "msbd.cmdline"),
     "msbd.config": ("msbd.errors",),
+    # The sandbox state table: the law the store applies and the daemon asks.
+    "msbd.states": ("msbd.model", "msbd.errors", "msbd.contract"),
     "msbd.log": (),
     "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.errors", "msbd.config", "msbd.log",
                  "msbd.contract"),
-    "msbd.db": ("msbd.db", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
+    "msbd.db": ("msbd.db", "msbd.model", "msbd.errors", "msbd.config", "msbd.log",
+                "msbd.states"),
     "msbd.daemon": ("msbd.daemon", "msbd.rpc", "msbd.db", "msbd.model", "msbd.errors",
-                    "msbd.config", "msbd.log", "msbd.contract", "msbd"),
+                    "msbd.config", "msbd.log", "msbd.contract", "msbd.states", "msbd"),
     # msbd.cmdline only through msbd.model (the checks of a launch spec).
     "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors", "msbd.contract"),
     "msbd.ctl": ("msbd.model", "msbd.errors", "msbd.rpc.client", "msbd.rpc.codec",

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from msbd.daemon import states
+from msbd import states
 from msbd.daemon.console import ConsoleLog
 from msbd.daemon.spawn import Worker
 from msbd.db.store import RunEnd

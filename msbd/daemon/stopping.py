@@ -85,8 +85,7 @@ class Stopping:
             with anyio.CancelScope(shield=True):
                 try:
                     await self._store.transition(
-                        live.ref, State.STOPPING, now=time.time(),
-                        expect={State.STARTING, State.RUNNING}, detail=str(reason))
+                        live.ref, State.STOPPING, now=time.time(), detail=str(reason))
                 except Conflict:
                     return  # it ended meanwhile; the watcher records the end
                 except StoreError as exc:

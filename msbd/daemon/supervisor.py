@@ -35,8 +35,9 @@ import anyio
 import anyio.abc
 import msgspec
 
+from msbd import states
 from msbd.config import Settings
-from msbd.daemon import procfs, states
+from msbd.daemon import procfs
 from msbd.daemon.access import vm_identity
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
@@ -190,8 +191,7 @@ class Supervisor:
 
     async def _launch(self, ref: SandboxRef, libkrun: str) -> Live:
         """Record the new run, spawn its worker, hand it to a watcher (shielded by the caller)."""
-        record, owner = await self._store.begin_run(ref, now=time.time(),
-                                                    expect=states.startable)
+        record, owner = await self._store.begin_run(ref, now=time.time())
         assert record.run is not None and record.spec is not None
         spec, run_id = record.spec, record.run.id
         fields = {f: getattr(spec, f) for f in spec.__struct_fields__}
@@ -235,7 +235,6 @@ class Supervisor:
 
     async def _end_unspawned(self, ref: SandboxRef, detail: str) -> None:
         await self._store.transition(ref, State.FAILED, now=time.time(),
-                                     expect={State.STARTING},
                                      end=RunEnd(reason=Reason.LAUNCH_FAILED, detail=detail))
 
     def _live_state(self, ref: SandboxRef) -> str:

@@ -26,9 +26,9 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from msbd import states
 from msbd.config import Settings
 from msbd.contract import StatusWord, parse_status
-from msbd.daemon import states
 from msbd.daemon.live import Live, end_detail, end_reason
 from msbd.daemon.pipes import LineSplitter, pump
 from msbd.daemon.stopping import Stopping
@@ -36,7 +36,7 @@ from msbd.daemon.timers import Scheduler, TimerKind, heartbeat_deadline
 from msbd.db.store import RunEnd, Store
 from msbd.errors import StoreError
 from msbd.log import ctx
-from msbd.model import LIVE_STATES, State
+from msbd.model import State
 
 log = logging.getLogger("msbd.supervisor")
 
@@ -123,8 +123,7 @@ class Watcher:
             if live.state is not State.STARTING or live.requested is not None:
                 return
             with anyio.CancelScope(shield=True):
-                await self._store.transition(live.ref, State.RUNNING, now=time.time(),
-                                             expect={State.STARTING})
+                await self._store.transition(live.ref, State.RUNNING, now=time.time())
             live.state = State.RUNNING
         self._stopping.arm_idle(live)
         self._timers.set(live.ref.id, TimerKind.HEARTBEAT, heartbeat_deadline(
@@ -174,8 +173,7 @@ class Watcher:
         ref, delay = live.ref, _RETRY_FIRST
         while True:
             try:
-                live.final, _ = await self._store.transition(
-                    ref, to, now=ended_at, expect=LIVE_STATES & states.sources(to), end=end)
+                live.final, _ = await self._store.transition(ref, to, now=ended_at, end=end)
                 break
             except StoreError as exc:
                 if live.write_error is None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -58,6 +58,7 @@ from msbd.db.records import (
 )
 from msbd.errors import Conflict, LimitReached, NotFound, StoreError
 from msbd.model import LIVE_STATES, Event, LaunchSpec, Owner, Reason, SandboxInfo, SandboxRef, State
+from msbd.states import check_transition
 
 __all__ = ["LiveRun", "OnEvent", "RunEnd", "Store", "open_store"]
 
@@ -72,8 +73,13 @@ SELECT s.id, s.name, r.id, s.state, r.pid, r.proc_start, r.boot_id, r.started_at
 FROM sandboxes AS s JOIN runs AS r ON r.id = s.current_run
 WHERE s.state IN ({", ".join("?" * len(_LIVE_VALUES))}) ORDER BY r.id
 """
+# A transition's statements, shared by `transition` and `end_runs`: read the
+# current state and run, close the run, set the state.
+_CURRENT: Final = ("SELECT s.id, s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
+                   " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run WHERE ")
 _END_RUN: Final = ("UPDATE runs SET ended_at = ?, reason = ?, exit_code = ?, signal = ?,"
                    " detail = ? WHERE id = ?")
+_SET_STATE: Final = "UPDATE sandboxes SET state = ?, updated_at = ?, current_run = ? WHERE id = ?"
 
 
 class RunEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,7 +90,7 @@ class RunEnd(msgspec.Struct, frozen=True, kw_only=True):
     signal: int | None = None
     detail: str | None = None
 
-    def values(self, now: float, run_id: int) -> tuple[Any, ...]:
+    def values(self, now: float, run_id: int | None) -> tuple[Any, ...]:
         """The parameters of `_END_RUN`."""
         return (now, self.reason.value, self.exit_code, self.signal, self.detail, run_id)
 
@@ -101,8 +107,48 @@ class LiveRun(msgspec.Struct, frozen=True, kw_only=True):
     started_at: dt.datetime
 
 
-def _wrong_state(name: str, state: State) -> Conflict:
-    return Conflict(f"sandbox {name!r} is {state}", data={"sandbox": name, "state": state.value})
+def _check(ref: SandboxRef, current: Mapping[int, Row], to: State, *, start_run: bool = False,
+           end: RunEnd | None = None) -> tuple[int, int | None]:
+    """(owner uid, current run) of `ref`, if moving it to `to` is legal; raises otherwise.
+
+    `current` maps sandbox ids to their `_CURRENT` rows. `NotFound` if `ref` is
+    not there; `Conflict` if the state table forbids the move; `StoreError`
+    (a caller's bug, or a damaged record) if the move would break the run
+    invariant: a sandbox in a live state (starting, running, stopping) has an
+    open current run, and one in any other state has none.
+    """
+    if ref.id not in current:
+        raise NotFound(ref.name)
+    _, state_value, owner_uid, run_id, run_open = current[ref.id]
+    state = STATES.get(state_value)
+    if state is None:
+        raise Unreadable(f"sandbox {ref.name!r}", ref.name, f"unknown state {state_value!r}")
+    check_transition(state, to, name=ref.name)
+    run_open = run_id is not None and bool(run_open)
+    problem = None
+    if start_run and run_open:
+        problem = f"run {run_id} is still open"
+    elif not start_run and end is not None and not run_open:
+        problem = "there is no open run to end"
+    elif (to in LIVE_STATES) != ((start_run or run_open) and end is None):
+        problem = (f"a {to} sandbox must have an open run" if to in LIVE_STATES
+                   else f"a {to} sandbox must not have an open run")
+    if problem is not None:
+        raise StoreError(f"cannot move sandbox {ref.name!r} from {state} to {to}: {problem}",
+                         data={"sandbox": ref.name, "state": state.value, "to": to.value})
+    return owner_uid, run_id
+
+
+def _event(ref: SandboxRef, to: State, *, now: float, run_id: int | None,
+           end: RunEnd | None, detail: str | None = None) -> Event:
+    """The event of a transition: `detail`, or else the run end's own."""
+    event = Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
+                  run_id=run_id, detail=detail)
+    if end is None:
+        return event
+    return msgspec.structs.replace(event, reason=end.reason, exit_code=end.exit_code,
+                                   signal=end.signal,
+                                   detail=end.detail if detail is None else detail)
 
 
 class Store:
@@ -313,16 +359,15 @@ class Store:
         self.unreadable.pop(ref.name, None)
         return info, event
 
-    async def begin_run(self, ref: SandboxRef, *, now: float,
-                        expect: Collection[State]) -> tuple[SandboxInfo, Owner]:
-        """Open a new run and move the sandbox to `starting`, from a state in `expect`.
+    async def begin_run(self, ref: SandboxRef, *, now: float) -> tuple[SandboxInfo, Owner]:
+        """Open a new run and move the sandbox to `starting` (`Conflict` unless the state
+        table allows it from the current state).
 
         Returns the record as read inside that same transaction, with its
         owner: what gets launched is exactly what this transaction saw.
         """
         async with self._write() as db:
-            info, _ = await self._transition(db, ref, State.STARTING, now=now, expect=expect,
-                                             start_run=True)
+            info, _ = await self._transition(db, ref, State.STARTING, now=now, start_run=True)
             rows = await db.execute_fetchall(
                 "SELECT owner_uid, owner_gid, owner_groups FROM sandboxes WHERE id = ?",
                 (ref.id,))
@@ -330,110 +375,67 @@ class Store:
         return info, owner_row(uid, gid, groups)
 
     async def transition(self, ref: SandboxRef, to: State, *, now: float,
-                         expect: Collection[State], end: RunEnd | None = None,
-                         detail: str | None = None) -> tuple[SandboxInfo, Event]:
+                         end: RunEnd | None = None, detail: str | None = None,
+                         ) -> tuple[SandboxInfo, Event]:
         """Move a sandbox to `to` in one transaction and record one event.
 
-        `Conflict` unless the current state is in `expect`. `end` closes the
-        current run at `now`. The event's `detail` is `detail`, or else
-        `end.detail`.
+        `Conflict` unless `msbd.states.TRANSITIONS` allows the move from the
+        current state. `end` closes the current run at `now`. The event's
+        `detail` is `detail`, or else `end.detail`.
 
         Invariant, checked before anything is written (`StoreError` if broken,
         a caller's bug): a sandbox in a live state (starting, running,
         stopping) has an open current run, and one in any other state has none.
         """
         async with self._write() as db:
-            return await self._transition(db, ref, to, now=now, expect=expect, end=end,
-                                          detail=detail)
+            return await self._transition(db, ref, to, now=now, end=end, detail=detail)
 
     async def _transition(self, db: aiosqlite.Connection, ref: SandboxRef, to: State, *,
-                          now: float, expect: Collection[State], start_run: bool = False,
-                          end: RunEnd | None = None, detail: str | None = None,
-                          ) -> tuple[SandboxInfo, Event]:
+                          now: float, start_run: bool = False, end: RunEnd | None = None,
+                          detail: str | None = None) -> tuple[SandboxInfo, Event]:
         """`transition`'s work, inside the caller's transaction."""
-        rows = list(await db.execute_fetchall(
-            "SELECT s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
-            " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
-            " WHERE s.id = ?", (ref.id,)))
-        if not rows:
-            raise NotFound(ref.name)
-        state_value, owner_uid, run_id, run_open = rows[0]
-        state = STATES.get(state_value)
-        if state is None:
-            raise Unreadable(f"sandbox {ref.name!r}", ref.name, f"unknown state {state_value!r}")
-        if state not in expect:
-            raise _wrong_state(ref.name, state)
-        run_open = run_id is not None and bool(run_open)
-        problem = None
-        if start_run and run_open:
-            problem = f"run {run_id} is still open"
-        elif not start_run and end is not None and not run_open:
-            problem = "there is no open run to end"
-        elif (to in LIVE_STATES) != ((start_run or run_open) and end is None):
-            problem = (f"a {to} sandbox must have an open run" if to in LIVE_STATES
-                       else f"a {to} sandbox must not have an open run")
-        if problem is not None:
-            raise StoreError(f"cannot move sandbox {ref.name!r} from {state} to {to}: {problem}",
-                             data={"sandbox": ref.name, "state": state.value, "to": to.value})
+        rows = await db.execute_fetchall(_CURRENT + "s.id = ?", (ref.id,))
+        current = {row[0]: row for row in rows}
+        owner_uid, run_id = _check(ref, current, to, start_run=start_run, end=end)
         if start_run:
             cursor = await db.execute(
                 "INSERT INTO runs (sandbox_id, started_at) VALUES (?, ?)", (ref.id, now))
             run_id = cursor.lastrowid
         if end is not None:
             await db.execute(_END_RUN, end.values(now, run_id))
-        await db.execute(
-            "UPDATE sandboxes SET state = ?, updated_at = ?, current_run = ? WHERE id = ?",
-            (to.value, now, run_id, ref.id))
-        event = Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
-                      run_id=run_id, detail=detail)
-        if end is not None:
-            event = msgspec.structs.replace(
-                event, reason=end.reason, exit_code=end.exit_code, signal=end.signal,
-                detail=end.detail if detail is None else detail)
-        event = await self._append(db, now, owner_uid, event)
+        await db.execute(_SET_STATE, (to.value, now, run_id, ref.id))
+        event = await self._append(db, now, owner_uid,
+                                   _event(ref, to, now=now, run_id=run_id, end=end,
+                                          detail=detail))
         return await self._select(db, ref), event
 
-    async def end_runs(self, ends: Iterable[tuple[SandboxRef, RunEnd]], *, now: float,
-                       to: State = State.STOPPED) -> list[Event]:
-        """End the current run of each named live sandbox and move it to `to`.
+    async def end_runs(self, ends: Iterable[tuple[SandboxRef, RunEnd]], *,
+                       now: float) -> list[Event]:
+        """End the current run of each named live sandbox and move it to `stopped`.
 
         All in one transaction (restart reconciliation: all or nothing), one
-        event each; `Conflict` if one of them is not live. Set-based (a few
-        statements for any number of runs), so reconciling a thousand runs
-        costs milliseconds, not a thousand round trips to the database thread.
+        event each; the same checks and statements as `transition`, but
+        set-based (a few statements for any number of runs), so reconciling a
+        thousand runs costs milliseconds, not a thousand round trips to the
+        database thread.
         """
         todo = list(ends)
         if not todo:
             return []
+        to = State.STOPPED
         wanted = ENCODER.encode([ref.id for ref, _ in todo]).decode()
         async with self._write() as db:
             rows = await db.execute_fetchall(
-                "SELECT s.id, s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
-                " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
-                " WHERE s.id IN (SELECT value FROM json_each(?))", (wanted,))
-            found = {row[0]: row for row in rows}
-            for ref, _ in todo:
-                if ref.id not in found:
-                    raise NotFound(ref.name)
-                _, state_value, _, run_id, run_open = found[ref.id]
-                state = STATES.get(state_value)
-                if state is None:
-                    raise Unreadable(f"sandbox {ref.name!r}", ref.name,
-                                     f"unknown state {state_value!r}")
-                if state not in LIVE_STATES:
-                    raise _wrong_state(ref.name, state)
-                if run_id is None or not run_open:
-                    raise StoreError(f"cannot end the run of {ref.name!r}: it has no open run",
-                                     data={"sandbox": ref.name})
-            await db.executemany(_END_RUN, [end.values(now, found[ref.id][3])
-                                            for ref, end in todo])
-            await db.executemany(
-                "UPDATE sandboxes SET state = ?, updated_at = ? WHERE id = ?",
-                [(to.value, now, ref.id) for ref, _ in todo])
-            events = [Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
-                            run_id=found[ref.id][3], reason=end.reason, exit_code=end.exit_code,
-                            signal=end.signal, detail=end.detail) for ref, end in todo]
-            owners = [found[ref.id][2] for ref, _ in todo]
+                _CURRENT + "s.id IN (SELECT value FROM json_each(?))", (wanted,))
+            current = {row[0]: row for row in rows}
+            checked = [(ref, end, *_check(ref, current, to, end=end)) for ref, end in todo]
+            await db.executemany(_END_RUN, [end.values(now, run_id)
+                                            for _, end, _, run_id in checked])
+            await db.executemany(_SET_STATE, [(to.value, now, run_id, ref.id)
+                                              for ref, _, _, run_id in checked])
+            events = [_event(ref, to, now=now, run_id=run_id, end=end)
+                      for ref, end, _, run_id in checked]
+            owners = [owner_uid for _, _, owner_uid, _ in checked]
             before = await db.execute_fetchall(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'events'")
             first = (next(iter(before))[0] if before else 0) + 1

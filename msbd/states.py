@@ -22,8 +22,10 @@ end, it ends as `stopped`, whatever the worker did) or back to `running`;
 a live sandbox (`starting`, `running`, `stopping`) being removed without
 being stopped first. Removal is not a transition: the row goes away.
 
-Pure: no I/O, no clock. The store applies a transition as
-`UPDATE ... WHERE state IN sources(dst)`, one transaction plus one event.
+Pure: no I/O, no clock. This table is the law at run time: the store
+checks every transition against it (`check_transition`) inside the
+transaction that applies it, so an illegal move raises `Conflict` and
+writes nothing, whoever asked for it.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ _SOURCES: Final[Mapping[State, frozenset[State]]] = MappingProxyType({
     dst: frozenset(src for src, dsts in TRANSITIONS.items() if dst in dsts) for dst in State
 })
 
-startable: Final = frozenset({State.CREATED, State.STOPPED, State.FAILED})
-"""States `sandbox.start` (and `run` after create) accepts."""
+startable: Final = _SOURCES[State.STARTING]
+"""States `sandbox.start` (and `run` after create) accepts: those that may move to
+`starting`."""
 
 stoppable: Final = LIVE_STATES
 """States `sandbox.stop` / `kill` accept. `stopping` is included: a second
