@@ -39,8 +39,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 }
 # Foreign modules owned by exactly one of ours.
 OWNERS = {
-    "aiosqlite": {"msbd.db.store", "msbd.db.opening"},
-    "sqlite3": {"msbd.db.store", "msbd.db.opening"},
+    "aiosqlite": {"msbd.db.session", "msbd.db.opening"},
+    "sqlite3": {"msbd.db.session", "msbd.db.opening"},
     "ctypes": {"msbd.vm.krun"},
 }
 # What each process-facing entry point must never load, even indirectly.
