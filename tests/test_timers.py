@@ -260,6 +260,7 @@ def test_heartbeat_deadline(last: float, interval: float, misses: int, expected:
 def test_grace_deadline() -> None:
     assert grace_deadline(50.0, 10.0) == 60.0
     assert grace_deadline(50.0, 0.0) == 50.0
+    assert grace_deadline(50.0, 10.0, margin=7.0) == 67.0
 
 
 @pytest.mark.parametrize("call", [
@@ -267,6 +268,7 @@ def test_grace_deadline() -> None:
     lambda: idle_deadline(0.0, math.nan),
     lambda: max_duration_deadline(0.0, -0.1),
     lambda: grace_deadline(0.0, -5.0),
+    lambda: grace_deadline(0.0, 5.0, margin=-1.0),
     lambda: heartbeat_deadline(0.0, 0.0, 3),
     lambda: heartbeat_deadline(0.0, -1.0, 3),
     lambda: heartbeat_deadline(0.0, math.inf, 3),

@@ -45,7 +45,7 @@ from msbd.daemon.limits import Limits, Share, Usage
 from msbd.daemon.live import Live
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.spawn import spawn_worker, worker_environ
-from msbd.daemon.stopping import GUEST_MARGIN, Stopping
+from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
 from msbd.daemon.timers import (
     Lateness,
     Scheduler,
@@ -67,10 +67,6 @@ from msbd.model import (
 log = logging.getLogger("msbd.supervisor")
 
 _ENCODER = msgspec.json.Encoder()
-# Signals after which a sandbox is expected to go on running.
-_NON_FATAL = frozenset({signal_mod.SIGSTOP, signal_mod.SIGCONT, signal_mod.SIGTSTP,
-                        signal_mod.SIGTTIN, signal_mod.SIGTTOU, signal_mod.SIGWINCH,
-                        signal_mod.SIGURG, signal_mod.SIGCHLD})
 # How long a call that waits for a run's end waits for a refused write to land.
 _RECORD_WAIT = 30.0
 
@@ -269,7 +265,7 @@ class Supervisor:
         live = await self._current(ref)
         if live is None or live.exited.is_set():
             raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
-        if sig in _NON_FATAL:
+        if sig in NON_FATAL_SIGNALS:
             live.last_activity = self._timers.now()
             self._stopping.signal(live, sig)
             return await self._store.get(ref)

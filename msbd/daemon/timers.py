@@ -88,10 +88,12 @@ def heartbeat_deadline(last_beat: float, interval: float, misses: int) -> float:
     return last_beat + interval * (misses + 1)
 
 
-def grace_deadline(now: float, grace: float) -> float:
-    """When SIGKILL follows a SIGTERM sent at `now` with `grace` seconds to shut down."""
+def grace_deadline(now: float, grace: float, *, margin: float = 0.0) -> float:
+    """When SIGKILL follows a SIGTERM sent at `now` with `grace` seconds to shut down,
+    and `margin` more for what must still happen after the grace."""
     _check_timeout("grace", grace)
-    return now + grace
+    _check_timeout("margin", margin)
+    return now + grace + margin
 
 
 def _check_timeout(what: str, timeout: float) -> None:
