@@ -38,6 +38,7 @@ the daemon decodes it into the same struct and hands its `CheckInfo`s to
 from __future__ import annotations
 
 import enum
+import signal
 from typing import Final
 
 import msgspec
@@ -113,6 +114,15 @@ LAUNCH_FAILURES: Final = frozenset({WorkerExit.CHECK_FAILED, WorkerExit.NO_LIBKR
 
 SIGNAL_EXIT_BASE: Final = 128
 """A forced exit after signal n is `SIGNAL_EXIT_BASE + n` (143 for SIGTERM)."""
+
+
+def signame(num: int) -> str:
+    """Signal `num` by name (`SIGTERM`), as a run's end is worded everywhere: the
+    daemon's end detail and msbctl's tables; `signal 99` for a number with no name."""
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 # --- the host check ----------------------------------------------------------------------

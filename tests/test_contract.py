@@ -21,7 +21,7 @@ CONTRACT = REPO / "msbd" / "contract.py"
 # The contract's names, and the names its values had when they were copied around.
 NAMES = {"SPEC_FD", "WATCHDOG_FD", "STATUS_FD", "STDIO_FDS", "StatusWord", "WorkerExit",
          "LAUNCH_FAILURES", "SIGNAL_EXIT_BASE", "CheckInfo", "HostReport",
-         "LAUNCH_FAILURE_STATUSES", "DoctorReport"}
+         "LAUNCH_FAILURE_STATUSES", "DoctorReport", "signame"}
 WORDS = {w.value for w in StatusWord}
 FD_NUMBERS = {contract.SPEC_FD, contract.WATCHDOG_FD, contract.STATUS_FD}
 

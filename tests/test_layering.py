@@ -33,7 +33,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors", "msbd.contract"),
     "msbd.ctl": ("msbd.model", "msbd.errors", "msbd.rpc.client", "msbd.rpc.codec",
                  "msbd.rpc.methods", "msbd.ctlfmt", "msbd.ctlspec", "msbd"),
-    "msbd.ctlfmt": (),
+    "msbd.ctlfmt": ("msbd.contract",),
     "msbd.ctlspec": ("msbd.model", "msbd.errors"),
     "msbd.cli": ("msbd.config", "msbd.errors", "msbd.daemon.app", "msbd"),
 }

@@ -356,11 +356,12 @@ async def test_reset_and_cancel_while_running() -> None:
         t0 = sched.now()
         sched.set("reset", IDLE, t0 + 0.02)
         sched.set("cancelled", IDLE, t0 + 0.02)
+        sched.set("cancelled", GRACE, t0 + 0.02)
         sched.set("gone", MAX, t0 + 0.03)
         sched.set("gone", GRACE, t0 + 0.03)
         sched.set("sentinel", MAX, t0 + 0.10)
         sched.set("reset", IDLE, t0 + 0.06)  # activity: later
-        sched.cancel("cancelled", IDLE)
+        sched.cancel_all("cancelled")
         sched.cancel_all("gone")
         await rec.wait()
     assert [(n, k) for n, k, _ in rec.fired] == [("reset", IDLE), ("sentinel", MAX)]

@@ -37,12 +37,12 @@ from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub
 from msbd.daemon.reconcile import reconcile
 from msbd.daemon.signaller import Signaller
-from msbd.daemon.sockets import AlreadyRunning, bind_control_socket, lock_state_dir
+from msbd.daemon.sockets import bind_control_socket, lock_state_dir
 from msbd.daemon.spawn import worker_environ
 from msbd.daemon.supervisor import Supervisor
 from msbd.daemon.timers import Scheduler
 from msbd.db.store import Store, open_store
-from msbd.errors import ConfigError, MsbdError
+from msbd.errors import AlreadyRunning, ConfigError, MsbdError
 from msbd.log import setup_logging
 from msbd.rpc.server import RpcLimits, RpcServer
 

@@ -206,7 +206,7 @@ class Lateness:
 class Scheduler:
     """Runs `Deadlines` against a monotonic clock: one task for all sandboxes.
 
-    `set`, `cancel` and `cancel_all` may be called at any time from the
+    `set` and `cancel_all` may be called at any time from the
     event loop's thread, before or while `run` runs.
     """
 
@@ -234,9 +234,6 @@ class Scheduler:
         self._deadlines.set(key, kind, deadline)
         if deadline < self._waiting_for and self._changed is not None:
             self._changed.set()
-
-    def cancel(self, key: Key, kind: TimerKind) -> None:
-        self._deadlines.cancel(key, kind)
 
     def cancel_all(self, key: Key) -> None:
         self._deadlines.cancel_all(key)

@@ -12,6 +12,7 @@ from typing import Final
 import msgspec
 
 from msbd.contract import CheckInfo, HostReport
+from msbd.errors import LibraryNotLoadable
 from msbd.vm import krun
 
 KVM_DEVICE: Final = "/dev/kvm"
@@ -76,7 +77,7 @@ def check_libkrun(configured: str | None) -> tuple[CheckInfo, str | None, str | 
     """(check, path, problem): actually loads libkrun in the worker's lookup order."""
     try:
         lib = krun.load(configured)
-    except krun.LibraryNotLoadable as exc:
+    except LibraryNotLoadable as exc:
         return (CheckInfo(name="libkrun", ok=False, detail=str(exc),
                       hint=f"install libkrun ({krun.SONAME}) or set ${krun.ENV_VAR} "
                            "or the daemon's libkrun setting to its path"),
@@ -93,7 +94,7 @@ def check_libkrunfw(beside: str | None = None) -> tuple[CheckInfo, str | None]:
     """(check, path): libkrunfw as a worker loads it (the loader, then next to libkrun)."""
     try:
         path = krun.load_libkrunfw(beside)
-    except krun.LibraryNotLoadable as exc:
+    except LibraryNotLoadable as exc:
         return (CheckInfo(name="libkrunfw", ok=False, detail=str(exc),
                       hint="install libkrunfw where the dynamic loader finds it (ldconfig, "
                            "LD_LIBRARY_PATH in the daemon's environment, or next to libkrun)"),
