@@ -1,4 +1,4 @@
-"""Speak systemd's protocols natively: sd_notify, the watchdog, socket activation, journald.
+"""systemd's protocols spoken natively: sd_notify, the watchdog, journald (see `activation`).
 
 No libsystemd: each protocol is a few lines of stdlib.
 

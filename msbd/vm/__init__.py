@@ -44,8 +44,8 @@ status (often 143 or 137), not with 6 or 128+n. A libkrun without
 `krun_add_vsock_port2` (and without a shutdown eventfd, which Linux builds
 never have) gives no way to ask, and the worker exits at once with 128+n or 6.
 
-By hand (bash), with the spec in a file and seed-syntax extras that add to or
-replace (same id/tag) the spec's disks and mounts:
+By hand (bash), with the spec in a file and `--disk`/`--mount` extras (msb's
+syntax) that add to or replace (same id/tag) the spec's disks and mounts:
 
     python -m msbd.vm --spec-file s.json --disk d:/img/d.qcow2:qcow2:ro 97< <(sleep inf) 98> >(cat)
 
