@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,11 @@ from typing import Any
 import msgspec
 
 REPO = Path(__file__).resolve().parents[1]
-FAKEKRUN = REPO / "tests" / "fakekrun" / "libfakekrun.so"
-BUSYBOX = Path("/bin/busybox")
+# The daemon process, the busybox root and the test double are the tests' harness,
+# shared: tests/daemonproc.py (tests/ is not a package, so it is found by path).
+sys.path.insert(0, str(REPO / "tests"))
+from daemonproc import DaemonProc, build_fakekrun, make_busybox_root  # noqa: E402
+
 PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -215,117 +217,56 @@ def scratch(prefix: str) -> Iterator[Path]:
 
 
 def make_rootfs(base: Path) -> Path:
-    """A minimal guest root: Debian's static busybox with `sh` and `sleep`."""
-    if not BUSYBOX.exists():
-        raise SystemExit("bench: /bin/busybox is missing: install busybox-static "
-                         "(make setup does)")
-    root = base / "rootfs"
-    (root / "bin").mkdir(parents=True)
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    for applet in ("sh", "sleep", "true"):
-        os.symlink("busybox", root / "bin" / applet)
-    for sub in ("tmp", "proc", "dev"):
-        (root / sub).mkdir()
-    return root
+    """A minimal guest root under `base`: the tests' busybox root."""
+    try:
+        return make_busybox_root(base / "rootfs")
+    except RuntimeError as exc:
+        raise SystemExit(f"bench: {exc}") from exc
 
 
 def need_fakekrun() -> Path:
-    if not FAKEKRUN.exists():
-        subprocess.run(["make", "-s", "-C", str(FAKEKRUN.parent)], check=True)
-    return FAKEKRUN
+    return build_fakekrun()
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return msgspec.json.encode(value).decode()
-    raise TypeError(f"no TOML for {value!r}")
-
-
-class Msbd:
-    """`msbd serve` as our child, ready when it says READY=1 on its NOTIFY_SOCKET."""
+class Msbd(DaemonProc):
+    """`msbd serve` as our child (the tests' `DaemonProc`), with the bench's defaults:
+    info-level logs, this checkout's msbd for the daemon and its workers, a raw client."""
 
     def __init__(self, base: Path, *, libkrun: Path | None = None,
                  settings: Mapping[str, Any] | None = None, log_level: str = "info") -> None:
-        self.base = base
         base.mkdir(parents=True, exist_ok=True)
-        self.socket = base / "msbd.sock"
-        self.state_dir = base / "state"
-        self.stderr_path = base / "daemon.log"
-        self.libkrun = libkrun
-        self.settings = dict(settings or {})
-        self.log_level = log_level
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_after = math.nan  # seconds from spawn to READY=1
+        # cwd=REPO: the daemon, and the workers that inherit its cwd, import the
+        # msbd of this checkout (sys.path[0] of `-m`), whatever is installed.
+        super().__init__(base, libkrun=libkrun, settings=settings, log_level=log_level,
+                         cwd=REPO)
 
-    def start(self, timeout: float = 120.0) -> Msbd:
-        config = self.base / "msbd.toml"
-        config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in self.settings.items()))
-        argv = [PYTHON, "-m", "msbd.cli", "serve", "--socket", str(self.socket),
-                "--state-dir", str(self.state_dir), "--config", str(config),
-                "--log-level", self.log_level]
-        if self.libkrun is not None:
-            argv += ["--libkrun", str(self.libkrun)]
-        notify_path = self.base / "notify.sock"
-        with contextlib.suppress(FileNotFoundError):
-            notify_path.unlink()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MSBD_", "NOTIFY_", "LISTEN_"))}
-        env["NOTIFY_SOCKET"] = str(notify_path)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, \
-                self.stderr_path.open("ab") as stderr:
-            notify.bind(str(notify_path))
-            t0 = time.monotonic()
-            # cwd=REPO: the daemon, and the workers that inherit its cwd, import the
-            # msbd of this checkout (sys.path[0] of `-m`), whatever is installed.
-            self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=stderr)
-            deadline = t0 + timeout
-            while True:
-                notify.settimeout(max(0.01, min(0.5, deadline - time.monotonic())))
-                try:
-                    message = notify.recv(4096).decode()
-                except TimeoutError:
-                    message = ""
-                if "READY=1" in message.split("\n"):
-                    self.ready_after = time.monotonic() - t0
-                    return self
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"msbd did not get ready:\n{self.log_tail()}")
+    def start(self, *, wait: bool = True, timeout: float = 120.0) -> Msbd:
+        try:
+            super().start(wait=wait, timeout=timeout)
+        except RuntimeError:
+            self.close()
+            raise
+        return self
 
     @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
 
-    def stop(self, timeout: float = 120.0) -> int | None:
+    def stop(self, timeout: float = 120.0, *, sig: int = signal.SIGTERM) -> int | None:
         """SIGTERM (the daemon stops its sandboxes), SIGKILL if it takes too long."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout)
+            return super().stop(sig=sig, timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
+            self.close()
             return None
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
+        return "\n".join(self.stderr().splitlines()[-lines:])
 
-    def client(self, timeout: float | None = 120.0) -> LineClient:
+    def client(self, timeout: float | None = 120.0) -> LineClient:  # type: ignore[override]
         return LineClient(self.socket, timeout=timeout)
 
 

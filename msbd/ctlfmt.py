@@ -9,9 +9,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import signal
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from msbd.contract import signame
+
+# `signame` is the contract's; msbctl reads it here with the rest of its wording.
+__all__ = ["ago", "duration", "emit", "print_info", "print_sandboxes", "signame", "status",
+           "table"]
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -49,13 +54,6 @@ def status(info: dict[str, Any]) -> str:
         tail += f" {signame(sig)}" if sig else ""
         return f"{run['reason']}{tail}"
     return "-"
-
-
-def signame(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
 
 
 def print_sandboxes(items: list[dict[str, Any]]) -> None:

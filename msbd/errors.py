@@ -108,6 +108,10 @@ class ConfigError(MsbdError):
     """A bad setting: startup refuses to go on and says which one."""
 
 
+class AlreadyRunning(ConfigError):
+    """Another daemon owns the socket or the state dir."""
+
+
 class StoreError(MsbdError):
     """The database could not do what was asked (not a caller's mistake)."""
 
@@ -129,6 +133,15 @@ class KrunError(MsbdError):
                          data={"symbol": symbol, "errno": errno})
         self.symbol = symbol
         self.errno = errno
+
+
+class LibraryNotLoadable(MsbdError):
+    """No usable library was found; `tried` says where it looked and what went wrong."""
+
+    def __init__(self, what: str, tried: list[str]) -> None:
+        super().__init__(f"{what} not loadable; tried: " + "; ".join(tried),
+                         data={"tried": tried})
+        self.tried = tried
 
 
 class RemoteError(MsbdError):

@@ -15,16 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import DaemonProc
+from daemonproc import FAKEKRUN_DIR, DaemonProc, build_fakekrun, make_busybox_root
 from tenants import SHARED_GID, SOCK_GID, A, B, C, User
 from workerproc import Workers, fake_spec
 
 from msbd.db.store import Store, open_store
-
-TESTS = Path(__file__).resolve().parent
-FAKEKRUN_DIR = TESTS / "fakekrun"
-FAKEKRUN_LIB = FAKEKRUN_DIR / "libfakekrun.so"
-BUSYBOX = Path("/bin/busybox")
 
 
 @pytest.fixture
@@ -40,9 +35,7 @@ def sock_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def fakekrun() -> Path:
     """The libkrun test double (tests/fakekrun), built with the system compiler."""
-    subprocess.run(["make", "-s", "-C", str(FAKEKRUN_DIR)], check=True)
-    assert FAKEKRUN_LIB.exists(), "make did not build the libkrun test double"
-    return FAKEKRUN_LIB
+    return build_fakekrun()
 
 
 @pytest.fixture(scope="session")
@@ -57,20 +50,7 @@ def fakekrun_old(fakekrun: Path) -> Path:
 @pytest.fixture(scope="session")
 def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny root filesystem: Debian's static busybox and its applet links."""
-    if not BUSYBOX.exists():
-        pytest.fail("busybox-static is not installed: run `make setup` (scripts/system-deps.sh)")
-    root = tmp_path_factory.mktemp("rootfs")
-    (root / "bin").mkdir()
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for applet in applets:
-        link = root / "bin" / applet
-        if not link.exists():
-            os.symlink("busybox", link)
-    for d in ("tmp", "proc", "dev", "etc", "work"):
-        (root / d).mkdir(exist_ok=True)
-    return root
+    return make_busybox_root(tmp_path_factory.mktemp("rootfs"))
 
 
 @pytest.fixture

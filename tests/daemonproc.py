@@ -1,9 +1,17 @@
-"""A real msbd daemon process for tests, made ready by its own READY=1 notification."""
+"""The harness the tests and the benchmarks share: a real msbd daemon process, made
+ready by its own READY=1 notification; a busybox root; the libkrun test double.
+
+`bench/common.py` imports this module too (from `tests/`, by path), so a daemon is
+started, awaited and stopped one way everywhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +27,9 @@ if TYPE_CHECKING:
 
 START_TIMEOUT = 30.0
 REPO = Path(__file__).resolve().parent.parent
+FAKEKRUN_DIR = REPO / "tests" / "fakekrun"
+FAKEKRUN_LIB = FAKEKRUN_DIR / "libfakekrun.so"
+BUSYBOX = Path("/bin/busybox")
 
 
 class DaemonProc:
@@ -26,23 +37,28 @@ class DaemonProc:
 
     def __init__(self, base: Path, *, libkrun: Path | None = None,
                  settings: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, log_level: str = "debug",
+                 cwd: Path | None = None) -> None:
         self.base = base
         self.socket = base / "msbd.sock"
         self.state_dir = base / "state"
         self.libkrun = libkrun
         self.settings = dict(settings or {})
         self.extra_env = dict(env or {})
+        self.log_level = log_level
+        self.cwd = cwd  # the daemon's, so its workers' (None: ours)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = base / "daemon.stderr"
         self.notify_path = base / "notify.sock"
+        self.ready_after = math.nan  # seconds from spawn to READY=1
         self._notify: socket.socket | None = None
+        self._spawned = 0.0
 
     # --- lifecycle ---------------------------------------------------------------
 
     def argv(self) -> list[str]:
         argv = [sys.executable, "-m", "msbd.cli", "serve", "--socket", str(self.socket),
-                "--state-dir", str(self.state_dir), "--log-level", "debug"]
+                "--state-dir", str(self.state_dir), "--log-level", self.log_level]
         if self.libkrun is not None:
             argv += ["--libkrun", str(self.libkrun)]
         if self.settings:
@@ -58,17 +74,18 @@ class DaemonProc:
         env.update(self.extra_env)
         return env
 
-    def start(self, *, wait: bool = True) -> DaemonProc:
+    def start(self, *, wait: bool = True, timeout: float = START_TIMEOUT) -> DaemonProc:
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
         self._notify.bind(str(self.notify_path))
         with self.stderr_path.open("ab") as stderr:
-            self.proc = subprocess.Popen(self.argv(), env=self.environ(),
+            self._spawned = time.monotonic()
+            self.proc = subprocess.Popen(self.argv(), env=self.environ(), cwd=self.cwd,
                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=stderr)
         if wait:
-            self.wait_ready()
+            self.wait_ready(timeout)
         return self
 
     def notifications(self, timeout: float = START_TIMEOUT) -> Iterator[str]:
@@ -85,14 +102,26 @@ class DaemonProc:
             except TimeoutError:
                 continue
 
-    def wait_ready(self) -> None:
-        assert self.proc is not None
-        for message in self.notifications():
-            if "READY=1" in message.split("\n"):
-                return
-            if self.proc.poll() is not None:
-                break
-        raise RuntimeError(f"msbd exited {self.proc.returncode}:\n{self.stderr()}")
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until READY=1 comes; RuntimeError as soon as the daemon exits instead, or when
+        `timeout` passes. Waits on the notify socket and the daemon's pidfd together."""
+        assert self.proc is not None and self._notify is not None
+        deadline = time.monotonic() + timeout
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                readable, _, _ = select.select([self._notify, pidfd], [], [], remaining)
+                if self._notify in readable:
+                    if "READY=1" in self._notify.recv(4096).decode().split("\n"):
+                        self.ready_after = time.monotonic() - self._spawned
+                        return
+                elif pidfd in readable:
+                    break
+        finally:
+            os.close(pidfd)
+        status = "did not get ready" if self.proc.poll() is None else \
+            f"exited {self.proc.returncode}"
+        raise RuntimeError(f"msbd {status}:\n{self.stderr()}")
 
     def stop(self, *, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None
@@ -133,6 +162,33 @@ class DaemonProc:
     def call(self, method: str, params: Any = None) -> Any:
         with self.client() as c:
             return c.call(method, params)
+
+
+def build_fakekrun() -> Path:
+    """The libkrun test double (tests/fakekrun), built with the system compiler if needed."""
+    subprocess.run(["make", "-s", "-C", str(FAKEKRUN_DIR)], check=True)
+    if not FAKEKRUN_LIB.exists():
+        raise RuntimeError("make did not build the libkrun test double")
+    return FAKEKRUN_LIB
+
+
+def make_busybox_root(root: Path) -> Path:
+    """A tiny root filesystem at `root` (made here): Debian's static busybox and every one
+    of its applet links, and the directories a guest expects."""
+    if not BUSYBOX.exists():
+        raise RuntimeError("busybox-static is not installed: run `make setup` "
+                           "(scripts/system-deps.sh)")
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        link = root / "bin" / applet
+        if not link.exists():
+            os.symlink("busybox", link)
+    for d in ("tmp", "proc", "dev", "etc", "work"):
+        (root / d).mkdir(exist_ok=True)
+    return root
 
 
 def python_for(uid: int, gid: int) -> tuple[str, str] | None:

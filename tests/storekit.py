@@ -38,10 +38,10 @@ async def create(store: Store, name: str, *, uid: int = 1, now: float = T0,
 
 async def start(store: Store, ref: SandboxRef, now: float, pid: int = 4242) -> SandboxInfo:
     """created/stopped -> starting (with a process) -> running; the running record."""
-    info, _ = await store.begin_run(ref, now=now, expect={State.CREATED, State.STOPPED})
+    info, _ = await store.begin_run(ref, now=now)
     assert info.run is not None
     await store.set_run_process(ref, info.run.id, pid=pid, proc_start=777, boot_id="boot-a")
-    running, _ = await store.transition(ref, State.RUNNING, now=now + 1, expect={State.STARTING})
+    running, _ = await store.transition(ref, State.RUNNING, now=now + 1)
     return running
 
 

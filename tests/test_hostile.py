@@ -33,7 +33,6 @@ from daemonproc import DaemonProc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msbd.config import Settings
 from msbd.errors import RemoteError
 
 GUARD = 30.0  # hang guard for any one wait
@@ -215,9 +214,6 @@ def test_idle_connection_is_closed_after_the_idle_timeout(
     assert d.call("daemon.ping") == "pong"
 
 
-@pytest.mark.skipif("connection_send_timeout" not in Settings.__struct_fields__,
-                    reason="needs the `connection_send_timeout` setting (config.py/app.py "
-                           "diff in the issue 5 report)")
 def test_client_that_never_reads_is_closed_after_the_send_timeout(
         make_daemon: Callable[..., DaemonProc]) -> None:
     d = make_daemon(settings={"connection_send_timeout": 1.0})

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from msbd.daemon import states
+from msbd import states
 from msbd.errors import Conflict, RpcCode
 from msbd.model import LIVE_STATES, Reason, State
 

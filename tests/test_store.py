@@ -124,7 +124,7 @@ async def test_label_key_is_not_a_json_path(store: Store) -> None:
 async def test_remove(store: Store, db_path: Path) -> None:
     gone = await create(store, "gone", uid=1000, k="v")
     await start(store, gone.ref, T0 + 1)
-    await store.transition(gone.ref, State.STOPPED, now=T0 + 3, expect={State.RUNNING},
+    await store.transition(gone.ref, State.STOPPED, now=T0 + 3,
                            end=RunEnd(reason=Reason.EXITED, exit_code=0))
     last = await store.get(gone.ref)
     assert last.run is not None
@@ -185,7 +185,7 @@ async def test_records_survive_close_and_reopen(db_path: Path) -> None:
 
 async def test_run_lifecycle(store: Store) -> None:
     vm = await create(store, "vm", uid=1000)
-    info, owner = await store.begin_run(vm.ref, now=T0 + 1, expect={State.CREATED})
+    info, owner = await store.begin_run(vm.ref, now=T0 + 1)
     assert owner == Owner(uid=1000)
     assert info.state is State.STARTING
     assert info.updated_at == utc(T0 + 1)
@@ -201,8 +201,7 @@ async def test_run_lifecycle(store: Store) -> None:
         boot_id=None, started_at=utc(T0 + 1))]
 
     await store.set_run_process(vm.ref, run_id, pid=4242, proc_start=98765, boot_id="b-1")
-    info, event = await store.transition(vm.ref, State.RUNNING, now=T0 + 2,
-                                         expect={State.STARTING})
+    info, event = await store.transition(vm.ref, State.RUNNING, now=T0 + 2)
     assert info.run is not None
     assert info.run.pid == 4242  # kept: a transition changes only the state
     assert event == Event(seq=3, time=utc(T0 + 2), sandbox="vm", sandbox_id=vm.id,
@@ -212,7 +211,7 @@ async def test_run_lifecycle(store: Store) -> None:
         boot_id="b-1", started_at=utc(T0 + 1))]
 
     info, event = await store.transition(
-        vm.ref, State.STOPPED, now=T0 + 3, expect={State.RUNNING, State.STOPPING},
+        vm.ref, State.STOPPED, now=T0 + 3,
         end=RunEnd(reason=Reason.KILLED, exit_code=None, signal=9, detail="SIGKILL"))
     assert info.state is State.STOPPED
     assert info.run is not None
@@ -227,7 +226,7 @@ async def test_run_lifecycle(store: Store) -> None:
     assert await store.get(vm.ref) == info
 
     # A restart is a new run; the sandbox points at it.
-    info, _ = await store.begin_run(vm.ref, now=T0 + 4, expect={State.STOPPED})
+    info, _ = await store.begin_run(vm.ref, now=T0 + 4)
     assert info.run is not None
     assert info.run.id > run_id
     await store.set_run_process(vm.ref, info.run.id, pid=5555, proc_start=None, boot_id=None)
@@ -238,9 +237,9 @@ async def test_run_lifecycle(store: Store) -> None:
 
 async def test_event_detail_prefers_the_transition_detail(store: Store) -> None:
     d = await create(store, "d")
-    await store.begin_run(d.ref, now=T0, expect={State.CREATED})
+    await store.begin_run(d.ref, now=T0)
     _, event = await store.transition(
-        d.ref, State.FAILED, now=T0 + 1, expect={State.STARTING}, detail="no libkrun",
+        d.ref, State.FAILED, now=T0 + 1, detail="no libkrun",
         end=RunEnd(reason=Reason.LAUNCH_FAILED, exit_code=2, detail="fd 96: missing"))
     assert (event.detail, event.reason, event.exit_code) == (
         "no libkrun", Reason.LAUNCH_FAILED, 2)
@@ -248,36 +247,50 @@ async def test_event_detail_prefers_the_transition_detail(store: Store) -> None:
     assert run is not None
     assert run.detail == "fd 96: missing"
     # Without a transition detail, the event says what the run's end says.
-    await store.begin_run(d.ref, now=T0 + 2, expect={State.FAILED})
+    await store.begin_run(d.ref, now=T0 + 2)
     _, event = await store.transition(
-        d.ref, State.STOPPED, now=T0 + 3, expect={State.STARTING},
+        d.ref, State.STOPPED, now=T0 + 3,
         end=RunEnd(reason=Reason.EXITED, exit_code=0, detail="clean"))
     assert (event.detail, event.reason, event.exit_code) == ("clean", Reason.EXITED, 0)
 
 
-async def test_wrong_expected_state_is_conflict_and_writes_nothing(
-        store: Store, db_path: Path) -> None:
+@pytest.mark.parametrize("to", [State.STOPPING, State.RUNNING, State.STOPPED, State.FAILED,
+                                State.CREATED])
+async def test_an_illegal_transition_is_a_conflict_and_writes_nothing(
+        store: Store, db_path: Path, to: State) -> None:
+    """`states.TRANSITIONS` decides: `created` may only go to `starting`."""
     w = await create(store, "w")
     before = await store.get(w.ref)
     with pytest.raises(Conflict) as err:
-        await store.transition(w.ref, State.STOPPING, now=T0 + 1, expect={State.RUNNING})
-    assert str(err.value) == "sandbox 'w' is created"
-    assert err.value.data == {"sandbox": "w", "state": "created"}
-    with pytest.raises(Conflict) as err:
-        await store.begin_run(w.ref, now=T0 + 1, expect=())
-    assert err.value.data == {"sandbox": "w", "state": "created"}
+        await store.transition(w.ref, to, now=T0 + 1)
+    assert str(err.value) == f"sandbox 'w' cannot go from created to {to}"
+    assert err.value.data == {"sandbox": "w", "state": "created", "to": to.value}
     assert await store.get(w.ref) == before
     assert await store.last_seq() == 1
     assert await store.live_runs() == []
     assert sql(db_path, "SELECT count(*) FROM runs") == [(0,)]
 
 
+@pytest.mark.parametrize("live", [State.STARTING, State.RUNNING, State.STOPPING])
+async def test_begin_run_of_a_live_sandbox_is_a_conflict(store: Store, live: State) -> None:
+    inv = await create(store, "inv")
+    await store.begin_run(inv.ref, now=T0)
+    if live is not State.STARTING:
+        await store.transition(inv.ref, State.RUNNING, now=T0 + 1)
+    if live is State.STOPPING:
+        await store.transition(inv.ref, State.STOPPING, now=T0 + 2)
+    before = await store.get(inv.ref)
+    with pytest.raises(Conflict, match=f"cannot go from {live} to starting"):
+        await store.begin_run(inv.ref, now=T0 + 5)
+    assert await store.get(inv.ref) == before
+
+
 async def test_writes_to_an_unknown_sandbox_are_not_found(store: Store) -> None:
     ghost = SandboxRef(1, "x")
     with pytest.raises(NotFound):
-        await store.transition(ghost, State.STARTING, now=T0, expect={State.CREATED})
+        await store.transition(ghost, State.STARTING, now=T0)
     with pytest.raises(NotFound):
-        await store.begin_run(ghost, now=T0, expect={State.CREATED})
+        await store.begin_run(ghost, now=T0)
     with pytest.raises(NotFound):
         await store.set_run_process(ghost, 1, pid=1, proc_start=None, boot_id=None)
     with pytest.raises(NotFound):
@@ -287,7 +300,6 @@ async def test_writes_to_an_unknown_sandbox_are_not_found(store: Store) -> None:
 
 @pytest.mark.parametrize(("setup_running", "to", "kwargs", "problem"), [
     (False, State.STARTING, {}, "must have an open run"),
-    (False, State.STOPPED, {"end": RunEnd(reason=Reason.EXITED)}, "no open run"),
     (True, State.STOPPED, {}, "must not have an open run"),
     (True, State.STOPPING, {"end": RunEnd(reason=Reason.EXITED)}, "must have an open run"),
 ])
@@ -300,29 +312,42 @@ async def test_run_invariant_violations_are_refused(
     before = await store.get(inv.ref)
     seq = await store.last_seq()
     with pytest.raises(StoreError, match=problem) as err:
-        await store.transition(inv.ref, to, now=T0 + 5, expect=set(State),
+        await store.transition(inv.ref, to, now=T0 + 5,
                                **kwargs)  # type: ignore[arg-type]
     assert err.value.data == {"sandbox": "inv", "state": before.state.value, "to": to.value}
     assert await store.get(inv.ref) == before
     assert await store.last_seq() == seq
 
 
-@pytest.mark.parametrize("live", [State.STARTING, State.RUNNING, State.STOPPING])
-async def test_begin_run_with_a_run_still_open_is_refused(store: Store, live: State) -> None:
-    inv = await create(store, "inv")
-    info, _ = await store.begin_run(inv.ref, now=T0, expect={State.CREATED})
+@pytest.mark.parametrize(("damage", "call", "problem"), [
+    # A live state whose run is closed: nothing to end.
+    ("UPDATE runs SET ended_at = 1", "transition", "there is no open run to end"),
+    ("UPDATE runs SET ended_at = 1", "end_runs", "there is no open run to end"),
+    # A resting state whose run is still open: a new run would leave it dangling.
+    ("UPDATE sandboxes SET state = 'stopped'", "begin_run", "is still open"),
+])
+async def test_a_damaged_run_record_is_refused(db_path: Path, damage: str, call: str,
+                                               problem: str) -> None:
+    """Legal by the state table, but the record breaks the run invariant: a StoreError."""
+    async with open_store(db_path) as store:
+        inv = await create(store, "inv")
+        info = await start(store, inv.ref, T0)
     assert info.run is not None
-    if live is not State.STARTING:
-        await store.transition(inv.ref, State.RUNNING, now=T0 + 1, expect={State.STARTING})
-    if live is State.STOPPING:
-        await store.transition(inv.ref, State.STOPPING, now=T0 + 2, expect={State.RUNNING})
-    before = await store.get(inv.ref)
-    seq = await store.last_seq()
-    with pytest.raises(StoreError, match="still open"):
-        await store.begin_run(inv.ref, now=T0 + 5, expect=set(State))
-    assert await store.get(inv.ref) == before
-    assert await store.last_seq() == seq
-    assert [r.run_id for r in await store.live_runs()] == [info.run.id]
+    sql(db_path, damage)
+    async with open_store(db_path) as store:
+        before = await store.get(inv.ref)
+        seq = await store.last_seq()
+        with pytest.raises(StoreError, match=problem):
+            if call == "transition":
+                await store.transition(inv.ref, State.STOPPED, now=T0 + 5,
+                                       end=RunEnd(reason=Reason.EXITED))
+            elif call == "end_runs":
+                await store.end_runs([(inv.ref, RunEnd(reason=Reason.DAEMON_LOST))],
+                                     now=T0 + 5)
+            else:
+                await store.begin_run(inv.ref, now=T0 + 5)
+        assert await store.get(inv.ref) == before
+        assert await store.last_seq() == seq
 
 
 # --- events --------------------------------------------------------------------------
@@ -369,12 +394,11 @@ async def test_concurrent_transitions_all_land_with_gap_free_seqs(store: Store) 
     returned: list[Event] = []
 
     async def life(ref: SandboxRef, i: int) -> None:
-        info, _ = await store.begin_run(ref, now=T0 + 100, expect={State.CREATED})
+        info, _ = await store.begin_run(ref, now=T0 + 100)
         assert info.run is not None
         await store.set_run_process(ref, info.run.id, pid=10_000 + i, proc_start=None,
                                     boot_id=None)
-        _, event = await store.transition(ref, State.RUNNING, now=T0 + 101,
-                                          expect={State.STARTING})
+        _, event = await store.transition(ref, State.RUNNING, now=T0 + 101)
         returned.append(event)
 
     async with anyio.create_task_group() as tg:
@@ -399,8 +423,7 @@ async def test_concurrent_transitions_all_land_with_gap_free_seqs(store: Store) 
 
 async def test_racing_starts_of_one_sandbox_have_one_winner(store: Store) -> None:
     target = await create(store, "race")
-    outcomes = await race(50, lambda _: store.begin_run(target.ref, now=T0 + 1,
-                                                        expect={State.CREATED}), Conflict)
+    outcomes = await race(50, lambda _: store.begin_run(target.ref, now=T0 + 1), Conflict)
     assert outcomes == ["refused"] * 49 + ["won"]
     assert await store.last_seq() == 2
     assert len(await store.live_runs()) == 1
@@ -417,7 +440,7 @@ async def test_cancelled_writer_leaves_all_or_nothing(store: Store, checkpoints:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(cancel_after, tg.cancel_scope)
-        await store.begin_run(cx.ref, now=T0 + 1, expect={State.CREATED})
+        await store.begin_run(cx.ref, now=T0 + 1)
         await anyio.sleep_forever()
 
     info = await store.get(cx.ref)
@@ -438,7 +461,7 @@ async def test_caller_cancelled_before_the_transaction_writes_nothing(store: Sto
     pre = await create(store, "pre")
     with anyio.CancelScope() as scope:
         scope.cancel()
-        await store.begin_run(pre.ref, now=T0 + 1, expect={State.CREATED})
+        await store.begin_run(pre.ref, now=T0 + 1)
     assert scope.cancelled_caught
     assert (await store.get(pre.ref)).state is State.CREATED
     assert await store.last_seq() == 1
@@ -451,13 +474,13 @@ async def test_live_runs_and_counts(store: Store) -> None:
     assert await store.live_runs() == []
     assert await store.counts_by_state() == {s.value: 0 for s in State}
     idle, up, going, done = [await create(store, n) for n in ("idle", "up", "going", "done")]
-    info, _ = await store.begin_run(up.ref, now=T0 + 1, expect={State.CREATED})
+    info, _ = await store.begin_run(up.ref, now=T0 + 1)
     assert info.run is not None
     await store.set_run_process(up.ref, info.run.id, pid=11, proc_start=111, boot_id="bt")
     await start(store, going.ref, T0 + 2, pid=22)
-    await store.transition(going.ref, State.STOPPING, now=T0 + 3, expect={State.RUNNING})
+    await store.transition(going.ref, State.STOPPING, now=T0 + 3)
     await start(store, done.ref, T0 + 4, pid=33)
-    await store.transition(done.ref, State.STOPPED, now=T0 + 5, expect={State.RUNNING},
+    await store.transition(done.ref, State.STOPPED, now=T0 + 5,
                            end=RunEnd(reason=Reason.EXITED, exit_code=0))
 
     live = await store.live_runs()
@@ -473,7 +496,7 @@ async def test_live_runs_and_counts(store: Store) -> None:
 async def test_set_run_process_records_the_pid_without_an_event(store: Store) -> None:
     sp = await create(store, "sp")
     other = await create(store, "other")
-    info, _ = await store.begin_run(sp.ref, now=T0 + 1, expect={State.CREATED})
+    info, _ = await store.begin_run(sp.ref, now=T0 + 1)
     assert info.run is not None
     assert info.run.pid is None
     await store.set_run_process(sp.ref, info.run.id, pid=321, proc_start=5000, boot_id="bb")
@@ -491,7 +514,7 @@ async def test_set_run_process_records_the_pid_without_an_event(store: Store) ->
     assert err.value.data == {"sandbox": "other"}
     assert (await store.live_runs())[0].pid == 321
     # A worker that died at once: the ended run still learns its pid.
-    await store.transition(sp.ref, State.FAILED, now=T0 + 2, expect={State.STARTING},
+    await store.transition(sp.ref, State.FAILED, now=T0 + 2,
                            end=RunEnd(reason=Reason.LAUNCH_FAILED, exit_code=3))
     await store.set_run_process(sp.ref, info.run.id, pid=999, proc_start=1, boot_id="bb")
     run = (await store.get(sp.ref)).run
@@ -503,7 +526,7 @@ async def test_set_run_process_records_the_pid_without_an_event(store: Store) ->
 async def test_end_runs_closes_every_live_run_in_one_go(store: Store) -> None:
     r1, r2, idle = [await create(store, n) for n in ("r1", "r2", "idle")]
     await start(store, r1.ref, T0 + 1)
-    await store.begin_run(r2.ref, now=T0 + 2, expect={State.CREATED})
+    await store.begin_run(r2.ref, now=T0 + 2)
     lost = RunEnd(reason=Reason.DAEMON_LOST, detail="worker gone")
     events = await store.end_runs([(r1.ref, lost), (r2.ref, lost)], now=T0 + 10)
     assert [(e.sandbox, e.sandbox_id, e.state, e.reason, e.detail) for e in events] == [
@@ -527,7 +550,7 @@ async def test_end_runs_is_all_or_nothing(store: Store) -> None:
     await start(store, live.ref, T0 + 1)
     seq = await store.last_seq()
     lost = RunEnd(reason=Reason.DAEMON_LOST)
-    with pytest.raises(Conflict, match="'idle' is created"):
+    with pytest.raises(Conflict, match="'idle' cannot go from created to stopped"):
         await store.end_runs([(live.ref, lost), (idle.ref, lost)], now=T0 + 10)
     with pytest.raises(NotFound):
         await store.end_runs([(live.ref, lost), (SandboxRef(99, "ghost"), lost)], now=T0 + 10)
@@ -547,7 +570,7 @@ async def test_on_event_sees_committed_events_in_seq_order(db_path: Path) -> Non
         with pytest.raises(Conflict):
             await create(store, "o1", uid=20)
         with pytest.raises(Conflict):
-            await store.transition(o1.ref, State.RUNNING, now=T0, expect={State.STARTING})
+            await store.transition(o1.ref, State.RUNNING, now=T0)
         assert published == [(1, "o1", State.CREATED, 10)]
 
         async def make(i: int) -> None:

@@ -47,11 +47,26 @@ def test_ready_comes_after_reconciliation_and_calls_work_at_once(
     assert "STATUS=0 live sandboxes" in ready
 
 
+def _statuses_until(d: DaemonProc, wanted: str) -> list[str]:
+    """Every `STATUS=` line the daemon sends, up to and including `wanted`
+    (`notifications` raises TimeoutError if it never comes)."""
+    seen: list[str] = []
+    for message in d.notifications(timeout=15):
+        seen += [line for line in message.split("\n") if line.startswith("STATUS=")]
+        if wanted in seen:
+            return seen
+    raise AssertionError("unreachable: notifications() ends only by raising")
+
+
 def test_status_reports_live_counts(kdaemon: DaemonProc, busybox_root: Path) -> None:
+    none = "STATUS=0 live sandboxes, 0 vcpus, 0 MiB"
+    one = "STATUS=1 live sandboxes, 1 vcpus, 64 MiB"
     kdaemon.call("sandbox.run", spec("counted", busybox_root))
-    for message in kdaemon.notifications():
-        if "STATUS=1 live sandboxes, 1 vcpus, 64 MiB" in message:
-            break
+    seen = _statuses_until(kdaemon, one)
+    assert set(seen) <= {none, one}, seen  # no other count on the way
+    assert kdaemon.call("sandbox.stop", {"name": "counted"})["state"] == "stopped"
+    seen = _statuses_until(kdaemon, none)
+    assert set(seen) <= {none, one}, seen
 
 
 def test_watchdog_pings_from_the_event_loop(make_daemon: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from msbd.config import Settings, default_paths
-from msbd.daemon import systemd
+from msbd.daemon import activation, systemd
 from msbd.daemon.stopping import KILL_MARGIN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -211,7 +211,7 @@ def test_socket_directives() -> None:
         ("Socket", "Accept"): "no",
         ("Socket", "RemoveOnStop"): "yes",
         # The name msbd looks for among the fds it is passed.
-        ("Socket", "FileDescriptorName"): systemd.DEFAULT_FD_NAME,
+        ("Socket", "FileDescriptorName"): activation.DEFAULT_FD_NAME,
         ("Install", "WantedBy"): "sockets.target",
     }
     actual = {(section, key): one(unit, section, key) for section, key in expected}

@@ -260,6 +260,7 @@ def test_heartbeat_deadline(last: float, interval: float, misses: int, expected:
 def test_grace_deadline() -> None:
     assert grace_deadline(50.0, 10.0) == 60.0
     assert grace_deadline(50.0, 0.0) == 50.0
+    assert grace_deadline(50.0, 10.0, margin=7.0) == 67.0
 
 
 @pytest.mark.parametrize("call", [
@@ -267,6 +268,7 @@ def test_grace_deadline() -> None:
     lambda: idle_deadline(0.0, math.nan),
     lambda: max_duration_deadline(0.0, -0.1),
     lambda: grace_deadline(0.0, -5.0),
+    lambda: grace_deadline(0.0, 5.0, margin=-1.0),
     lambda: heartbeat_deadline(0.0, 0.0, 3),
     lambda: heartbeat_deadline(0.0, -1.0, 3),
     lambda: heartbeat_deadline(0.0, math.inf, 3),
@@ -354,11 +356,12 @@ async def test_reset_and_cancel_while_running() -> None:
         t0 = sched.now()
         sched.set("reset", IDLE, t0 + 0.02)
         sched.set("cancelled", IDLE, t0 + 0.02)
+        sched.set("cancelled", GRACE, t0 + 0.02)
         sched.set("gone", MAX, t0 + 0.03)
         sched.set("gone", GRACE, t0 + 0.03)
         sched.set("sentinel", MAX, t0 + 0.10)
         sched.set("reset", IDLE, t0 + 0.06)  # activity: later
-        sched.cancel("cancelled", IDLE)
+        sched.cancel_all("cancelled")
         sched.cancel_all("gone")
         await rec.wait()
     assert [(n, k) for n, k, _ in rec.fired] == [("reset", IDLE), ("sentinel", MAX)]

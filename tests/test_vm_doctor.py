@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from workerproc import REPO
 
-from msbd.rpc.methods import CheckInfo
+from msbd.contract import CheckInfo
 from msbd.vm import doctor, krun
 
 

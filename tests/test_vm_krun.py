@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from msbd.errors import KrunError
+from msbd.errors import KrunError, LibraryNotLoadable
 from msbd.model import DiskFormat
 from msbd.vm import krun
 
@@ -55,7 +55,7 @@ def test_setting_wins_over_env(fakekrun: Path) -> None:
 
 def test_not_loadable_names_each_try() -> None:
     not_krun = "libm.so.6"  # loads fine, but is no libkrun
-    with pytest.raises(krun.LibraryNotLoadable) as info:
+    with pytest.raises(LibraryNotLoadable) as info:
         krun.load("/nonexistent/libkrun.so", environ={"MSBD_LIBKRUN": str(not_krun)})
     tried = info.value.tried
     assert len(tried) == 3

@@ -1,4 +1,4 @@
-"""Spec reading in the worker, and the seed's `--disk` syntax table against parse_disk_arg."""
+"""Spec reading in the worker, and msb's `--disk` syntax table against parse_disk_arg."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from msbd.errors import InvalidParams
 from msbd.model import DiskFormat, parse_disk_arg, parse_mount_arg
 from msbd.vm import spec
 
-# The seed's own cases (msb's parse_one_disk_arg tests), one row each.
+# msb's own cases (its parse_one_disk_arg tests), one row each.
 DISK_OK = [
     ("data_abc:/host/data.qcow2:qcow2", "data_abc", "/host/data.qcow2", DiskFormat.QCOW2, False),
     ("seed:/host/seed.raw:raw:ro", "seed", "/host/seed.raw", DiskFormat.RAW, True),

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from workerproc import (
     DEFAULT,
-    STATUS_FD,
-    WATCHDOG_FD,
     Workers,
     pipe_with,
 )
+
+from msbd.contract import STATUS_FD, WATCHDOG_FD
 
 ZERO_VMDK = b'# Disk DescriptorFile\nversion=1\nparentCID=ffffffff\nRW 2048 ZERO\n'
 """A vmdk descriptor naming no file (all its data reads as zeros): one the worker accepts."""
@@ -437,7 +437,7 @@ def test_only_allowed_fds_reach_libkrun_and_only_stdio_reaches_the_guest(
 # --- manual entry points -----------------------------------------------------------------
 
 
-def test_spec_file_and_seed_syntax_disks(workers: Workers, make_spec: Callable[..., bytes],
+def test_spec_file_and_command_line_disks(workers: Workers, make_spec: Callable[..., bytes],
                                          log: Path, tmp_path: Path) -> None:
     files = disk_files(tmp_path)
     spec_file = tmp_path / "spec.json"
@@ -455,7 +455,7 @@ def test_spec_file_and_seed_syntax_disks(workers: Workers, make_spec: Callable[.
     assert [c["tag"] for c in w.calls_named("krun_add_virtiofs")] == ["m"]
 
 
-def test_bad_seed_syntax_disk_exits_2(workers: Workers, make_spec: Callable[..., bytes],
+def test_bad_command_line_disk_exits_2(workers: Workers, make_spec: Callable[..., bytes],
                                       log: Path, tmp_path: Path) -> None:
     spec_file = tmp_path / "spec.json"
     spec_file.write_bytes(make_spec())

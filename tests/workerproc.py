@@ -23,10 +23,10 @@ from typing import Any
 
 import msgspec
 
+from msbd.contract import SPEC_FD, STATUS_FD, WATCHDOG_FD
 from msbd.model import WorkerSpec
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_FD, WATCHDOG_FD, STATUS_FD = 96, 97, 98
 # Where a caller's source fds are moved first, so no dup2 clobbers another source.
 _SOURCE_FLOOR = 200
 DEFAULT = object()  # in `fds=`: the helper's own pipe/memfd for that target

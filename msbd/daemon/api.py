@@ -27,9 +27,8 @@ from typing import Any
 import anyio
 import msgspec
 
-from msbd import __version__
+from msbd import __version__, states
 from msbd.config import Settings
-from msbd.daemon import states
 from msbd.daemon.access import (
     Caller,
     check_identity,

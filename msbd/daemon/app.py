@@ -30,19 +30,19 @@ import msgspec
 
 from msbd import __version__
 from msbd.config import Settings
-from msbd.daemon import systemd
+from msbd.daemon import activation, systemd
 from msbd.daemon.api import Api
 from msbd.daemon.console import remove_orphans
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub
 from msbd.daemon.reconcile import reconcile
 from msbd.daemon.signaller import Signaller
-from msbd.daemon.sockets import AlreadyRunning, bind_control_socket, lock_state_dir
+from msbd.daemon.sockets import bind_control_socket, lock_state_dir
 from msbd.daemon.spawn import worker_environ
 from msbd.daemon.supervisor import Supervisor
 from msbd.daemon.timers import Scheduler
 from msbd.db.store import Store, open_store
-from msbd.errors import ConfigError, MsbdError
+from msbd.errors import AlreadyRunning, ConfigError, MsbdError
 from msbd.log import setup_logging
 from msbd.rpc.server import RpcLimits, RpcServer
 
@@ -78,7 +78,7 @@ def run(settings: Settings) -> int:
 def _close_on_exec_inherited() -> None:
     """Whatever fds our parent leaked to us must not reach a worker.
 
-    systemd's socket-activation fds are excluded here: `systemd.take_listen_socket`
+    systemd's socket-activation fds are excluded here: `activation.take_listen_socket`
     validates them and sets close-on-exec itself.
     """
     keep = set(range(3))
@@ -107,7 +107,7 @@ async def _serve(settings: Settings) -> None:
     lock_fd = lock_state_dir(state_dir)
     notifier = systemd.Notifier.from_env(os.environ)
     watchdog = systemd.watchdog_interval(os.environ, os.getpid())
-    inherited = systemd.take_listen_socket(os.environ, os.getpid())
+    inherited = activation.take_listen_socket(os.environ, os.getpid())
     systemd.unset_systemd_environ()
     hub = EventHub()
     try:
@@ -169,7 +169,7 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
             await tg.start(server.serve, sock)
             log.info("msbd %s serving %s (pid %d, %d runs reconciled)", __version__,
                      settings.socket, os.getpid(), reconciled)
-            notifier.notify(READY="1", STATUS=_status(supervisor))
+            notifier.ready(_status(supervisor))
             if watchdog is not None:
                 await tg.start(systemd.serve_watchdog, notifier, watchdog)
             if notifier.enabled:
@@ -178,7 +178,7 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 break
-        notifier.notify(STOPPING="1", STATUS="stopping")
+        notifier.stopping("stopping")
         with anyio.CancelScope(shield=True):
             # No new connections; end the sandboxes (so calls waiting on them get
             # their answer); then give the calls still running their deadline.
@@ -208,7 +208,7 @@ async def _report_status(notifier: systemd.Notifier, supervisor: Supervisor) -> 
     while True:
         text = _status(supervisor)
         if text != last:
-            notifier.notify(STATUS=text)
+            notifier.status(text)
             last = text
             await anyio.sleep(1.0)  # coalesce bursts (50 launches are one update)
         else:

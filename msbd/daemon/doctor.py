@@ -14,18 +14,12 @@ import time
 import anyio
 import msgspec
 
-from msbd.rpc.methods import CheckInfo
+from msbd.contract import CheckInfo, HostReport
 
 log = logging.getLogger("msbd.doctor")
 
 
-class DoctorReport(msgspec.Struct, frozen=True, kw_only=True):
-    checks: list[CheckInfo] = []
-    libkrun: str | None = None
-    libkrun_problem: str | None = None
-
-
-_DECODER = msgspec.json.Decoder(DoctorReport)
+_DECODER = msgspec.json.Decoder(HostReport)
 _MAX_AGE = 30.0
 
 
@@ -35,11 +29,11 @@ class HostCheck:
         if libkrun is not None:
             self._argv += ["--libkrun", libkrun]
         self._env = env
-        self.report = DoctorReport(libkrun_problem="not checked yet")
+        self.report = HostReport(libkrun_problem="not checked yet")
         self._checked_at = -_MAX_AGE
         self._lock = anyio.Lock()
 
-    async def refresh(self, *, max_age: float = 0.0) -> DoctorReport:
+    async def refresh(self, *, max_age: float = 0.0) -> HostReport:
         async with self._lock:
             if time.monotonic() - self._checked_at < max_age:
                 return self.report
@@ -49,7 +43,7 @@ class HostCheck:
                 self.report = _DECODER.decode(done.stdout)
             except (OSError, TimeoutError, msgspec.DecodeError) as exc:
                 log.warning("host check failed: %s", exc)
-                self.report = DoctorReport(
+                self.report = HostReport(
                     checks=[CheckInfo(name="doctor", ok=False, detail=f"host check failed: {exc}",
                                       hint="run `msbd doctor` by hand to see why")],
                     libkrun_problem=f"host check failed: {exc}")

@@ -69,10 +69,6 @@ class EventHub:
         for sub in tuple(self._subscribers):
             sub.offer(event, owner_uid)
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
-
     @asynccontextmanager
     async def subscribe(self, owner_uid: int | None) -> AsyncIterator[Subscriber]:
         """Register a subscriber; `owner_uid` None sees every sandbox's events."""
@@ -92,15 +88,12 @@ async def stream_events(
     owner_uid: int | None,
     replay: Callable[[int], Awaitable[list[Event]]],
     deliver: Callable[[Event], Awaitable[None]],
-    registered: anyio.Event | None = None,
 ) -> None:
     """Replay events after `since`, then deliver live ones, until cancelled or lagged.
 
     `replay(after)` returns up to a page of stored events with seq > after.
     """
     async with hub.subscribe(owner_uid) as sub:
-        if registered is not None:
-            registered.set()
         last = since
         while page := await replay(last):
             for event in page:

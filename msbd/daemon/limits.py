@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from msbd.config import Settings
 from msbd.errors import Conflict, LimitReached
+from msbd.model import LaunchSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,12 @@ class Share:
     memory_mib: int
     name: str = ""
     host_ports: frozenset[int] = frozenset()
+
+
+def share_of(spec: LaunchSpec, owner_uid: int, name: str) -> Share:
+    """What a run of `spec` holds while it is starting or live."""
+    return Share(owner_uid, spec.vcpus, spec.memory_mib, name=name,
+                 host_ports=frozenset(p.host for p in spec.ports))
 
 
 @dataclass(frozen=True, slots=True)

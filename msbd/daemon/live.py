@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from msbd.daemon import states
+from msbd import states
+from msbd.contract import signame
 from msbd.daemon.console import ConsoleLog
 from msbd.daemon.spawn import Worker
 from msbd.db.store import RunEnd
@@ -111,10 +112,3 @@ def end_detail(live: Live, reason: Reason, exit_code: int | None, sig: int | Non
         if live.last_output_line and live.last_output_line not in parts:
             parts.append(f"last output: {live.last_output_line}")
     return "; ".join(parts) or None
-
-
-def signame(num: int) -> str:
-    try:
-        return signal_mod.Signals(num).name
-    except ValueError:
-        return f"signal {num}"

@@ -72,8 +72,3 @@ def usage(pid: int) -> Usage | None:
         cpu_seconds=(utime + stime) / CLK_TCK,
         uptime=max(0.0, system_uptime - start / CLK_TCK),
     )
-
-
-def self_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE_SIZE

@@ -20,15 +20,11 @@ import stat
 import struct
 from pathlib import Path
 
-from msbd.errors import ConfigError
+from msbd.errors import AlreadyRunning, ConfigError
 
 log = logging.getLogger("msbd.daemon")
 
 _UCRED = struct.Struct("3i")
-
-
-class AlreadyRunning(ConfigError):
-    """Another daemon owns the socket or the state dir."""
 
 
 def lock_state_dir(state_dir: Path) -> int:

@@ -1,4 +1,4 @@
-"""Start one worker process with exactly the fd map of `msbd.vm`, and nothing else.
+"""Start one worker process with exactly the fd map of `msbd.contract`, and nothing else.
 
     0  /dev/null                        96  launch spec (sealed memfd)
     1  console pipe, write end          97  watchdog pipe, read end (EOF: daemon gone)
@@ -21,11 +21,9 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from msbd.contract import SPEC_FD, STATUS_FD, WATCHDOG_FD
 from msbd.errors import LaunchFailed
 
-SPEC_FD = 96
-WATCHDOG_FD = 97
-STATUS_FD = 98
 # Sources are first moved above every target, so no dup2 can clobber another
 # source still waiting to be placed.
 _SAFE_FD_FLOOR = 128

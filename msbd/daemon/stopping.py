@@ -29,7 +29,13 @@ import anyio
 from msbd.config import Settings
 from msbd.daemon.live import Live
 from msbd.daemon.signaller import Signaller
-from msbd.daemon.timers import Scheduler, TimerKind, heartbeat_deadline, idle_deadline
+from msbd.daemon.timers import (
+    Scheduler,
+    TimerKind,
+    grace_deadline,
+    heartbeat_deadline,
+    idle_deadline,
+)
 from msbd.db.store import Store
 from msbd.errors import Conflict, StoreError
 from msbd.log import ctx
@@ -43,6 +49,12 @@ report its exit code (the worker's `shutdown_margin`)."""
 KILL_MARGIN = GUEST_MARGIN + 2.0
 """The daemon's SIGKILL comes this long after a stop's grace: after the guest's own
 end and the worker's forced exit, never before them (a guest's exit code would be lost)."""
+
+NON_FATAL_SIGNALS = frozenset({signal_mod.SIGSTOP, signal_mod.SIGCONT, signal_mod.SIGTSTP,
+                               signal_mod.SIGTTIN, signal_mod.SIGTTOU, signal_mod.SIGWINCH,
+                               signal_mod.SIGURG, signal_mod.SIGCHLD})
+"""Signals after which a sandbox is expected to go on running: `sandbox.kill` with one
+of them passes it on and counts as activity, it does not stop the run."""
 
 
 class Stopping:
@@ -70,7 +82,7 @@ class Stopping:
             self.kill_group(live)
         else:
             self.signal(live, sig)
-            deadline = self._timers.now() + grace + KILL_MARGIN
+            deadline = grace_deadline(self._timers.now(), grace, margin=KILL_MARGIN)
             current = self._timers.get(live.ref.id, TimerKind.KILL_GRACE)
             if current is None or deadline < current:
                 self._timers.set(live.ref.id, TimerKind.KILL_GRACE, deadline)
@@ -85,8 +97,7 @@ class Stopping:
             with anyio.CancelScope(shield=True):
                 try:
                     await self._store.transition(
-                        live.ref, State.STOPPING, now=time.time(),
-                        expect={State.STARTING, State.RUNNING}, detail=str(reason))
+                        live.ref, State.STOPPING, now=time.time(), detail=str(reason))
                 except Conflict:
                     return  # it ended meanwhile; the watcher records the end
                 except StoreError as exc:

@@ -35,17 +35,18 @@ import anyio
 import anyio.abc
 import msgspec
 
+from msbd import states
 from msbd.config import Settings
-from msbd.daemon import procfs, states
+from msbd.daemon import procfs
 from msbd.daemon.access import vm_identity
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
-from msbd.daemon.limits import Limits, Share, Usage
+from msbd.daemon.limits import Limits, Usage, share_of
 from msbd.daemon.live import Live
 from msbd.daemon.netpolicy import with_network
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.spawn import spawn_worker, worker_environ
-from msbd.daemon.stopping import GUEST_MARGIN, Stopping
+from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
 from msbd.daemon.timers import (
     Lateness,
     Scheduler,
@@ -68,10 +69,6 @@ from msbd.model import (
 log = logging.getLogger("msbd.supervisor")
 
 _ENCODER = msgspec.json.Encoder()
-# Signals after which a sandbox is expected to go on running.
-_NON_FATAL = frozenset({signal_mod.SIGSTOP, signal_mod.SIGCONT, signal_mod.SIGTSTP,
-                        signal_mod.SIGTTIN, signal_mod.SIGTTOU, signal_mod.SIGWINCH,
-                        signal_mod.SIGURG, signal_mod.SIGCHLD})
 # How long a call that waits for a run's end waits for a refused write to land.
 _RECORD_WAIT = 30.0
 
@@ -143,7 +140,7 @@ class Supervisor:
     def check_fits(self, spec: LaunchSpec, *, owner_uid: int, name: str) -> None:
         """`LimitReached` if starting a sandbox of `spec` now would pass a limit, `Conflict`
         if a host port it publishes is held by a running sandbox."""
-        self._limits.check(_spec_share(spec, owner_uid, name), name=name)
+        self._limits.check(share_of(spec, owner_uid, name), name=name)
 
     def busy(self, ref: SandboxRef) -> bool:
         """Whether `ref` has a launch, a worker, or an unrecorded end."""
@@ -161,7 +158,9 @@ class Supervisor:
         if info.state not in states.startable:
             raise Conflict(f"sandbox {ref.name!r} is {info.state}",
                            data={"sandbox": ref.name, "state": info.state})
-        self._limits.reserve(ref.id, _share(info), name=ref.name)
+        assert info.spec is not None
+        self._limits.reserve(ref.id, share_of(info.spec, info.owner_uid, ref.name),
+                             name=ref.name)
         launched = self._launching[ref.id] = anyio.Event()
         try:
             with anyio.CancelScope(shield=True):
@@ -194,8 +193,7 @@ class Supervisor:
 
     async def _launch(self, ref: SandboxRef, libkrun: str) -> Live:
         """Record the new run, spawn its worker, hand it to a watcher (shielded by the caller)."""
-        record, owner = await self._store.begin_run(ref, now=time.time(),
-                                                    expect=states.startable)
+        record, owner = await self._store.begin_run(ref, now=time.time())
         assert record.run is not None and record.spec is not None
         spec, run_id = record.spec, record.run.id
         # A record from before networks were chosen gets the default now.
@@ -241,7 +239,6 @@ class Supervisor:
 
     async def _end_unspawned(self, ref: SandboxRef, detail: str) -> None:
         await self._store.transition(ref, State.FAILED, now=time.time(),
-                                     expect={State.STARTING},
                                      end=RunEnd(reason=Reason.LAUNCH_FAILED, detail=detail))
 
     def _live_state(self, ref: SandboxRef) -> str:
@@ -276,7 +273,7 @@ class Supervisor:
         live = await self._current(ref)
         if live is None or live.exited.is_set():
             raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
-        if sig in _NON_FATAL:
+        if sig in NON_FATAL_SIGNALS:
             live.last_activity = self._timers.now()
             self._stopping.signal(live, sig)
             return await self._store.get(ref)
@@ -385,16 +382,6 @@ class Supervisor:
         if live is None or usage is None:
             raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
         return live.pid, usage
-
-
-def _share(info: SandboxInfo) -> Share:
-    assert info.spec is not None
-    return _spec_share(info.spec, info.owner_uid, info.name)
-
-
-def _spec_share(spec: LaunchSpec, owner_uid: int, name: str) -> Share:
-    return Share(owner_uid, spec.vcpus, spec.memory_mib, name=name,
-                 host_ports=frozenset(p.host for p in spec.ports))
 
 
 async def _first(*waits: Callable[[], Awaitable[object]]) -> None:

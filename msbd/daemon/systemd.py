@@ -1,4 +1,4 @@
-"""Speak systemd's protocols natively: sd_notify, the watchdog, socket activation, journald.
+"""systemd's protocols spoken natively: sd_notify, the watchdog, journald (see `activation`).
 
 No libsystemd: each protocol is a few lines of stdlib.
 
@@ -11,10 +11,7 @@ No libsystemd: each protocol is a few lines of stdlib.
   ``WATCHDOG_PID`` is unset or ours); `serve_watchdog` pings at half that
   period from the event loop itself, so a stuck loop stops the pings and
   systemd notices.
-- Socket activation (sd_listen_fds(3)): ``LISTEN_PID`` must be our pid;
-  ``LISTEN_FDS`` sockets start at fd 3, named by ``LISTEN_FDNAMES``.
-  `take_listen_socket` adopts msbd's listening socket as it is: it is never
-  unlinked, re-bound or re-created.
+- Socket activation (sd_listen_fds(3)): in `msbd.daemon.activation`.
 - journald (systemd.exec(5)): ``JOURNAL_STREAM`` is ``dev:inode`` of the stream
   journald reads; when stderr is that stream, log lines need no timestamp.
 
@@ -23,7 +20,7 @@ inherits variables meant for msbd alone::
 
     notifier = Notifier.from_env(os.environ)
     interval = watchdog_interval(os.environ, os.getpid())
-    listener = take_listen_socket(os.environ, os.getpid())
+    listener = activation.take_listen_socket(os.environ, os.getpid())
     plain_logs = journald_is_collecting(os.environ)
     unset_systemd_environ()
 """
@@ -33,41 +30,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import TracebackType
 
 import anyio
 from anyio.abc import TaskStatus
 
-from msbd.errors import MsbdError
 from msbd.log import journald_is_collecting
 
 __all__ = [
-    "DEFAULT_FD_NAME",
-    "LISTEN_FDS_START",
     "SYSTEMD_VARIABLES",
-    "ListenFd",
     "Notifier",
-    "adopt_unix_listener",
     "journald_is_collecting",
-    "listen_fds",
-    "scrub_environ",
     "serve_watchdog",
-    "take_listen_socket",
     "unset_systemd_environ",
     "watchdog_interval",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The first file descriptor of socket activation (SD_LISTEN_FDS_START).
-LISTEN_FDS_START = 3
-
-#: The name msbd.socket gives its socket (FileDescriptorName=).
-DEFAULT_FD_NAME = "msbd.sock"
 
 #: Variables systemd sets for msbd alone. Each is consumed at startup and must
 #: not reach anything msbd spawns (workers, libkrun, guests' helpers):
@@ -197,18 +177,9 @@ class Notifier:
             return self.notify(STOPPING=1)
         return self.notify(STOPPING=1, STATUS=status)
 
-    def reloading(self) -> bool:
-        """A configuration reload has begun; send `ready` when it is done."""
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self.notify(RELOADING=1, MONOTONIC_USEC=usec)
-
     def watchdog(self) -> bool:
         """Keep-alive ping for WatchdogSec=."""
         return self.notify(WATCHDOG=1)
-
-    def extend_timeout(self, timeout: float) -> bool:
-        """Ask for `timeout` more seconds to finish starting or stopping."""
-        return self.notify(EXTEND_TIMEOUT_USEC=max(1, round(timeout * 1_000_000)))
 
     def close(self) -> None:
         if self._sock is not None:
@@ -281,129 +252,7 @@ async def serve_watchdog(
         notifier.watchdog()
 
 
-# ---------------------------------------------------------- socket activation
-
-
-@dataclass(frozen=True, slots=True)
-class ListenFd:
-    """One file descriptor passed by socket activation, and its name."""
-
-    fd: int
-    name: str
-
-
-def _env_int(environ: Mapping[str, str], key: str) -> int:
-    text = environ[key]
-    try:
-        return int(text)
-    except ValueError:
-        raise MsbdError(f"socket activation: {key}={text!r} is not a number",
-                        data={"variable": key}) from None
-
-
-def listen_fds(environ: Mapping[str, str], pid: int) -> list[ListenFd]:
-    """The fds systemd passed to process `pid`, named; [] when none were.
-
-    sd_listen_fds semantics: only when ``LISTEN_PID`` is `pid`; ``LISTEN_FDS``
-    fds from fd 3; names from ``LISTEN_FDNAMES`` (``unknown`` when unset).
-    Marks each fd close-on-exec, so none leaks into a spawned process.
-    Malformed variables, or an fd that is not open, raise `MsbdError`.
-    """
-    if "LISTEN_PID" not in environ or "LISTEN_FDS" not in environ:
-        return []
-    if _env_int(environ, "LISTEN_PID") != pid:
-        return []  # meant for another process (we were exec'd or forked)
-    count = _env_int(environ, "LISTEN_FDS")
-    if count < 0:
-        raise MsbdError(f"socket activation: LISTEN_FDS={count} is negative",
-                        data={"variable": "LISTEN_FDS"})
-    if count == 0:
-        return []
-    names_text = environ.get("LISTEN_FDNAMES")
-    if names_text is None:
-        names = ["unknown"] * count
-    else:
-        names = names_text.split(":") if names_text else []
-    if len(names) != count:
-        raise MsbdError(
-            f"socket activation: LISTEN_FDNAMES has {len(names)} names for {count} fds",
-            data={"variable": "LISTEN_FDNAMES"},
-        )
-    fds = [ListenFd(LISTEN_FDS_START + i, name) for i, name in enumerate(names)]
-    for entry in fds:
-        try:
-            os.set_inheritable(entry.fd, False)
-        except OSError as exc:
-            raise MsbdError(f"socket activation: fd {entry.fd} ({entry.name}) is not open",
-                            data={"fd": entry.fd}) from exc
-    return fds
-
-
-def adopt_unix_listener(fd: int) -> socket.socket:
-    """Wrap `fd`, which must be a listening AF_UNIX SOCK_STREAM socket, as is.
-
-    Raises `MsbdError` naming what the fd is instead; the fd is left open then.
-    """
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise MsbdError(f"fd {fd} is not open", data={"fd": fd}) from exc
-    if not stat.S_ISSOCK(mode):
-        raise MsbdError(f"fd {fd} is not a socket (mode {stat.filemode(mode)})", data={"fd": fd})
-    sock = socket.socket(fileno=fd)
-    try:
-        family = sock.family
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError as exc:
-        sock.detach()
-        raise MsbdError(f"fd {fd}: cannot inspect the socket: {exc}", data={"fd": fd}) from exc
-    problem = None
-    if family != socket.AF_UNIX:
-        problem = f"family {_enum_name(socket.AddressFamily, family)}, not AF_UNIX"
-    elif kind != socket.SOCK_STREAM:
-        problem = f"type {_enum_name(socket.SocketKind, kind)}, not SOCK_STREAM"
-    elif not accepting:
-        problem = "not listening (a connected stream, not a ListenStream= socket)"
-    if problem is not None:
-        sock.detach()
-        raise MsbdError(f"fd {fd} is not msbd's control socket: {problem}", data={"fd": fd})
-    return sock
-
-
-def _enum_name(enum_type: type[socket.AddressFamily] | type[socket.SocketKind],
-               value: int) -> str:
-    try:
-        return enum_type(value).name
-    except ValueError:
-        return str(value)
-
-
-def take_listen_socket(
-    environ: Mapping[str, str], pid: int, name: str = DEFAULT_FD_NAME
-) -> socket.socket | None:
-    """msbd's listening socket from socket activation, or None without one.
-
-    Picks the fd named `name`, else the first one passed. The socket is used
-    as is: systemd owns its path, mode and group, so it is never unlinked or
-    re-created. A passed fd of the wrong kind raises `MsbdError`.
-    """
-    fds = listen_fds(environ, pid)
-    if not fds:
-        return None
-    chosen = next((entry for entry in fds if entry.name == name), fds[0])
-    if chosen.name != name:
-        log.debug("no socket named %r among %s; using fd %d (%s)",
-                  name, [entry.name for entry in fds], chosen.fd, chosen.name)
-    return adopt_unix_listener(chosen.fd)
-
-
 # ---------------------------------------------------------------- environment
-
-
-def scrub_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of `environ` without `SYSTEMD_VARIABLES` (for spawning children)."""
-    return {key: value for key, value in environ.items() if key not in SYSTEMD_VARIABLES}
 
 
 def unset_systemd_environ() -> dict[str, str]:

@@ -88,10 +88,12 @@ def heartbeat_deadline(last_beat: float, interval: float, misses: int) -> float:
     return last_beat + interval * (misses + 1)
 
 
-def grace_deadline(now: float, grace: float) -> float:
-    """When SIGKILL follows a SIGTERM sent at `now` with `grace` seconds to shut down."""
+def grace_deadline(now: float, grace: float, *, margin: float = 0.0) -> float:
+    """When SIGKILL follows a SIGTERM sent at `now` with `grace` seconds to shut down,
+    and `margin` more for what must still happen after the grace."""
     _check_timeout("grace", grace)
-    return now + grace
+    _check_timeout("margin", margin)
+    return now + grace + margin
 
 
 def _check_timeout(what: str, timeout: float) -> None:
@@ -204,7 +206,7 @@ class Lateness:
 class Scheduler:
     """Runs `Deadlines` against a monotonic clock: one task for all sandboxes.
 
-    `set`, `cancel` and `cancel_all` may be called at any time from the
+    `set` and `cancel_all` may be called at any time from the
     event loop's thread, before or while `run` runs.
     """
 
@@ -232,9 +234,6 @@ class Scheduler:
         self._deadlines.set(key, kind, deadline)
         if deadline < self._waiting_for and self._changed is not None:
             self._changed.set()
-
-    def cancel(self, key: Key, kind: TimerKind) -> None:
-        self._deadlines.cancel(key, kind)
 
     def cancel_all(self, key: Key) -> None:
         self._deadlines.cancel_all(key)

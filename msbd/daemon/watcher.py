@@ -26,8 +26,9 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
+from msbd import states
 from msbd.config import Settings
-from msbd.daemon import states
+from msbd.contract import StatusWord, parse_status
 from msbd.daemon.live import Live, end_detail, end_reason
 from msbd.daemon.pipes import LineSplitter, pump
 from msbd.daemon.stopping import Stopping
@@ -35,7 +36,7 @@ from msbd.daemon.timers import Scheduler, TimerKind, heartbeat_deadline
 from msbd.db.store import RunEnd, Store
 from msbd.errors import StoreError
 from msbd.log import ctx
-from msbd.model import LIVE_STATES, State
+from msbd.model import State
 
 log = logging.getLogger("msbd.supervisor")
 
@@ -103,14 +104,17 @@ class Watcher:
 
     def _on_status(self, live: Live, tg: anyio.abc.TaskGroup, line: str) -> None:
         """One line from fd 98 (called from the pipe's read callback: never blocks)."""
-        if line == "heartbeat":
-            live.last_beat = self._timers.now()
-        elif line == "entering":
-            live.entered = True
-            tg.start_soon(self._entered, live)  # in the watcher's group: before the end
-        elif line.startswith("error"):
-            live.error_line = line[5:].strip()[:LINE_MAX] or "unknown error"
-            log.warning("worker error: %s", live.error_line, extra=ctx(sandbox=live.name))
+        match parse_status(line):
+            case (StatusWord.HEARTBEAT, _):
+                live.last_beat = self._timers.now()
+            case (StatusWord.ENTERING, _):
+                live.entered = True
+                tg.start_soon(self._entered, live)  # in the watcher's group: before the end
+            case (StatusWord.ERROR, text):
+                live.error_line = text[:LINE_MAX] or "unknown error"
+                log.warning("worker error: %s", live.error_line, extra=ctx(sandbox=live.name))
+            case _:
+                pass  # not a status line: the contract has no other words
 
     async def _entered(self, live: Live) -> None:
         now = self._timers.now()
@@ -119,8 +123,7 @@ class Watcher:
             if live.state is not State.STARTING or live.requested is not None:
                 return
             with anyio.CancelScope(shield=True):
-                await self._store.transition(live.ref, State.RUNNING, now=time.time(),
-                                             expect={State.STARTING})
+                await self._store.transition(live.ref, State.RUNNING, now=time.time())
             live.state = State.RUNNING
         self._stopping.arm_idle(live)
         self._timers.set(live.ref.id, TimerKind.HEARTBEAT, heartbeat_deadline(
@@ -170,8 +173,7 @@ class Watcher:
         ref, delay = live.ref, _RETRY_FIRST
         while True:
             try:
-                live.final, _ = await self._store.transition(
-                    ref, to, now=ended_at, expect=LIVE_STATES & states.sources(to), end=end)
+                live.final, _ = await self._store.transition(ref, to, now=ended_at, end=end)
                 break
             except StoreError as exc:
                 if live.write_error is None:

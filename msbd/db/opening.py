@@ -1,6 +1,6 @@
 """Opening the database file: create it privately, switch to WAL, migrate; one opener at a time.
 
-Split from `msbd.db.store` (which runs the transactions) because opening has
+Split from `msbd.db.session` (which runs the transactions) because opening has
 concerns of its own: the file's mode before SQLite ever sees it, the journal
 mode, the schema's migrations, and turns between processes that open the
 same new file at once (see `_wait_for_opening_turn`). `msbd.db.store.open_store`

@@ -1,25 +1,18 @@
-"""The SQLite store of sandboxes, runs and events: the only user of aiosqlite/sqlite3.
+"""The SQLite store of sandboxes, runs and events: what the daemon reads and writes.
 
-How it works: one aiosqlite connection (one thread) in WAL mode, shared by all
-the daemon's tasks. Every change is one short `BEGIN IMMEDIATE … COMMIT` that
-also appends its event, so a state and its event are never seen apart. Writes
-take `now` (unix seconds) from the caller; the store never reads the clock.
+How it works: `Store` is the one class callers use. Its parts: the shared
+connection with its lock and transactions (`session`), runs and state
+transitions (`runs`), and here the sandbox records and the event log. Every
+change is one short `BEGIN IMMEDIATE … COMMIT` that also appends its event,
+so a state and its event are never seen apart. Writes take `now` (unix
+seconds) from the caller; the store never reads the clock.
 
 Records are named by their immutable id (`SandboxRef`) in every write: a
 caller that read sandbox `x`, waited, then acts, acts on that record or gets
 `NotFound`, never on a newer sandbox that took the name meanwhile. Only
 `get_sandbox` and `create_sandbox` take a name.
 
-Concurrency: all statements on one connection share its transaction, so a read
-made while another task is between BEGIN and COMMIT would see uncommitted rows
-(and a write would join that transaction). An `anyio.Lock` therefore
-serialises every operation, reads included; each holds it for one statement
-(reads) or a handful (writes).
-
-Cancellation: a write transaction that has begun runs to COMMIT or ROLLBACK in
-a shielded scope (bounded by `busy_timeout`): a cancelled caller never leaves
-the shared connection inside a half-done transaction, though its change may
-have landed. sqlite3 errors become `StoreError` here, once.
+Concurrency and cancellation: see `session`.
 
 One unreadable row (see `records`) fails only a call about that sandbox:
 lists and counts skip it, log it once, and keep it in `unreadable` for admins.
@@ -27,155 +20,40 @@ lists and counts skip it, log it once, and keep it in `unreadable` for admins.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
-import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-import aiosqlite
 import anyio
-import msgspec
 
 from msbd.db.opening import connect
 from msbd.db.records import (
     ENCODER,
     EVENT_SELECT,
-    INSERT_EVENT,
     SANDBOX_COLUMNS,
     SANDBOX_FROM,
     SANDBOX_SELECT,
     STATES,
-    Row,
     Unreadable,
     event_row,
-    event_values,
     owner_row,
     sandbox_row,
     utc,
 )
-from msbd.errors import Conflict, LimitReached, NotFound, StoreError
-from msbd.model import LIVE_STATES, Event, LaunchSpec, Owner, Reason, SandboxInfo, SandboxRef, State
+from msbd.db.runs import LiveRun, RunEnd, Runs
+from msbd.db.session import OnEvent
+from msbd.errors import Conflict, LimitReached, NotFound
+from msbd.model import Event, LaunchSpec, Owner, SandboxInfo, SandboxRef, State
 
 __all__ = ["LiveRun", "OnEvent", "RunEnd", "Store", "open_store"]
 
 log = logging.getLogger("msbd.store")
 
-OnEvent = Callable[[Event, int], None]
-"""Called with each committed event and its sandbox's owner uid, in `seq` order."""
 
-_LIVE_VALUES: Final = tuple(sorted(s.value for s in LIVE_STATES))
-_LIVE_SELECT: Final = f"""
-SELECT s.id, s.name, r.id, s.state, r.pid, r.proc_start, r.boot_id, r.started_at
-FROM sandboxes AS s JOIN runs AS r ON r.id = s.current_run
-WHERE s.state IN ({", ".join("?" * len(_LIVE_VALUES))}) ORDER BY r.id
-"""
-_END_RUN: Final = ("UPDATE runs SET ended_at = ?, reason = ?, exit_code = ?, signal = ?,"
-                   " detail = ? WHERE id = ?")
-
-
-class RunEnd(msgspec.Struct, frozen=True, kw_only=True):
-    """How a run ended, written on the transition that closes it."""
-
-    reason: Reason
-    exit_code: int | None = None
-    signal: int | None = None
-    detail: str | None = None
-
-    def values(self, now: float, run_id: int) -> tuple[Any, ...]:
-        """The parameters of `_END_RUN`."""
-        return (now, self.reason.value, self.exit_code, self.signal, self.detail, run_id)
-
-
-class LiveRun(msgspec.Struct, frozen=True, kw_only=True):
-    """A run the database believes alive: what restart reconciliation checks."""
-
-    ref: SandboxRef
-    run_id: int
-    state: State
-    pid: int | None
-    proc_start: int | None
-    boot_id: str | None
-    started_at: dt.datetime
-
-
-def _wrong_state(name: str, state: State) -> Conflict:
-    return Conflict(f"sandbox {name!r} is {state}", data={"sandbox": name, "state": state.value})
-
-
-class Store:
+class Store(Runs):
     """Typed access to the database; build it with `open_store`."""
-
-    def __init__(self, db: aiosqlite.Connection, on_event: OnEvent | None = None) -> None:
-        self._db = db
-        self._lock = anyio.Lock()
-        self._on_event = on_event
-        self._appended: list[tuple[Event, int]] = []  # by the transaction under way
-        self.unreadable: dict[str, str] = {}
-        """Sandboxes whose rows lists and counts skipped: name -> the problem."""
-
-    async def _append(self, db: aiosqlite.Connection, now: float, owner_uid: int,
-                      event: Event) -> Event:
-        """Insert `event` (its `seq` is ignored); return it with the `seq` it was given."""
-        cursor = await db.execute(INSERT_EVENT, event_values(event, owner_uid, now))
-        assert cursor.lastrowid is not None
-        event = msgspec.structs.replace(event, seq=cursor.lastrowid)
-        self._appended.append((event, owner_uid))
-        return event
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One transaction: BEGIN IMMEDIATE, the body, COMMIT; ROLLBACK on any error."""
-        db = self._db
-        async with self._lock:
-            self._appended.clear()
-            with anyio.CancelScope(shield=True):
-                try:
-                    await db.execute("BEGIN IMMEDIATE")
-                    yield db
-                    await db.commit()
-                except BaseException as exc:
-                    self._appended.clear()
-                    try:
-                        await db.rollback()
-                    except sqlite3.Error as rollback_exc:
-                        raise StoreError(f"database rollback failed: {rollback_exc}") \
-                            from rollback_exc
-                    if isinstance(exc, sqlite3.Error):
-                        raise StoreError(f"database write failed: {exc}") from exc
-                    raise
-            # Committed. Still under the lock, so events are published in seq order.
-            if self._on_event is not None:
-                for event, owner_uid in self._appended:
-                    self._on_event(event, owner_uid)
-
-    async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        """A one-statement read (under the lock: see the module docstring)."""
-        async with self._lock:
-            try:
-                return list(await self._db.execute_fetchall(sql, params))
-            except sqlite3.Error as exc:
-                raise StoreError(f"database read failed: {exc}") from exc
-
-    def _readable(self, rows: Iterable[Row]) -> list[SandboxInfo]:
-        """Decode rows, skipping (and reporting once) the ones that cannot be read."""
-        out: list[SandboxInfo] = []
-        for row in rows:
-            try:
-                out.append(sandbox_row(row))
-            except Unreadable as exc:
-                if exc.name not in self.unreadable:
-                    log.error("skipping an unreadable record: %s", exc)
-                self.unreadable[exc.name] = exc.message
-        return out
-
-    @staticmethod
-    async def _select(db: aiosqlite.Connection, ref: SandboxRef) -> SandboxInfo:
-        for row in await db.execute_fetchall(SANDBOX_SELECT + "WHERE s.id = ?", (ref.id,)):
-            return sandbox_row(row)
-        raise NotFound(ref.name)
 
     # --- sandboxes -----------------------------------------------------------
 
@@ -314,152 +192,6 @@ class Store:
         self.unreadable.pop(ref.name, None)
         return info, event
 
-    async def begin_run(self, ref: SandboxRef, *, now: float,
-                        expect: Collection[State]) -> tuple[SandboxInfo, Owner]:
-        """Open a new run and move the sandbox to `starting`, from a state in `expect`.
-
-        Returns the record as read inside that same transaction, with its
-        owner: what gets launched is exactly what this transaction saw.
-        """
-        async with self._write() as db:
-            info, _ = await self._transition(db, ref, State.STARTING, now=now, expect=expect,
-                                             start_run=True)
-            rows = await db.execute_fetchall(
-                "SELECT owner_uid, owner_gid, owner_groups FROM sandboxes WHERE id = ?",
-                (ref.id,))
-            uid, gid, groups = next(iter(rows))
-        return info, owner_row(uid, gid, groups)
-
-    async def transition(self, ref: SandboxRef, to: State, *, now: float,
-                         expect: Collection[State], end: RunEnd | None = None,
-                         detail: str | None = None) -> tuple[SandboxInfo, Event]:
-        """Move a sandbox to `to` in one transaction and record one event.
-
-        `Conflict` unless the current state is in `expect`. `end` closes the
-        current run at `now`. The event's `detail` is `detail`, or else
-        `end.detail`.
-
-        Invariant, checked before anything is written (`StoreError` if broken,
-        a caller's bug): a sandbox in a live state (starting, running,
-        stopping) has an open current run, and one in any other state has none.
-        """
-        async with self._write() as db:
-            return await self._transition(db, ref, to, now=now, expect=expect, end=end,
-                                          detail=detail)
-
-    async def _transition(self, db: aiosqlite.Connection, ref: SandboxRef, to: State, *,
-                          now: float, expect: Collection[State], start_run: bool = False,
-                          end: RunEnd | None = None, detail: str | None = None,
-                          ) -> tuple[SandboxInfo, Event]:
-        """`transition`'s work, inside the caller's transaction."""
-        rows = list(await db.execute_fetchall(
-            "SELECT s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
-            " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
-            " WHERE s.id = ?", (ref.id,)))
-        if not rows:
-            raise NotFound(ref.name)
-        state_value, owner_uid, run_id, run_open = rows[0]
-        state = STATES.get(state_value)
-        if state is None:
-            raise Unreadable(f"sandbox {ref.name!r}", ref.name, f"unknown state {state_value!r}")
-        if state not in expect:
-            raise _wrong_state(ref.name, state)
-        run_open = run_id is not None and bool(run_open)
-        problem = None
-        if start_run and run_open:
-            problem = f"run {run_id} is still open"
-        elif not start_run and end is not None and not run_open:
-            problem = "there is no open run to end"
-        elif (to in LIVE_STATES) != ((start_run or run_open) and end is None):
-            problem = (f"a {to} sandbox must have an open run" if to in LIVE_STATES
-                       else f"a {to} sandbox must not have an open run")
-        if problem is not None:
-            raise StoreError(f"cannot move sandbox {ref.name!r} from {state} to {to}: {problem}",
-                             data={"sandbox": ref.name, "state": state.value, "to": to.value})
-        if start_run:
-            cursor = await db.execute(
-                "INSERT INTO runs (sandbox_id, started_at) VALUES (?, ?)", (ref.id, now))
-            run_id = cursor.lastrowid
-        if end is not None:
-            await db.execute(_END_RUN, end.values(now, run_id))
-        await db.execute(
-            "UPDATE sandboxes SET state = ?, updated_at = ?, current_run = ? WHERE id = ?",
-            (to.value, now, run_id, ref.id))
-        event = Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
-                      run_id=run_id, detail=detail)
-        if end is not None:
-            event = msgspec.structs.replace(
-                event, reason=end.reason, exit_code=end.exit_code, signal=end.signal,
-                detail=end.detail if detail is None else detail)
-        event = await self._append(db, now, owner_uid, event)
-        return await self._select(db, ref), event
-
-    async def end_runs(self, ends: Iterable[tuple[SandboxRef, RunEnd]], *, now: float,
-                       to: State = State.STOPPED) -> list[Event]:
-        """End the current run of each named live sandbox and move it to `to`.
-
-        All in one transaction (restart reconciliation: all or nothing), one
-        event each; `Conflict` if one of them is not live. Set-based (a few
-        statements for any number of runs), so reconciling a thousand runs
-        costs milliseconds, not a thousand round trips to the database thread.
-        """
-        todo = list(ends)
-        if not todo:
-            return []
-        wanted = ENCODER.encode([ref.id for ref, _ in todo]).decode()
-        async with self._write() as db:
-            rows = await db.execute_fetchall(
-                "SELECT s.id, s.state, s.owner_uid, s.current_run, r.ended_at IS NULL"
-                " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run"
-                " WHERE s.id IN (SELECT value FROM json_each(?))", (wanted,))
-            found = {row[0]: row for row in rows}
-            for ref, _ in todo:
-                if ref.id not in found:
-                    raise NotFound(ref.name)
-                _, state_value, _, run_id, run_open = found[ref.id]
-                state = STATES.get(state_value)
-                if state is None:
-                    raise Unreadable(f"sandbox {ref.name!r}", ref.name,
-                                     f"unknown state {state_value!r}")
-                if state not in LIVE_STATES:
-                    raise _wrong_state(ref.name, state)
-                if run_id is None or not run_open:
-                    raise StoreError(f"cannot end the run of {ref.name!r}: it has no open run",
-                                     data={"sandbox": ref.name})
-            await db.executemany(_END_RUN, [end.values(now, found[ref.id][3])
-                                            for ref, end in todo])
-            await db.executemany(
-                "UPDATE sandboxes SET state = ?, updated_at = ? WHERE id = ?",
-                [(to.value, now, ref.id) for ref, _ in todo])
-            events = [Event(seq=0, time=utc(now), sandbox=ref.name, sandbox_id=ref.id, state=to,
-                            run_id=found[ref.id][3], reason=end.reason, exit_code=end.exit_code,
-                            signal=end.signal, detail=end.detail) for ref, end in todo]
-            owners = [found[ref.id][2] for ref, _ in todo]
-            before = await db.execute_fetchall(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'events'")
-            first = (next(iter(before))[0] if before else 0) + 1
-            await db.executemany(INSERT_EVENT, [event_values(e, owner, now)
-                                                for e, owner in zip(events, owners, strict=True)])
-            # One writer inside BEGIN IMMEDIATE: AUTOINCREMENT gave consecutive numbers.
-            events = [msgspec.structs.replace(e, seq=first + i) for i, e in enumerate(events)]
-            self._appended.extend(zip(events, owners, strict=True))
-        return events
-
-    async def set_run_process(self, ref: SandboxRef, run_id: int, *, pid: int,
-                              proc_start: int | None, boot_id: str | None) -> None:
-        """Record which process run `run_id` of `ref` is, once it is spawned.
-
-        Not a state change, so no event. The run may have ended already (the
-        worker died at once); its record still gets the pid. `NotFound` if the
-        sandbox (or that run of it) is gone.
-        """
-        async with self._write() as db:
-            cursor = await db.execute(
-                "UPDATE runs SET pid = ?, proc_start = ?, boot_id = ?"
-                " WHERE id = ? AND sandbox_id = ?", (pid, proc_start, boot_id, run_id, ref.id))
-            if cursor.rowcount != 1:
-                raise NotFound(ref.name)
-
     async def counts_by_state(self, owner_uid: int | None = None) -> dict[str, int]:
         """Number of sandboxes in each state (of `owner_uid`'s); every state is present."""
         counts = dict.fromkeys((s.value for s in State), 0)
@@ -470,15 +202,6 @@ class Store:
             if state in counts:
                 counts[state] = count
         return counts
-
-    async def live_runs(self) -> list[LiveRun]:
-        """Current runs of sandboxes in starting, running or stopping, by run id."""
-        rows = await self._fetch(_LIVE_SELECT, _LIVE_VALUES)
-        return [LiveRun(ref=SandboxRef(sandbox_id, name), run_id=run_id, state=STATES[state],
-                        pid=pid, proc_start=proc_start, boot_id=boot_id,
-                        started_at=utc(started_at))
-                for sandbox_id, name, run_id, state, pid, proc_start, boot_id, started_at
-                in rows]
 
     async def sandbox_ids(self) -> set[int]:
         """The id of every sandbox on record (to find console logs that belong to none)."""

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 
+from msbd.contract import CheckInfo
 from msbd.model import (
     Event,
     LaunchSpec,
@@ -130,15 +131,6 @@ class LimitsInfo(Result, frozen=True):
     max_connections_per_user: int
     max_subscriptions_per_connection: int
     max_spec_bytes: int
-
-
-class CheckInfo(Result, frozen=True):
-    """One line of `msbd doctor`: what was checked, whether it is fine, what to do."""
-
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
 
 
 class TimerInfo(Result, frozen=True):

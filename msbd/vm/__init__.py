@@ -1,14 +1,7 @@
 """The worker: one process per sandbox run, checks its fds, then becomes the VM.
 
-`python -m msbd.vm` is started by the daemon with exactly this fd map::
-
-    0   /dev/null
-    1,2 write end of the console pipe (the sandbox's log)
-    96  the launch spec: JSON of `msbd.model.WorkerSpec`, a memfd or a pipe
-        whose write end the daemon has closed (secrets never go on argv)
-    97  read end of the watchdog pipe, not close-on-exec; EOF = daemon gone
-    98  write end of the status pipe
-
+`python -m msbd.vm` is started by the daemon with the fd map of
+`msbd.contract` (the spec on 96, the watchdog on 97, the status pipe on 98).
 It checks those fds, closes every other fd, reads and checks the spec, loads
 libkrun (`WorkerSpec.libkrun`, then `$MSBD_LIBKRUN`, then `libkrun.so.1`),
 becomes the sandbox's owner (`WorkerSpec.uid`, `gid`, `groups`, for good),
@@ -18,16 +11,11 @@ those open files as `/proc/self/fd/N`, configures it and calls
 `krun_start_enter`, which never returns: the guest runs in this process and
 libkrun exits with the workload's exit status.
 
-Status pipe (fd 98), one ASCII line per message, each written with a single
-`write` (so lines are never interleaved):
+It reports on the status pipe (`entering`, `heartbeat`, `error <text>`: the
+words of `msbd.contract`) and ends with an exit status of the contract.
 
-    entering          configuration done; the next call is krun_start_enter
-    heartbeat         every `heartbeat_interval` seconds after `entering`
-    error <text>      why the worker is about to exit; at most one, always
-                      before the worker's own exit statuses 2-5 below
-
-Exit statuses (`WorkerExit`). Statuses 2-5 come with one `msbd-worker: ...`
-line on stderr and, when fd 98 itself is usable, the same text as an `error`
+Exit statuses (`msbd.contract.WorkerExit`). Statuses 2-5 come with one
+`msbd-worker: ...` line on stderr and, when fd 98 itself is usable, the same text as an `error`
 line; that line (not the number) is what tells them from a workload's status.
 Before `entering` only 2-4 are possible; after it, the workload's status, 5,
 6 or 128+n:
@@ -56,28 +44,17 @@ status (often 143 or 137), not with 6 or 128+n. A libkrun without
 `krun_add_vsock_port2` (and without a shutdown eventfd, which Linux builds
 never have) gives no way to ask, and the worker exits at once with 128+n or 6.
 
-By hand (bash), with the spec in a file and seed-syntax extras that add to or
-replace (same id/tag) the spec's disks and mounts:
+By hand (bash), with the spec in a file and `--disk`/`--mount` extras (msb's
+syntax) that add to or replace (same id/tag) the spec's disks and mounts:
 
     python -m msbd.vm --spec-file s.json --disk d:/img/d.qcow2:qcow2:ro 97< <(sleep inf) 98> >(cat)
 
 `python -m msbd.vm doctor [--json] [--libkrun PATH]` checks the host instead.
-This package imports only the stdlib, msgspec, `msbd.model` and `msbd.errors`.
+This package imports only the stdlib, msgspec, `msbd.model`, `msbd.errors` and
+`msbd.contract`.
 """
 
 from __future__ import annotations
 
-import enum
-
-
-class WorkerExit(enum.IntEnum):
-    """The worker's own exit statuses (see the module docstring)."""
-
-    CHECK_FAILED = 2
-    NO_LIBKRUN = 3
-    CONFIG_FAILED = 4
-    START_RETURNED = 5
-    DAEMON_GONE = 6
-
-
-SIGNAL_EXIT_BASE = 128
+# The worker's modules name their exit statuses as `msbd.vm.WorkerExit`.
+from msbd.contract import WorkerExit as WorkerExit

@@ -11,31 +11,11 @@ from typing import Final
 
 import msgspec
 
+from msbd.contract import CheckInfo, HostReport
+from msbd.errors import LibraryNotLoadable
 from msbd.vm import krun
 
 KVM_DEVICE: Final = "/dev/kvm"
-
-
-class Check(msgspec.Struct, frozen=True, kw_only=True):
-    """One check; the same fields as `msbd.rpc.methods.CheckInfo`."""
-
-    name: str
-    ok: bool
-    detail: str
-    hint: str | None = None
-
-
-class Report(msgspec.Struct, frozen=True, kw_only=True):
-    checks: list[Check]
-    libkrun: str | None
-    libkrun_problem: str | None
-    libkrun_version: str | None = None
-    libkrunfw: str | None = None
-    libkrunfw_version: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks)
 
 
 def virt_flags(cpuinfo: str) -> set[str]:
@@ -48,26 +28,26 @@ def virt_flags(cpuinfo: str) -> set[str]:
     return found
 
 
-def check_cpu(cpuinfo: str) -> Check:
+def check_cpu(cpuinfo: str) -> CheckInfo:
     if flags := virt_flags(cpuinfo):
-        return Check(name="virtualization", ok=True,
+        return CheckInfo(name="virtualization", ok=True,
                      detail=f"the CPU has hardware virtualization ({', '.join(sorted(flags))})")
-    return Check(name="virtualization", ok=False,
+    return CheckInfo(name="virtualization", ok=False,
                  detail="no vmx/svm flag in /proc/cpuinfo: no hardware virtualization",
                  hint="run on bare metal, or enable nested virtualization for this VM")
 
 
-def check_kvm_device(path: str = KVM_DEVICE) -> Check:
+def check_kvm_device(path: str = KVM_DEVICE) -> CheckInfo:
     if not os.path.exists(path):
-        return Check(name="kvm_device", ok=False, detail=f"{path} does not exist",
+        return CheckInfo(name="kvm_device", ok=False, detail=f"{path} does not exist",
                      hint="load kvm_intel or kvm_amd (modprobe), or enable KVM in the host")
     try:
         os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
     except OSError as exc:
-        return Check(name="kvm_device", ok=False,
+        return CheckInfo(name="kvm_device", ok=False,
                      detail=f"{path} is not read/write for uid {os.getuid()}: {exc.strerror}",
                      hint=f"add this user to the group owning {path} (usually `kvm`)")
-    return Check(name="kvm_device", ok=True, detail=f"{path} opens read/write")
+    return CheckInfo(name="kvm_device", ok=True, detail=f"{path} opens read/write")
 
 
 def pvm_loaded(sys_module: Path = Path("/sys/module"),
@@ -82,23 +62,23 @@ def pvm_loaded(sys_module: Path = Path("/sys/module"),
     return any(line.split(maxsplit=1)[:1] == ["kvm_pvm"] for line in text.splitlines())
 
 
-def check_kvm_module(pvm: bool) -> Check:
+def check_kvm_module(pvm: bool) -> CheckInfo:
     """kvm_pvm opens and creates VMs like KVM, but dies on an unmodified guest kernel:
     the device opening is not enough, the module serving it decides."""
     if pvm:
-        return Check(name="kvm_module", ok=False,
+        return CheckInfo(name="kvm_module", ok=False,
                      detail="/dev/kvm is served by kvm_pvm, which cannot boot an unmodified "
                             "guest kernel (guests die with KVM_EXIT_INTERNAL_ERROR)",
                      hint="run on a host with hardware virtualization (kvm_intel/kvm_amd)")
-    return Check(name="kvm_module", ok=True, detail="/dev/kvm is not served by kvm_pvm")
+    return CheckInfo(name="kvm_module", ok=True, detail="/dev/kvm is not served by kvm_pvm")
 
 
-def check_libkrun(configured: str | None) -> tuple[Check, str | None, str | None]:
+def check_libkrun(configured: str | None) -> tuple[CheckInfo, str | None, str | None]:
     """(check, path, problem): actually loads libkrun in the worker's lookup order."""
     try:
         lib = krun.load(configured)
-    except krun.LibraryNotLoadable as exc:
-        return (Check(name="libkrun", ok=False, detail=str(exc),
+    except LibraryNotLoadable as exc:
+        return (CheckInfo(name="libkrun", ok=False, detail=str(exc),
                       hint=f"install libkrun ({krun.SONAME}) or set ${krun.ENV_VAR} "
                            "or the daemon's libkrun setting to its path"),
                 None, str(exc))
@@ -107,25 +87,25 @@ def check_libkrun(configured: str | None) -> tuple[Check, str | None, str | None
         detail += f" (libkrun {version})"
     if lib.test_double:
         detail += " (msbd's libkrun TEST DOUBLE from tests/fakekrun: it runs no VM)"
-    return Check(name="libkrun", ok=True, detail=detail), lib.path, None
+    return CheckInfo(name="libkrun", ok=True, detail=detail), lib.path, None
 
 
-def check_libkrunfw(beside: str | None = None) -> tuple[Check, str | None]:
+def check_libkrunfw(beside: str | None = None) -> tuple[CheckInfo, str | None]:
     """(check, path): libkrunfw as a worker loads it (the loader, then next to libkrun)."""
     try:
         path = krun.load_libkrunfw(beside)
-    except krun.LibraryNotLoadable as exc:
-        return (Check(name="libkrunfw", ok=False, detail=str(exc),
+    except LibraryNotLoadable as exc:
+        return (CheckInfo(name="libkrunfw", ok=False, detail=str(exc),
                       hint="install libkrunfw where the dynamic loader finds it (ldconfig, "
                            "LD_LIBRARY_PATH in the daemon's environment, or next to libkrun)"),
                 None)
     detail = f"loaded {path}"
     if version := krun.version_in_name(path, "libkrunfw.so.5"):
         detail += f" (libkrunfw {version})"
-    return Check(name="libkrunfw", ok=True, detail=detail), path
+    return CheckInfo(name="libkrunfw", ok=True, detail=detail), path
 
 
-def run_checks(libkrun: str | None) -> Report:
+def run_checks(libkrun: str | None) -> HostReport:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -134,14 +114,14 @@ def run_checks(libkrun: str | None) -> Report:
     fw_check, fw_path = check_libkrunfw(path)
     checks = [check_cpu(cpuinfo), check_kvm_device(), check_kvm_module(pvm_loaded()),
               lib_check, fw_check]
-    return Report(checks=checks, libkrun=path, libkrun_problem=problem,
+    return HostReport(checks=checks, libkrun=path, libkrun_problem=problem,
                   libkrun_version=path and krun.version_in_name(path, krun.SONAME),
                   libkrunfw=fw_path,
                   libkrunfw_version=fw_path and krun.version_in_name(fw_path,
                                                                      "libkrunfw.so.5"))
 
 
-def render(report: Report) -> str:
+def render(report: HostReport) -> str:
     lines: list[str] = []
     for c in report.checks:
         lines.append(f"{'ok' if c.ok else 'PROBLEM':8} {c.name}: {c.detail}")

@@ -9,12 +9,12 @@ import stat
 from collections.abc import Iterable
 from typing import Final
 
+from msbd.contract import SPEC_FD, STATUS_FD, STDIO_FDS, WATCHDOG_FD
 from msbd.errors import FdCheckFailed
 
-SPEC_FD: Final = 96
-WATCHDOG_FD: Final = 97
-STATUS_FD: Final = 98
-STDIO_FDS: Final = (0, 1, 2)
+# The fd numbers are the contract's; the worker reads them here, next to their checks.
+__all__ = ["SPEC_FD", "STATUS_FD", "STDIO_FDS", "WATCHDOG_FD", "check_spec_fd",
+           "check_status_fd", "check_watchdog_fd", "close_other_fds", "kind", "set_cloexec"]
 
 _KINDS: Final = (
     (stat.S_ISREG, "a regular file"),

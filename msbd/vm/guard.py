@@ -10,7 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from msbd.vm import SIGNAL_EXIT_BASE, WorkerExit, control
+from msbd.contract import SIGNAL_EXIT_BASE, WorkerExit
+from msbd.vm import control
 from msbd.vm.status import StatusPipe, say
 
 SHUTDOWN_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})

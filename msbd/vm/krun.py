@@ -8,7 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
 
-from msbd.errors import KrunError, MsbdError
+from msbd.errors import KrunError
+from msbd.errors import LibraryNotLoadable as LibraryNotLoadable  # noqa: PLC0414 (main.py)
 from msbd.model import DiskFormat
 
 SONAME: Final = "libkrun.so.1"
@@ -52,15 +53,6 @@ SYMBOLS: Final = (
     Symbol("krun_setuid", (_u32, _u32), _i32),
     Symbol("krun_start_enter", (_u32,), _i32),
 )
-
-
-class LibraryNotLoadable(MsbdError):
-    """No usable library was found; `tried` says where it looked and what went wrong."""
-
-    def __init__(self, what: str, tried: list[str]) -> None:
-        super().__init__(f"{what} not loadable; tried: " + "; ".join(tried),
-                         data={"tried": tried})
-        self.tried = tried
 
 
 def _b(text: str) -> bytes:

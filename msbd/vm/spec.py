@@ -1,4 +1,5 @@
-"""The launch spec as the worker reads it: from fd 96 or a file, plus seed-syntax overrides."""
+"""The launch spec as the worker reads it: from fd 96 or a file, plus `--disk`/`--mount`
+overrides."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def decode_spec(data: bytes) -> WorkerSpec:
 
 def with_overrides(spec: WorkerSpec, *, disks: Sequence[str] = (), mounts: Sequence[str] = (),
                    libkrun: str | None = None) -> WorkerSpec:
-    """Apply `--disk id:host:format[:ro]` / `--mount tag:host[:ro]` entries (seed syntax).
+    """Apply `--disk id:host:format[:ro]` / `--mount tag:host[:ro]` entries (msb's syntax).
 
     An entry with the id (tag) of one in the spec replaces it; others are added.
     The result is checked again.

@@ -8,8 +8,10 @@ import threading
 import time
 from typing import Final
 
-ENTERING: Final = b"entering\n"
-HEARTBEAT: Final = b"heartbeat\n"
+from msbd.contract import StatusWord, status_line
+
+ENTERING: Final = status_line(StatusWord.ENTERING)
+HEARTBEAT: Final = status_line(StatusWord.HEARTBEAT)
 # One write of at most PIPE_BUF bytes is atomic: lines never interleave.
 _MAX_LINE: Final = 4000
 
@@ -27,7 +29,7 @@ def say(message: str) -> None:
 
 def error_line(message: str) -> bytes:
     body = one_line(message).encode("utf-8", errors="replace")[:_MAX_LINE]
-    return b"error " + body + b"\n"
+    return status_line(StatusWord.ERROR, body)
 
 
 class StatusPipe:

@@ -22,8 +22,10 @@ end, it ends as `stopped`, whatever the worker did) or back to `running`;
 a live sandbox (`starting`, `running`, `stopping`) being removed without
 being stopped first. Removal is not a transition: the row goes away.
 
-Pure: no I/O, no clock. The store applies a transition as
-`UPDATE ... WHERE state IN sources(dst)`, one transaction plus one event.
+Pure: no I/O, no clock. This table is the law at run time: the store
+checks every transition against it (`check_transition`) inside the
+transaction that applies it, so an illegal move raises `Conflict` and
+writes nothing, whoever asked for it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final, assert_never
 
+from msbd.contract import LAUNCH_FAILURES
 from msbd.errors import Conflict
 from msbd.model import LIVE_STATES, Reason, State
 
@@ -56,8 +59,9 @@ _SOURCES: Final[Mapping[State, frozenset[State]]] = MappingProxyType({
     dst: frozenset(src for src, dsts in TRANSITIONS.items() if dst in dsts) for dst in State
 })
 
-startable: Final = frozenset({State.CREATED, State.STOPPED, State.FAILED})
-"""States `sandbox.start` (and `run` after create) accepts."""
+startable: Final = _SOURCES[State.STARTING]
+"""States `sandbox.start` (and `run` after create) accepts: those that may move to
+`starting`."""
 
 stoppable: Final = LIVE_STATES
 """States `sandbox.stop` / `kill` accept. `stopping` is included: a second
@@ -72,12 +76,6 @@ REQUESTED_REASONS: Final = frozenset({
     Reason.MAX_DURATION, Reason.HEARTBEAT_LOST,
 })
 """Reasons the daemon can decide before the worker ends (`end_reason`'s `requested`)."""
-
-LAUNCH_FAILURE_STATUSES: Final = range(2, 6)
-"""The worker's own statuses for a failed launch (`msbd.vm.WorkerExit` 2-5:
-fd/spec check, no libkrun, configuration, `krun_start_enter` returned).
-Kept here as numbers: the daemon never imports `msbd.vm`."""
-
 
 def can_transition(src: State, dst: State) -> bool:
     """True if a sandbox in `src` may move to `dst`."""
@@ -131,7 +129,7 @@ def end_reason(*, requested: Reason | None, exit_code: int | None, signal: int |
         return requested
     if signal is not None:
         return Reason.WORKER_CRASHED
-    if exit_code in LAUNCH_FAILURE_STATUSES and (worker_error or not entered):
+    if exit_code in LAUNCH_FAILURES and (worker_error or not entered):
         return Reason.LAUNCH_FAILED
     if not entered:
         return Reason.WORKER_CRASHED
