@@ -21,10 +21,10 @@ from pathlib import Path
 
 import msgspec
 
-from bench import control, launch, peer, scale, vm_launch
+from bench import control, launch, peer, relay, scale, vm_launch
 from bench.common import REPO, RESULTS, contained
 
-BENCHMARKS = ("control", "launch", "scale")
+BENCHMARKS = ("control", "launch", "scale", "relay")
 # Real guests: only when asked for (`--only vm`), on a KVM that boots a kernel (BENCHMARKS.md)
 OPTIONAL = ("vm",)
 
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                               margin=2.0)
                 else:
                     scale.run(sandboxes=n, launch_rate=rate)
+        if "relay" in chosen:
+            with _took("relay"):
+                (relay.run(count=50, bulk_mib=4, clients=4, each=5) if args.quick
+                 else relay.run())
         if "vm" in chosen:
             with _took("vm"):
                 vm_launch.run(vm_launch.real_libkrun(None), rounds=1 if args.quick else 5)

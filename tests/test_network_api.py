@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from daemonproc import DaemonProc
 from tenants import ROOT, A, B, ok, refused, sleeper
 
 from msbd.config import load_settings
-from msbd.errors import ConfigError, RpcCode
+from msbd.errors import ConfigError, RemoteError, RpcCode
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and become uids")
 
@@ -139,8 +140,8 @@ def test_a_port_published_by_a_running_sandbox_is_refused_naming_it(
     with pytest.raises(OSError), socket.create_server(("127.0.0.1", port)):
         pass
 
-    again = sleeper("second", root, ports=[{"host": port + 1 if port < 65535 else 1025,
-                                            "guest": 81}, {"host": port, "guest": 82}])
+    again = sleeper("second", root, ports=[{"host": free_port(), "guest": 81},
+                                           {"host": port, "guest": 82}])
     err = refused(netd.socket, A, "sandbox.run", again)
     assert err["code"] == RpcCode.CONFLICT, err
     assert err["message"] == f"host port {port} is published by sandbox 'first', which is running"
@@ -174,3 +175,29 @@ def test_discover_documents_the_network_fields_and_the_egress_caveat(daemon: Dae
     assert "Unix socket" in spec["network"]["description"]
     assert "127.0.0.1" in spec["ports"]["description"]
     assert "nofile" in spec["rlimits"]["description"]
+
+
+def test_two_runs_racing_for_one_port_start_one_and_record_one(
+        netd: DaemonProc, make_root: Callable[..., Path]) -> None:
+    root = make_root("r", ROOT)
+    port = free_port()
+    results: dict[str, Any] = {}
+
+    def launch(name: str) -> None:
+        with netd.client() as c:
+            try:
+                results[name] = c.call("sandbox.run", sleeper(name, root, ports=[
+                    {"host": port, "guest": 80}]))
+            except RemoteError as exc:
+                results[name] = exc.remote_code
+
+    threads = [threading.Thread(target=launch, args=(f"race{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [n for n, r in results.items() if isinstance(r, dict)]
+    assert len(won) == 1, results
+    assert sorted(r for r in results.values() if not isinstance(r, dict)) == \
+        [RpcCode.CONFLICT] * 3
+    assert [s["name"] for s in netd.call("sandbox.list", {})["sandboxes"]] == won
