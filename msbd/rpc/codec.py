@@ -395,10 +395,3 @@ def _response(msg: _Incoming) -> Response:
         return Response(msg.id, None, msg.error)
     return Response(msg.id, msg.result if isinstance(msg.result, Raw) else None, None)
 
-
-def decode_response(line: bytes) -> Response:
-    """One reply (not a batch, not a notification); raises `ParseError` otherwise."""
-    msg = decode_message(line)
-    if not isinstance(msg, Response):
-        raise ParseError("expected a single response from the daemon")
-    return msg
