@@ -40,10 +40,10 @@ from msbd.daemon.access import (
 )
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
-from msbd.daemon.events import EventHub, Lagged, stream_events
+from msbd.daemon.events import EventHub, stream_events
 from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
-from msbd.errors import Conflict, InvalidParams, LimitReached, NotFound
+from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound
 from msbd.model import Event, LaunchSpec, SandboxInfo
 from msbd.rpc.methods import (
     DaemonInfo,

@@ -18,8 +18,8 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from msbd.errors import MsbdError
-from msbd.rpc.client import DaemonUnavailable, connect_error, default_socket_path, result_type
+from msbd.errors import DaemonUnavailable, MsbdError
+from msbd.rpc.client import connect_error, default_socket_path, result_type
 from msbd.rpc.codec import Notification, Response, decode_message, encode_request
 from msbd.rpc.methods import NOTIFICATIONS
 

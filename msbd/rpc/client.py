@@ -16,7 +16,8 @@ from typing import Any, Final
 
 import msgspec
 
-from msbd.errors import MsbdError
+from msbd.config import default_socket
+from msbd.errors import DaemonUnavailable
 from msbd.rpc.codec import (
     Notification,
     Response,
@@ -29,21 +30,10 @@ from msbd.rpc.methods import METHODS, NOTIFICATIONS
 _RECV: Final = 256 * 1024
 
 
-class DaemonUnavailable(MsbdError, ConnectionError):
-    """The daemon's socket is missing, refuses us, or the connection dropped."""
-
-
 def default_socket_path() -> str:
-    """Where msbd listens: `$MSBD_SOCKET`, else /run/msbd/msbd.sock as root,
-    else `$XDG_RUNTIME_DIR/msbd/msbd.sock`, else /tmp/msbd-<uid>/msbd.sock."""
-    if env := os.environ.get("MSBD_SOCKET"):
-        return env
-    uid = os.getuid()
-    if uid == 0:
-        return "/run/msbd/msbd.sock"
-    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(runtime, "msbd", "msbd.sock")
-    return f"/tmp/msbd-{uid}/msbd.sock"
+    """Where msbd listens: `$MSBD_SOCKET` (the daemon's setting of that name), else the
+    daemon's default (`msbd.config.default_socket`)."""
+    return os.environ.get("MSBD_SOCKET") or default_socket()
 
 
 def connect_error(path: str, exc: OSError) -> DaemonUnavailable:
