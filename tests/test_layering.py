@@ -19,12 +19,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "msbd.model": ("msbd.errors", "msbd.cmdline"),
     "msbd.config": ("msbd.errors",),
     "msbd.log": (),
-    "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
+    "msbd.peer": (),  # stdlib only: the worker reads its control channel's peer with it
+    "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.errors", "msbd.config", "msbd.log",
+                 "msbd.peer"),
     "msbd.db": ("msbd.db", "msbd.model", "msbd.errors", "msbd.config", "msbd.log"),
     "msbd.daemon": ("msbd.daemon", "msbd.rpc", "msbd.db", "msbd.model", "msbd.errors",
-                    "msbd.config", "msbd.log", "msbd"),
+                    "msbd.config", "msbd.log", "msbd.peer", "msbd"),
     # msbd.cmdline only through msbd.model (the checks of a launch spec).
-    "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors"),
+    "msbd.vm": ("msbd.vm", "msbd.model", "msbd.errors", "msbd.peer"),
     "msbd.ctl": ("msbd.model", "msbd.errors", "msbd.rpc.client", "msbd.rpc.codec",
                  "msbd.rpc.methods", "msbd.ctlfmt", "msbd.ctlspec", "msbd"),
     "msbd.ctlfmt": (),

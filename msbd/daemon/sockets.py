@@ -17,15 +17,12 @@ import logging
 import os
 import socket
 import stat
-import struct
 from pathlib import Path
 
 from msbd.errors import ConfigError
+from msbd.peer import peer_pid
 
 log = logging.getLogger("msbd.daemon")
-
-_UCRED = struct.Struct("3i")
-
 
 class AlreadyRunning(ConfigError):
     """Another daemon owns the socket or the state dir."""
@@ -149,8 +146,7 @@ def _refuse_live_socket(path: Path) -> None:
             return
         raise ConfigError(f"cannot probe existing socket {path}: {exc.strerror}") from exc
     else:
-        pid = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                             _UCRED.size))[0]
+        pid = peer_pid(probe)
         raise AlreadyRunning(f"another msbd (pid {pid}) is serving {path}; "
                              "stop it first or choose another --socket")
     finally:

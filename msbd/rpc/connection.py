@@ -20,6 +20,7 @@ import anyio.abc
 
 from msbd.errors import InvalidRequest, MsbdError
 from msbd.model import Spec
+from msbd.peer import UNKNOWN, Peer
 from msbd.rpc.codec import (
     Batch,
     Call,
@@ -31,7 +32,6 @@ from msbd.rpc.codec import (
     encode_result,
     parse_frame,
 )
-from msbd.rpc.peer import UNKNOWN, Peer
 
 if TYPE_CHECKING:
     from msbd.rpc.server import RpcServer

@@ -58,9 +58,9 @@ import anyio
 import anyio.abc
 
 from msbd.errors import LimitReached
+from msbd.peer import Peer, read_peer
 from msbd.rpc.codec import encode_error
 from msbd.rpc.connection import CallContext, Connection, Deferred, Handler, ServerProtocol
-from msbd.rpc.peer import Peer, read_peer
 
 __all__ = ["CallContext", "Connection", "Deferred", "Handler", "RpcLimits", "RpcServer",
            "serve_rpc"]

@@ -6,6 +6,10 @@ These are the only source of a caller's identity: a uid is never looked up
 in the user database to find its groups (a uid with no passwd entry would
 get groups it was never checked for, and a user's group list can change
 between connecting and acting).
+
+Stdlib only, and shared: the RPC server reads its callers here, the daemon
+the pid of a live daemon on its socket, the worker the pid of whoever
+reached its control channel (it must be libkrun, i.e. the worker itself).
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ class Peer:
 
 
 UNKNOWN: Final = Peer()
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The peer's pid; raises `OSError`."""
+    return peer_ucred(sock)[0]
 
 
 def peer_ucred(sock: socket.socket) -> tuple[int, int, int]:
