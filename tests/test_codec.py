@@ -16,9 +16,6 @@ from msbd.rpc.codec import (
     Batch,
     Call,
     Invalid,
-    Notification,
-    Response,
-    decode_message,
     encode_batch,
     encode_error,
     encode_notification,
@@ -27,6 +24,7 @@ from msbd.rpc.codec import (
     parse_frame,
 )
 from msbd.rpc.methods import METHODS, NameParams
+from msbd.rpc.replies import Notification, Response, decode_message
 
 
 def shape(frame: object) -> Any:

@@ -46,7 +46,8 @@ NEVER_LOADED = {
     "msbd.ctl": ("anyio", "uvloop", "aiosqlite", "sqlite3", "msbd.daemon", "msbd.db"),
     "msbd.rpc.client": ("anyio", "uvloop", "aiosqlite", "asyncio"),
 }
-PURE = {"msbd.rpc.codec": ("anyio", "asyncio", "socket", "uvloop", "os", "msbd.rpc.server")}
+_IO = ("anyio", "asyncio", "socket", "uvloop", "os", "select", "msbd.rpc.server")
+PURE = {"msbd.rpc.codec": _IO, "msbd.rpc.replies": _IO}
 
 
 def _modules() -> dict[str, Path]:

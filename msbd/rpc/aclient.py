@@ -20,8 +20,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from msbd.errors import DaemonUnavailable, MsbdError
 from msbd.rpc.client import connect_error, default_socket_path, result_type
-from msbd.rpc.codec import Notification, Response, decode_message, encode_request
+from msbd.rpc.codec import encode_request
 from msbd.rpc.methods import NOTIFICATIONS
+from msbd.rpc.replies import Notification, Response, decode_message
 
 _RECV = 256 * 1024
 

@@ -18,14 +18,9 @@ import msgspec
 
 from msbd.config import default_socket
 from msbd.errors import DaemonUnavailable
-from msbd.rpc.codec import (
-    Notification,
-    Response,
-    decode_message,
-    encode_notification,
-    encode_request,
-)
+from msbd.rpc.codec import encode_notification, encode_request
 from msbd.rpc.methods import METHODS, NOTIFICATIONS
+from msbd.rpc.replies import Notification, Response, decode_message
 
 _RECV: Final = 256 * 1024
 
