@@ -15,6 +15,7 @@ reached its control channel (it must be libkrun, i.e. the worker itself).
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -81,3 +82,20 @@ def read_peer(sock: socket.socket) -> Peer:
     except (OSError, struct.error):
         groups = None
     return Peer(pid=pid, uid=uid, gid=gid, groups=groups)
+
+
+def peer_closed(sock: socket.socket | None) -> bool:
+    """After EOF: did the peer close its socket, or only shut down its writing side?
+
+    On Linux a Unix stream socket polls POLLHUP only once both directions
+    are shut, i.e. the peer closed it; `shutdown(SHUT_WR)` leaves it writable.
+    False when it cannot tell (no socket).
+    """
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False

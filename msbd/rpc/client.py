@@ -19,10 +19,12 @@ import msgspec
 from msbd.config import default_socket
 from msbd.errors import DaemonUnavailable
 from msbd.rpc.codec import encode_notification, encode_request
+from msbd.rpc.framing import Framer
 from msbd.rpc.methods import METHODS, NOTIFICATIONS
 from msbd.rpc.replies import Notification, Response, decode_message
 
-_RECV: Final = 256 * 1024
+RECV_SIZE: Final = 256 * 1024
+"""Bytes asked of the socket per read (both clients)."""
 
 
 def default_socket_path() -> str:
@@ -65,7 +67,7 @@ class Client:
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
         self._ids = 0
-        self._buf = bytearray()
+        self._frames = Framer()
         self._notifications: collections.deque[Notification] = collections.deque()
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,7 +156,7 @@ class Client:
 
     def _read_one(self, deadline: float | None) -> Response | Notification | None:
         """Read one message; notifications are queued and returned as None."""
-        while (nl := self._buf.find(b"\n")) < 0:
+        while (line := self._frames.pop()) is None:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -163,7 +165,7 @@ class Client:
             else:
                 self._sock.settimeout(None)
             try:
-                data = self._sock.recv(_RECV)
+                data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
                 raise
             except OSError as exc:
@@ -172,9 +174,7 @@ class Client:
             if not data:
                 raise DaemonUnavailable(f"msbd closed the connection at {self.path}",
                                         data={"socket": self.path})
-            self._buf += data
-        line = bytes(self._buf[:nl])
-        del self._buf[:nl + 1]
+            self._frames.feed(data)
         if not line.strip():
             return None
         msg = decode_message(line)
