@@ -7,7 +7,7 @@ decoded and checked against the method table; the handler returns a result
 connect time) and can send notifications; through `ctx.defer` it can start
 work that must follow its reply (an event stream after `events.subscribe`).
 
-A `Connection` reaches its connection's protocol only through `Channel`,
+A `Connection` reaches its connection's protocol only through `Link`,
 the four things it needs; `msbd.rpc.protocol.ServerProtocol` is one. This
 module imports nothing of the protocol, so handlers and tests can use it
 alone.
@@ -36,7 +36,7 @@ INTERNAL_ERROR: Final = MsbdError("internal error")
 """What the client is told of an unexpected exception (it is logged, never sent)."""
 
 
-class Channel(Protocol):
+class Link(Protocol):
     """What a `Connection` needs of its connection's protocol."""
 
     @property
@@ -59,10 +59,10 @@ class Connection:
     connection holds (the daemon caps it per connection).
     """
 
-    __slots__ = ("_channel", "gid", "groups", "id", "pid", "subscriptions", "uid")
+    __slots__ = ("_link", "gid", "groups", "id", "pid", "subscriptions", "uid")
 
-    def __init__(self, channel: Channel, conn_id: int, peer: Peer) -> None:
-        self._channel = channel
+    def __init__(self, link: Link, conn_id: int, peer: Peer) -> None:
+        self._link = link
         self.id = conn_id
         self.pid = peer.pid
         self.uid = peer.uid
@@ -75,7 +75,7 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self._channel.closing
+        return self._link.closing
 
     async def notify(self, method: str, params: Any) -> None:
         """Write one notification frame; waits while the client is not reading.
@@ -83,17 +83,17 @@ class Connection:
         Raises `anyio.BrokenResourceError` once the connection is closed (a
         client that does not read for `send_timeout` is closed).
         """
-        channel = self._channel
-        if channel.closing:
+        link = self._link
+        if link.closing:
             raise anyio.BrokenResourceError(f"connection {self.id} is closed")
-        channel.write(encode_notification(method, params))
-        await channel.wait_writable()
-        if channel.closing:
+        link.write(encode_notification(method, params))
+        await link.wait_writable()
+        if link.closing:
             raise anyio.BrokenResourceError(f"connection {self.id} is closed")
 
     def close(self) -> None:
         """Close after the replies already written are sent; cancels its calls."""
-        self._channel.close()
+        self._link.close()
 
 
 class CallContext:

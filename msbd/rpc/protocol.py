@@ -286,7 +286,7 @@ class ServerProtocol(asyncio.Protocol):
         if self.eof and not self.inflight and not self.busy and not self.frames.has_frame():
             self.ended.set()
 
-    # --- writing, the read gate, closing (`Channel` for the handlers' `Connection`) ---
+    # --- writing, the read gate, closing (the `Link` of the handlers' `Connection`) ---
 
     def write(self, data: bytes) -> None:
         if not self.closing:
