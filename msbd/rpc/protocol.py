@@ -4,33 +4,29 @@ How a connection works. For each admitted socket the server starts
 `serve_socket` in its own task group; that task owns the connection's task
 group, in which every call, batch and deferred job runs: closing the
 connection cancels them all, and nothing escapes to the server. Reading goes
-through an asyncio protocol (the daemon runs on asyncio/uvloop; a protocol
-keeps the ping round trip short); nothing is read before the task runs.
+through an asyncio protocol (on asyncio/uvloop a protocol keeps the ping
+round trip short); nothing is read before the task runs.
 
 Frames are split on b"\\n" (`Framer`); a frame over `max_frame_bytes`, whole
 or still growing, is answered with -32600 (id null) and the connection
-closed. Calls run concurrently and are answered as they finish (ids match
+closed. Calls run concurrently on worker tasks that stay for the next call
+(cheaper than a new task each) and are answered as they finish (ids match
 them up); a batch is answered with one array line once all its calls are
-done. Calls run on worker tasks of the connection's task group that stay
-for the next call (handing a call to an idle worker is cheaper than a new
-task). While `max_inflight_per_connection` calls run, or the client is not
-reading its replies, the connection is not read (`FlowControl`). Writes are
-whole frames through the transport, in the order they are made. Deferred
-jobs start once their call's reply is written.
+done; deferred jobs start once their call's reply is written. Writes are
+whole frames, in the order they are made. While `max_inflight_per_connection`
+calls run, or the client is not reading its replies, the connection is not
+read (`FlowControl`).
 
 A watchdog task closes a connection that is idle, stops reading its replies
-(`send_timeout`) or leaves a frame unfinished (`frame_timeout`); its policy
-is `limits.close_deadline`. A connection closed with replies still unsent
-gets `send_timeout` to take them, then is aborted: its descriptor is never
-held longer (the server counts it as open meanwhile).
+or leaves a frame unfinished (`limits.close_deadline`). A connection closed
+with replies still unsent gets `send_timeout` to take them, then is aborted:
+its descriptor is never held longer (it counts as open meanwhile).
 
 After EOF from a client that only shut down its writing side, calls already
 read still run and are answered (a last frame without its newline too), then
 the connection closes. A client that closed its socket (POLLHUP at EOF) or a
-lost connection: everything on it is cancelled.
-
-A protocol shares `ServerState` with the server and every other connection,
-counting itself in and out there; it never reaches into the server.
+lost connection: everything on it is cancelled. The protocol counts itself
+in and out of the `ServerState` it shares; it never reaches into the server.
 """
 
 from __future__ import annotations

@@ -3,12 +3,12 @@
 How it works. The daemon creates and binds the socket; `serve_rpc` takes it
 over and reports an `RpcServer` through `task_status.started(server)`. The
 server accepts connections itself (a reader callback on the listening
-socket, up to `_ACCEPT_BURST` per wakeup); each admitted connection is an
-asyncio protocol (the daemon runs on asyncio/uvloop; reading through a
-protocol keeps the ping round trip short) plus one task, owned by the
-server's task group, that owns the connection's task group: every call,
-batch and deferred job runs in it, so closing the connection cancels them all
-and nothing escapes to the server.
+socket, up to `_ACCEPT_BURST` per wakeup) and serves each admitted one as a
+`msbd.rpc.protocol.ServerProtocol` with a task of its own in the server's
+task group (how a connection is read, answered, held back and closed is
+told there). The server and its connections share one `ServerState`: the
+open connections and their per-uid counts, the calls in flight, whether the
+server drains.
 
 Accepting. Past `max_connections` a new connection gets one -32004 error
 line (id null) and is closed; one warning is logged per such episode, not
@@ -21,11 +21,6 @@ served as usual and new clients wait in the listen backlog. (uvloop's own
 server would instead apply libuv's EMFILE trick, closing waiting clients
 unanswered and logging nothing, and would stop serving for good on any other
 accept error.)
-
-Each admitted connection is a `msbd.rpc.protocol.ServerProtocol` (how a
-connection is read, answered, held back and closed is told there), sharing
-a `ServerState` with the server: the open connections and their per-uid
-counts, the calls in flight, whether the server drains.
 
 `RpcServer.drain(timeout)` stops accepting and reading, lets in-flight calls
 finish within `timeout`, then cancels the rest; `serve_rpc` then returns.
