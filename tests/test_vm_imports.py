@@ -1,4 +1,4 @@
-"""The worker stays small: stdlib + msgspec + msbd.model/errors; ctypes only in krun.py."""
+"""The worker stays small: stdlib + msgspec + msbd.model/errors/peer; ctypes only in krun.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from workerproc import REPO
 
 VM = REPO / "msbd" / "vm"
-ALLOWED_MSBD = {"msbd", "msbd.model", "msbd.errors"}
+ALLOWED_MSBD = {"msbd", "msbd.model", "msbd.errors", "msbd.peer"}  # peer: stdlib only
 FORBIDDEN = ("anyio", "uvloop", "aiosqlite", "sqlite3", "asyncio", "msbd.rpc", "msbd.db",
              "msbd.daemon", "msbd.config")
 
