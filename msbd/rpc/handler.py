@@ -2,7 +2,9 @@
 
 The server calls `await handler(ctx, method, params)` with params already
 decoded and checked against the method table; the handler returns a result
-(encoded with msgspec) or raises an `MsbdError` (the error reply). Through
+(encoded with msgspec) or raises an `MsbdError` (the error reply): `answer`
+turns the outcome into the reply's bytes, anything unexpected into a bare
+"internal error" with the traceback logged, never sent. Through
 `ctx.connection` it learns who is calling (the kernel's word, read at
 connect time) and can send notifications; through `ctx.defer` it can start
 work that must follow its reply (an event stream after `events.subscribe`).
