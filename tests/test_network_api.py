@@ -91,12 +91,16 @@ def test_egress_is_for_admins_unless_a_setting_opens_it(
     nothing_recorded(d)
     made = ok(d.socket, ROOT, "sandbox.create", sleeper("root-out", root, network="egress"))
     assert made["network"] == "egress"
+    assert (ok(d.socket, A, "daemon.info")["egress_allowed"],
+            ok(d.socket, ROOT, "daemon.info")["egress_allowed"]) == (False, True)
 
     opened = make_daemon(libkrun=fakekrun, name="opened",
                          settings={"socket_mode": 0o666, "egress": "everyone",
                                    "default_network": "egress"})
     made = ok(opened.socket, A, "sandbox.create", sleeper("out", root))
     assert made["network"] == "egress"
+    shown = ok(opened.socket, A, "daemon.info")
+    assert (shown["default_network"], shown["egress_allowed"]) == ("egress", True)
 
 
 def test_closing_egress_again_holds_at_the_next_start(

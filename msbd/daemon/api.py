@@ -189,7 +189,9 @@ class Api:
                 max_connections_per_user=s.max_connections_per_user,
                 max_subscriptions_per_connection=s.max_subscriptions_per_connection,
                 max_spec_bytes=s.max_spec_bytes),
-            timers=timers, unreadable=dict(self._store.unreadable) if admin else None)
+            timers=timers, unreadable=dict(self._store.unreadable) if admin else None,
+            default_network=s.default_network,
+            egress_allowed=admin or s.egress == "everyone")
 
     async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
                        ) -> dict[str, Any]:

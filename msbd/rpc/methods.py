@@ -156,6 +156,9 @@ class DaemonInfo(Result, frozen=True):
     counts: dict[str, int]
     limits: LimitsInfo
     timers: TimerInfo | None  # admins only
+    # The network a spec without one gets, and whether the caller may ask for egress.
+    default_network: str = "none"
+    egress_allowed: bool = False
     unreadable: dict[str, str] | None = None  # admins only: records lists skipped, and why
 
 
