@@ -857,7 +857,8 @@ def test_vanishing_creators_leave_whole_records_or_none(daemon: DaemonProc,
         s.close()
     wait_until(lambda: live_connections(daemon) <= baseline, "the vanished connections to close")
     with daemon.client() as c:
-        listed = {info["name"]: info for info in c.call("sandbox.list")["sandboxes"]}
+        listed = {info["name"]: info
+                  for info in c.call("sandbox.list", {"spec": True})["sandboxes"]}
         assert set(listed) <= set(names)
         for name in names:
             if name in listed:  # exists completely ...
