@@ -15,9 +15,11 @@ writes the spec into its pipe and closes it (`write_spec`). From there it is
 a worker like any other: it decodes the spec (refusing one it cannot, as
 always) and takes the identity the spec names. Identity, limits and
 environment are therefore decided at hand-off, by the launch, exactly as
-without a pool. Taking a worker wakes `serve`, which spawns a replacement in
-the background. With no idle worker (a burst, or `worker_pool` = 0)
-`launch` spawns one with its spec in a sealed memfd, as without a pool.
+without a pool. Once the launch is answered, its caller calls `refill`,
+which wakes `serve` to spawn replacements in the background (not before: on
+a small machine a starting interpreter would slow the launch it replaces).
+With no idle worker (a burst, or `worker_pool` = 0) `launch` spawns one with
+its spec in a sealed memfd, as without a pool.
 
 Each idle worker has a keeper task waiting on its pidfd, which ends in one
 of three ways: taken (`launch` cancels its scope), dead (the pidfd became
@@ -141,17 +143,23 @@ class WorkerPool:
                 with anyio.CancelScope(shield=True):
                     await end_worker(idle.worker)
 
+    def refill(self) -> None:
+        """Spawn replacements for the workers taken (soon, from `serve`'s task)."""
+        self._wanted.set()
+
     async def launch(self, spec: bytes) -> Worker:
         """A worker that has `spec`: a pooled one, else one spawned for it now.
 
         `LaunchFailed` if the OS refuses a spawn. Callers shield this call: a
-        worker taken from the pool is theirs to watch once this returns.
+        worker taken from the pool is theirs to watch once this returns. The
+        pool does not refill until `refill` is called: a caller calls it once
+        its launch is answered, so a new interpreter starting never competes
+        for the CPU with the worker just handed out.
         """
         while self._idle:
             idle = self._idle.popleft()
             idle.taken = True
             idle.scope.cancel()
-            self._wanted.set()
             await idle.released.wait()
             worker = idle.worker
             if worker.exited():

@@ -48,24 +48,12 @@ from msbd.daemon.netpolicy import with_network
 from msbd.daemon.pool import WorkerPool
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
-from msbd.daemon.timers import (
-    Lateness,
-    Scheduler,
-    TimerKind,
-    max_duration_deadline,
-)
+from msbd.daemon.timers import Lateness, Scheduler, TimerKind, max_duration_deadline
 from msbd.daemon.watcher import Watcher
 from msbd.db.store import RunEnd, Store
 from msbd.errors import Conflict, LaunchFailed, StoreError, TimedOut
 from msbd.log import ctx
-from msbd.model import (
-    LaunchSpec,
-    Reason,
-    SandboxInfo,
-    SandboxRef,
-    State,
-    WorkerSpec,
-)
+from msbd.model import LaunchSpec, Reason, SandboxInfo, SandboxRef, State, WorkerSpec
 
 log = logging.getLogger("msbd.supervisor")
 
@@ -169,10 +157,19 @@ class Supervisor:
                 live = await self._launch(ref, libkrun)
         except BaseException:
             self._limits.release(ref.id)
+            self._pool.refill()
             raise
         finally:
             del self._launching[ref.id]
             launched.set()
+        try:
+            return await self._answer(live, timeout)
+        finally:
+            self._pool.refill()  # only now: a starting interpreter would slow the launch
+
+    async def _answer(self, live: Live, timeout: float | None) -> SandboxInfo:
+        """The record once `live` entered libkrun; `LaunchFailed` if it never did."""
+        ref = live.ref
         timeout = self._settings.start_timeout if timeout is None else timeout
         with anyio.move_on_after(timeout):
             await _first(live.running.wait, live.exited.wait)
