@@ -201,3 +201,9 @@ def test_no_process_outlives_the_daemon(pooled: DaemonProc, busybox_root: Path) 
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_no_pool_without_a_libkrun(daemon: DaemonProc) -> None:
+    """A daemon that cannot launch (no libkrun found) keeps no idle interpreters."""
+    assert daemon.call("daemon.ping") == "pong"
+    assert children(daemon_pid(daemon)) == set()

@@ -161,7 +161,9 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
     async with anyio.create_task_group() as tg:
         signaller = Signaller()
         await tg.start(signaller.serve)
-        pool = WorkerPool(settings)
+        # No libkrun, no launch: then a pool would only cost memory (`daemon.info` says why).
+        can_launch = (settings.libkrun or host.report.libkrun) is not None
+        pool = WorkerPool(settings, size=None if can_launch else 0)
         await tg.start(pool.serve)  # its idle workers end when `tg` is cancelled, below
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
                                 task_group=tg, host=host, signaller=signaller, pool=pool)

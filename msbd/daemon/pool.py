@@ -72,8 +72,8 @@ class _Idle:
 class WorkerPool:
     """Idle workers for `launch`; an unserved pool (or size 0) spawns one per launch."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._size = settings.worker_pool
+    def __init__(self, settings: Settings, *, size: int | None = None) -> None:
+        self._size = settings.worker_pool if size is None else size
         self._idle_timeout = settings.worker_pool_idle
         self._write_timeout = settings.start_timeout
         self._argv = [settings.worker_python, "-m", "msbd.vm"]
