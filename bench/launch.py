@@ -164,20 +164,6 @@ def _entering_latency(argv: list[str], spec: bytes, env: dict[str, str]) -> floa
     return t1 - t0
 
 
-def children(pid: int) -> list[int]:
-    """The unreaped children of `pid` (a scan of /proc: no `children` file on every kernel)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
 def waiting_for_spec(pid: int) -> bool:
     """Whether `pid` is blocked in read(96, ...): a worker done starting, waiting for a spec."""
     try:
@@ -186,12 +172,12 @@ def waiting_for_spec(pid: int) -> bool:
         return False
 
 
-def wait_pool_warm(daemon: int, size: int, timeout: float = 30.0) -> None:
-    """Until `size` children of `daemon` wait for their spec (polls /proc: bench only)."""
+def wait_pool_warm(msbd: Msbd, size: int, timeout: float = 30.0) -> None:
+    """Until `size` children of `msbd` wait for their spec (polls /proc: bench only)."""
     deadline = time.monotonic() + timeout
-    while sum(map(waiting_for_spec, children(daemon))) < size:
+    while sum(map(waiting_for_spec, msbd.children())) < size:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the pool of msbd {daemon} never got {size} warm workers")
+            raise TimeoutError(f"the pool of msbd {msbd.pid} never got {size} warm workers")
         time.sleep(0.002)
 
 
@@ -293,7 +279,7 @@ def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: in
         if client is None:
             client = local.client = msbd.client()
         if warm:
-            wait_pool_warm(msbd.pid, warm)
+            wait_pool_warm(msbd, warm)
         t0 = time.monotonic()
         info = client.call("sandbox.run", sandbox_spec(f"{prefix}-{i}", rootfs))
         latency = time.monotonic() - t0

@@ -23,21 +23,6 @@ from tenants import SHARED_GID, A, B, ok, sleeper
 WAIT = 30.0
 
 
-def children(pid: int) -> set[int]:
-    """The live (unreaped) children of `pid`."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(entry))
-    return found
-
-
 def status_ids(pid: int) -> dict[str, list[int]]:
     """Uid, Gid and Groups lines of /proc/<pid>/status."""
     out = {}
@@ -93,14 +78,9 @@ def pooled(make_daemon: Callable[..., DaemonProc], fakekrun: Path) -> Iterator[D
     yield make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2})
 
 
-def daemon_pid(d: DaemonProc) -> int:
-    assert d.proc is not None
-    return d.proc.pid
-
-
 def test_a_launch_takes_a_warm_worker_and_the_pool_refills(pooled: DaemonProc,
                                                             busybox_root: Path) -> None:
-    before = children(daemon_pid(pooled))
+    before = pooled.children()
     assert len(before) == 2, "the default pool is two workers, ready with READY=1"
     first = pooled.call("sandbox.run", sleeper("w1", busybox_root))
     assert first["state"] == "running"
@@ -109,7 +89,7 @@ def test_a_launch_takes_a_warm_worker_and_the_pool_refills(pooled: DaemonProc,
     assert second in before and second != first["run"]["pid"]
     # The first launch's replacement was spawned once it was answered, so before the
     # daemon read the second call, let alone answered it.
-    refilled = children(daemon_pid(pooled)) - {first["run"]["pid"], second}
+    refilled = pooled.children() - {first["run"]["pid"], second}
     assert refilled and not refilled & before, (before, refilled)
     third = pooled.call("sandbox.run", sleeper("w3", busybox_root))["run"]["pid"]
     assert third in refilled, "the pool did not refill"
@@ -119,16 +99,17 @@ def test_a_launch_takes_a_warm_worker_and_the_pool_refills(pooled: DaemonProc,
 def test_pool_zero_spawns_per_launch(make_daemon: Callable[..., DaemonProc], fakekrun: Path,
                                      busybox_root: Path) -> None:
     d = make_daemon(libkrun=fakekrun, settings={"worker_pool": 0})
-    assert children(daemon_pid(d)) == set()
+    assert d.children() == set()
     info = d.call("sandbox.run", sleeper("cold", busybox_root))
     assert info["state"] == "running"
-    assert children(daemon_pid(d)) == {info["run"]["pid"]}
+    assert d.children() == {info["run"]["pid"]}
 
 
 def test_the_spec_pipe_is_the_daemons_alone_and_closed_at_hand_off(
         pooled: DaemonProc, busybox_root: Path) -> None:
-    daemon = daemon_pid(pooled)
-    workers = children(daemon)
+    assert pooled.proc is not None
+    daemon = pooled.proc.pid
+    workers = pooled.children()
     inodes = {}
     for pid in workers:
         st = os.stat(f"/proc/{pid}/fd/96")
@@ -145,7 +126,7 @@ def test_the_spec_pipe_is_the_daemons_alone_and_closed_at_hand_off(
 
 def test_a_killed_pool_worker_is_never_handed_out(pooled: DaemonProc,
                                                   busybox_root: Path) -> None:
-    killed = children(daemon_pid(pooled))
+    killed = pooled.children()
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     wait_gone(killed)
@@ -160,7 +141,7 @@ def test_a_killed_pool_worker_is_never_handed_out(pooled: DaemonProc,
 def test_an_idle_worker_is_recycled(make_daemon: Callable[..., DaemonProc], fakekrun: Path,
                                     busybox_root: Path) -> None:
     d = make_daemon(libkrun=fakekrun, settings={"worker_pool_idle": 0.5})
-    first = children(daemon_pid(d))
+    first = d.children()
     assert len(first) == 2
     wait_gone(first)  # nothing took them: they idled out
     info = d.call("sandbox.run", sleeper("late", busybox_root))
@@ -170,8 +151,7 @@ def test_an_idle_worker_is_recycled(make_daemon: Callable[..., DaemonProc], fake
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become uids")
 def test_two_tenants_never_share_a_worker(shared: DaemonProc, make_root: Callable[..., Path]
                                           ) -> None:
-    daemon = daemon_pid(shared)
-    pool = children(daemon)
+    pool = shared.children()
     for pid in pool:
         assert status_ids(pid)["Uid"] == [0, 0, 0, 0], "a pooled worker is the daemon's"
     a_secret: dict[str, Any] = {"env": {"A_SECRET": "a-only"}}
@@ -184,14 +164,14 @@ def test_two_tenants_never_share_a_worker(shared: DaemonProc, make_root: Callabl
     assert set(status_ids(a_pid)["Groups"]) >= {SHARED_GID}
     assert status_ids(b_pid)["Uid"] == [B.uid] * 4 and status_ids(b_pid)["Gid"] == [B.gid] * 4
     assert SHARED_GID not in status_ids(b_pid)["Groups"]
-    for pid in children(daemon) - {a_pid, b_pid}:  # the refilled pool: nobody's yet
+    for pid in shared.children() - {a_pid, b_pid}:  # the refilled pool: nobody's yet
         assert status_ids(pid)["Uid"] == [0, 0, 0, 0]
         assert b"a-only" not in Path(f"/proc/{pid}/environ").read_bytes()
 
 
 def test_no_process_outlives_the_daemon(pooled: DaemonProc, busybox_root: Path) -> None:
     live = pooled.call("sandbox.run", sleeper("live", busybox_root))["run"]["pid"]
-    left = children(daemon_pid(pooled))
+    left = pooled.children()
     assert live in left and len(left) >= 2  # the sandbox's worker, and idle ones
     fds = [os.pidfd_open(pid) for pid in left]
     try:
@@ -206,4 +186,4 @@ def test_no_process_outlives_the_daemon(pooled: DaemonProc, busybox_root: Path) 
 def test_no_pool_without_a_libkrun(daemon: DaemonProc) -> None:
     """A daemon that cannot launch (no libkrun found) keeps no idle interpreters."""
     assert daemon.call("daemon.ping") == "pong"
-    assert children(daemon_pid(daemon)) == set()
+    assert daemon.children() == set()
