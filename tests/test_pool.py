@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from typing import Any
 import pytest
 from daemonproc import DaemonProc
 from tenants import SHARED_GID, A, B, ok, sleeper
+
+from msbd.contract import WorkerExit
+from msbd.daemon.spawn import spawn_worker, worker_environ
 
 WAIT = 30.0
 
@@ -187,3 +191,25 @@ def test_no_pool_without_a_libkrun(daemon: DaemonProc) -> None:
     """A daemon that cannot launch (no libkrun found) keeps no idle interpreters."""
     assert daemon.call("daemon.ping") == "pong"
     assert daemon.children() == set()
+
+
+@pytest.mark.parametrize("data", [b"", b"{not json"])
+def test_a_pooled_worker_refuses_a_spec_it_cannot_decode(data: bytes) -> None:
+    """Spawned as the pool spawns (fd 96 a pipe), the worker refuses what it cannot decode,
+    as always; an empty spec is what an idle worker reads when its daemon dies."""
+    worker = spawn_worker([sys.executable, "-m", "msbd.vm"], worker_environ({}), None)
+    try:
+        os.set_blocking(worker.spec_w, True)
+        os.write(worker.spec_w, data)
+        os.close(worker.spec_w)
+        worker.spec_w = -1
+        assert select.select([worker.pidfd], [], [], WAIT)[0], "the worker did not exit"
+        ended = os.waitid(os.P_PIDFD, worker.pidfd, os.WEXITED)
+        assert ended is not None and ended.si_code == os.CLD_EXITED
+        assert ended.si_status == WorkerExit.CHECK_FAILED
+        status = b""
+        while chunk := os.read(worker.status_r, 4096):
+            status += chunk
+        assert status.startswith(b"error spec: spec is not valid JSON"), status
+    finally:
+        worker.close()
