@@ -79,14 +79,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return Path(self.state_dir) / "msbd.db"
 
 
+def default_socket(uid: int | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Where the daemon listens unless told otherwise (the clients look there too):
+    /run/msbd/msbd.sock for root, else `$XDG_RUNTIME_DIR/msbd/msbd.sock`, else
+    /tmp/msbd-<uid>/msbd/msbd.sock."""
+    uid = os.getuid() if uid is None else uid
+    if uid == 0:
+        return "/run/msbd/msbd.sock"
+    return f"{_runtime_dir(uid, os.environ if environ is None else environ)}/msbd/msbd.sock"
+
+
+def _runtime_dir(uid: int, env: Mapping[str, str]) -> str:
+    return env.get("XDG_RUNTIME_DIR") or f"/tmp/msbd-{uid}"
+
+
 def default_paths(uid: int | None = None,
                   environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """(socket, state_dir) defaults: system paths for root, per-user paths otherwise."""
     uid = os.getuid() if uid is None else uid
     env = os.environ if environ is None else environ
+    socket = default_socket(uid, env)
     if uid == 0:
-        return "/run/msbd/msbd.sock", "/var/lib/msbd"
-    runtime = env.get("XDG_RUNTIME_DIR") or f"/tmp/msbd-{uid}"
+        return socket, "/var/lib/msbd"
     state = env.get("XDG_STATE_HOME")
     if not state:
         home = env.get("HOME")
@@ -94,9 +108,9 @@ def default_paths(uid: int | None = None,
             try:
                 home = pwd.getpwuid(uid).pw_dir
             except KeyError:  # no HOME and no passwd entry: keep state with the socket
-                return f"{runtime}/msbd/msbd.sock", f"{runtime}/msbd/state"
+                return socket, f"{_runtime_dir(uid, env)}/msbd/state"
         state = str(Path(home) / ".local/state")
-    return f"{runtime}/msbd/msbd.sock", f"{state}/msbd"
+    return socket, f"{state}/msbd"
 
 
 def load_settings(

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from msbd import ctlfmt as fmt
 from msbd import ctlspec
 from msbd.ctlspec import UsageError
-from msbd.errors import InvalidParams, MsbdError, RemoteError
+from msbd.errors import InvalidParams, MsbdError
 from msbd.rpc.client import Client, default_socket_path
 
 PROG = "msbctl"
@@ -292,9 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidParams as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
-    except RemoteError as exc:
-        print(f"{PROG}: {exc.message}", file=sys.stderr)
-        return 1
     except MsbdError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return 1

@@ -94,6 +94,9 @@ def print_info(info: dict[str, Any]) -> None:
     lim = info["limits"]
     print(f"limits     {lim['max_sandboxes']} sandboxes, {lim['max_vcpus']} vcpus, "
           f"{lim['max_memory_mib']} MiB")
+    if "default_network" in info:
+        egress = "yes" if info.get("egress_allowed") else "no (admins only)"
+        print(f"network    default {info['default_network']}, egress for you: {egress}")
     t = info.get("timers")
     if t and t["fired"]:
         print(f"timers     {t['fired']} fired, late p50 {t['late_p50'] * 1000:.1f} ms, "

@@ -144,6 +144,17 @@ class LibraryNotLoadable(MsbdError):
         self.tried = tried
 
 
+class DaemonUnavailable(MsbdError, ConnectionError):
+    """A client's side: the daemon's socket is missing, refuses us, or the connection dropped."""
+
+
+class Lagged(MsbdError):
+    """An events subscriber fell too far behind and was dropped (it may resubscribe)."""
+
+    def __init__(self, message: str = "the subscriber fell behind and was dropped") -> None:
+        super().__init__(message)
+
+
 class RemoteError(MsbdError):
     """An error reply received by a client: code, message and data as sent."""
 

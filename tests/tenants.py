@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from msbd.daemon.access import Caller
-from msbd.errors import RemoteError, RpcCode
-from msbd.rpc.client import Client, DaemonUnavailable
+from msbd.errors import DaemonUnavailable, RemoteError, RpcCode
+from msbd.rpc.client import Client
 
 
 @dataclass(frozen=True)

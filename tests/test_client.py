@@ -12,9 +12,10 @@ import anyio
 import pytest
 from test_rpc_server import Handler, running
 
-from msbd.errors import RemoteError
+from msbd.config import default_paths
+from msbd.errors import DaemonUnavailable, RemoteError
 from msbd.rpc.aclient import connect
-from msbd.rpc.client import Client, DaemonUnavailable, default_socket_path
+from msbd.rpc.client import Client, default_socket_path
 from msbd.rpc.methods import EventParams, NameParams, Subscription
 
 
@@ -74,7 +75,7 @@ def test_refused_socket_says_stale(sock_dir: Path) -> None:
 @pytest.mark.parametrize(("env", "expected"), [
     ({"MSBD_SOCKET": "/x/y.sock", "XDG_RUNTIME_DIR": "/run/user/5"}, "/x/y.sock"),
     ({"XDG_RUNTIME_DIR": "/run/user/5"}, "/run/user/5/msbd/msbd.sock"),
-    ({}, f"/tmp/msbd-{os.getuid()}/msbd.sock"),
+    ({}, f"/tmp/msbd-{os.getuid()}/msbd/msbd.sock"),  # where the daemon listens then
 ])
 def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, env: dict[str, str],
                              expected: str) -> None:
@@ -85,6 +86,16 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch, env: dict[str, str
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert default_socket_path() == expected
+
+
+@pytest.mark.parametrize("env", [{"XDG_RUNTIME_DIR": "/run/user/5"}, {}])
+def test_the_client_looks_where_the_daemon_listens(monkeypatch: pytest.MonkeyPatch,
+                                                    env: dict[str, str]) -> None:
+    monkeypatch.delenv("MSBD_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert default_socket_path() == default_paths()[0]
 
 
 def test_blocking_client_imports_no_async_stack() -> None:

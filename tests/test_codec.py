@@ -16,10 +16,6 @@ from msbd.rpc.codec import (
     Batch,
     Call,
     Invalid,
-    Notification,
-    Response,
-    decode_message,
-    decode_response,
     encode_batch,
     encode_error,
     encode_notification,
@@ -28,6 +24,7 @@ from msbd.rpc.codec import (
     parse_frame,
 )
 from msbd.rpc.methods import METHODS, NameParams
+from msbd.rpc.replies import Notification, Response, decode_message
 
 
 def shape(frame: object) -> Any:
@@ -251,9 +248,10 @@ def test_encode_batch_and_requests() -> None:
 
 
 def test_decode_message_kinds() -> None:
-    ok = decode_response(encode_result(1, "pong"))
-    assert msgspec.json.decode(ok.unwrap()) == "pong"
-    err = decode_response(encode_error(2, NotFound("x")))
+    ok = decode_message(encode_result(1, "pong"))
+    assert isinstance(ok, Response) and msgspec.json.decode(ok.unwrap()) == "pong"
+    err = decode_message(encode_error(2, NotFound("x")))
+    assert isinstance(err, Response)
     with pytest.raises(RemoteError) as info:
         err.unwrap()
     assert info.value.remote_code == -32001 and info.value.remote_data == {"sandbox": "x"}

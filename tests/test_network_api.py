@@ -23,13 +23,6 @@ from msbd.errors import ConfigError, RemoteError, RpcCode
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create and become uids")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def netd(make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path) -> DaemonProc:
     return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2,
@@ -91,12 +84,16 @@ def test_egress_is_for_admins_unless_a_setting_opens_it(
     nothing_recorded(d)
     made = ok(d.socket, ROOT, "sandbox.create", sleeper("root-out", root, network="egress"))
     assert made["network"] == "egress"
+    assert (ok(d.socket, A, "daemon.info")["egress_allowed"],
+            ok(d.socket, ROOT, "daemon.info")["egress_allowed"]) == (False, True)
 
     opened = make_daemon(libkrun=fakekrun, name="opened",
                          settings={"socket_mode": 0o666, "egress": "everyone",
                                    "default_network": "egress"})
     made = ok(opened.socket, A, "sandbox.create", sleeper("out", root))
     assert made["network"] == "egress"
+    shown = ok(opened.socket, A, "daemon.info")
+    assert (shown["default_network"], shown["egress_allowed"]) == ("egress", True)
 
 
 def test_closing_egress_again_holds_at_the_next_start(
@@ -128,9 +125,10 @@ def test_a_host_port_below_1024_is_roots_only(
 
 
 def test_a_port_published_by_a_running_sandbox_is_refused_naming_it(
-        netd: DaemonProc, make_root: Callable[..., Path]) -> None:
+        netd: DaemonProc, make_root: Callable[..., Path],
+        free_tcp_port_factory: Callable[[], int]) -> None:
     root = make_root("r", A)
-    port = free_port()
+    port = free_tcp_port_factory()
     first = ok(netd.socket, A, "sandbox.run", sleeper("first", root, ports=[
         {"host": port, "guest": 80}]))
     assert first["state"] == "running" and first["ports"] == [
@@ -140,7 +138,7 @@ def test_a_port_published_by_a_running_sandbox_is_refused_naming_it(
     with pytest.raises(OSError), socket.create_server(("127.0.0.1", port)):
         pass
 
-    again = sleeper("second", root, ports=[{"host": free_port(), "guest": 81},
+    again = sleeper("second", root, ports=[{"host": free_tcp_port_factory(), "guest": 81},
                                            {"host": port, "guest": 82}])
     err = refused(netd.socket, A, "sandbox.run", again)
     assert err["code"] == RpcCode.CONFLICT, err
@@ -178,9 +176,10 @@ def test_discover_documents_the_network_fields_and_the_egress_caveat(daemon: Dae
 
 
 def test_two_runs_racing_for_one_port_start_one_and_record_one(
-        netd: DaemonProc, make_root: Callable[..., Path]) -> None:
+        netd: DaemonProc, make_root: Callable[..., Path],
+        free_tcp_port_factory: Callable[[], int]) -> None:
     root = make_root("r", ROOT)
-    port = free_port()
+    port = free_tcp_port_factory()
     results: dict[str, Any] = {}
 
     def launch(name: str) -> None:

@@ -185,8 +185,9 @@ def test_heartbeat_lost(make_daemon: Any, fakekrun: Path, busybox_root: Path) ->
     elapsed = time.monotonic() - t0
     assert end["run"]["reason"] == "heartbeat_lost"
     assert end["run"]["signal"] == signal.SIGKILL  # stopped, so only SIGKILL could end it
-    # Lost after interval * (misses + 1) = 0.6 s, then 1 s of grace and the margin.
-    assert 0.6 + 1.0 + KILL_MARGIN <= elapsed < 0.6 + 1.0 + KILL_MARGIN + TOLERANCE
+    # Lost interval * (misses + 1) = 0.6 s after the last heartbeat, which came up to one
+    # interval (0.2 s) before t0; then 1 s of grace and the margin.
+    assert 0.4 + 1.0 + KILL_MARGIN <= elapsed < 0.6 + 1.0 + KILL_MARGIN + TOLERANCE
     assert not pid_alive(pid)
 
 

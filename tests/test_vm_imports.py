@@ -1,5 +1,5 @@
-"""The worker stays small: stdlib + msgspec + msbd.model/errors/contract; ctypes only in
-krun.py."""
+"""The worker stays small: stdlib + msgspec + msbd.model/errors/contract/network/peer; ctypes
+only in krun.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from workerproc import REPO
 
 VM = REPO / "msbd" / "vm"
-ALLOWED_MSBD = {"msbd", "msbd.model", "msbd.errors", "msbd.contract"}
+ALLOWED_MSBD = {"msbd", "msbd.model", "msbd.errors", "msbd.contract", "msbd.network",
+                "msbd.peer"}  # peer: stdlib only
 FORBIDDEN = ("anyio", "uvloop", "aiosqlite", "sqlite3", "asyncio", "msbd.rpc", "msbd.db",
              "msbd.daemon", "msbd.config")
 

@@ -29,13 +29,6 @@ def network_calls(w: Worker) -> list[dict[str, Any]]:
             for c in w.calls() if c["fn"] in NETWORK_CALLS]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def host_listener() -> Iterator[socket.socket]:
     """A TCP listener on the host's loopback, which no sandbox without egress may reach."""
@@ -78,10 +71,11 @@ def accepted(listener: socket.socket) -> bool:
 ], ids=["default", "none", "egress", "egress-ports-rlimits", "none-ports"])
 def test_each_mode_makes_exactly_these_calls(
         workers: Workers, make_spec: Callable[..., bytes], log: Path,
-        fields: dict[str, Any], expected: list[dict[str, Any]]) -> None:
+        fields: dict[str, Any], expected: list[dict[str, Any]],
+        free_tcp_port_factory: Callable[[], int]) -> None:
     for port in fields.get("ports", []):
         if port["host"] == "<free>":
-            port["host"] = free_port()
+            port["host"] = free_tcp_port_factory()
     w = workers.start(make_spec(**fields), log=log)
     assert w.wait() == 0, w.output()
     assert network_calls(w) == expected
@@ -109,8 +103,8 @@ def echo_through(port: int, deadline: float) -> bytes:
 
 def test_a_published_port_without_network_reaches_the_server_and_nothing_else(
         workers: Workers, make_spec: Callable[..., bytes], log: Path,
-        host_listener: socket.socket) -> None:
-    host_port = free_port()
+        host_listener: socket.socket, free_tcp_port_factory: Callable[[], int]) -> None:
+    host_port = free_tcp_port_factory()
     reach = host_listener.getsockname()[1]
     # The double's workload is a host process in the worker's namespace: it first tries
     # the host's loopback listener, then serves one echo on the published guest port.

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -88,13 +88,6 @@ def unix_accepted(s: socket.socket) -> bool:
     except BlockingIOError:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def listening_ports() -> set[str]:
@@ -177,9 +170,9 @@ def test_none_reaches_nothing_and_binds_nothing(
 
 def test_published_ports_without_network_let_clients_in_and_nothing_out(
         vm_daemon: DaemonProc, probe_root: Path, host_tcp: HostListener,
-        host_unix: tuple[socket.socket, str]) -> None:
+        host_unix: tuple[socket.socket, str], free_tcp_port_factory: Callable[[], int]) -> None:
     paths = [host_unix[1], str(vm_daemon.socket)]
-    published = free_port()
+    published = free_tcp_port_factory()
     info = vm_daemon.call("sandbox.run", guest("net-ports", probe_root, script(
         paths, host_tcp.port, servers=[GUEST_PORT], ready=GUEST_PORT),
         ports=[{"host": published, "guest": GUEST_PORT}]))
@@ -200,9 +193,9 @@ def test_published_ports_without_network_let_clients_in_and_nothing_out(
 
 def test_egress_reaches_what_the_docs_say_and_no_unix_socket(
         vm_daemon: DaemonProc, probe_root: Path, host_tcp: HostListener,
-        host_unix: tuple[socket.socket, str]) -> None:
+        host_unix: tuple[socket.socket, str], free_tcp_port_factory: Callable[[], int]) -> None:
     paths = [host_unix[1], str(vm_daemon.socket)]
-    published, unlisted = free_port(), free_port()
+    published, unlisted = free_tcp_port_factory(), free_tcp_port_factory()
     vm_daemon.call("sandbox.run", guest("net-egress", probe_root, script(
         paths, host_tcp.port, servers=[GUEST_PORT, unlisted], ready=unlisted),
         network="egress", ports=[{"host": published, "guest": GUEST_PORT}]))

@@ -39,13 +39,14 @@ from msbd.daemon.access import (
 )
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
-from msbd.daemon.events import EventHub, Lagged, stream_events
+from msbd.daemon.events import EventHub, stream_events
 from msbd.daemon.netpolicy import check_network, with_network
 from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
-from msbd.errors import Conflict, InvalidParams, LimitReached, NotFound
+from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound
 from msbd.model import Event, LaunchSpec, SandboxInfo
 from msbd.rpc.methods import (
+    METHODS,
     DaemonInfo,
     EventParams,
     KillSandboxParams,
@@ -71,6 +72,11 @@ from msbd.rpc.openrpc import openrpc_document
 from msbd.rpc.server import CallContext
 
 Handler = Callable[[Caller, Any, CallContext], Awaitable[Any]]
+
+
+def handler_name(method: str) -> str:
+    """The `Api` method that handles `method`: its verb (`noun.verb`)."""
+    return method.rpartition(".")[2]
 
 
 def parse_signal(value: str | int) -> int:
@@ -99,29 +105,10 @@ class Api:
         self._daemon_uid = self._daemon.uid
         self._log_dir = supervisor.log_dir
         self._discover: dict[str, Any] | None = None
+        # Each method's handler is the method of this class named by its verb:
+        # `sandbox.create` -> `create` (tests/test_api_table.py checks the pairing).
         self._table: dict[str, Handler] = {
-            "daemon.ping": self.ping,
-            "daemon.info": self.info,
-            "sandbox.create": self.create,
-            "sandbox.run": self.run,
-            "sandbox.start": self.start,
-            "sandbox.stop": self.stop,
-            "sandbox.kill": self.kill,
-            "sandbox.restart": self.restart,
-            "sandbox.remove": self.remove,
-            "sandbox.get": self.get,
-            "sandbox.list": self.list,
-            "sandbox.wait": self.wait,
-            "sandbox.touch": self.touch,
-            "sandbox.logs": self.logs,
-            "sandbox.metrics": self.metrics,
-            "events.subscribe": self.subscribe,
-            "rpc.discover": self.discover,
-        }
-
-    @property
-    def methods(self) -> frozenset[str]:
-        return frozenset(self._table)
+            name: getattr(self, handler_name(name)) for name in METHODS}
 
     async def __call__(self, ctx: CallContext, method: str, params: Any) -> Any:
         conn = ctx.connection
@@ -202,7 +189,9 @@ class Api:
                 max_connections_per_user=s.max_connections_per_user,
                 max_subscriptions_per_connection=s.max_subscriptions_per_connection,
                 max_spec_bytes=s.max_spec_bytes),
-            timers=timers, unreadable=dict(self._store.unreadable) if admin else None)
+            timers=timers, unreadable=dict(self._store.unreadable) if admin else None,
+            default_network=s.default_network,
+            egress_allowed=admin or s.egress == "everyone")
 
     async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
                        ) -> dict[str, Any]:

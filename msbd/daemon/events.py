@@ -19,13 +19,10 @@ from contextlib import asynccontextmanager
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from msbd.errors import Lagged
 from msbd.model import Event
 
 log = logging.getLogger("msbd.events")
-
-
-class Lagged(Exception):
-    """The subscriber fell too far behind and was dropped."""
 
 
 class Subscriber:

@@ -12,6 +12,8 @@ import asyncio
 import os
 from collections.abc import Callable
 
+from msbd.rpc.framing import Framer
+
 OnData = Callable[[bytes], None]
 
 
@@ -63,11 +65,12 @@ class LineSplitter:
     def __init__(self, on_line: Callable[[str], None], *, limit: int = 4096) -> None:
         self._on_line = on_line
         self._limit = limit
-        self._buf = b""
+        self._frames = Framer()
 
     def feed(self, chunk: bytes) -> None:
-        *lines, self._buf = (self._buf + chunk).split(b"\n")
-        if len(self._buf) > self._limit:
-            self._buf = b""
-        for raw in lines:
+        frames = self._frames
+        frames.feed(chunk)
+        while (raw := frames.pop()) is not None:
             self._on_line(raw.decode(errors="replace").strip())
+        if frames.pending > self._limit:
+            frames.discard()

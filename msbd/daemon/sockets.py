@@ -17,14 +17,12 @@ import logging
 import os
 import socket
 import stat
-import struct
 from pathlib import Path
 
 from msbd.errors import AlreadyRunning, ConfigError
+from msbd.peer import peer_pid
 
 log = logging.getLogger("msbd.daemon")
-
-_UCRED = struct.Struct("3i")
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -145,8 +143,7 @@ def _refuse_live_socket(path: Path) -> None:
             return
         raise ConfigError(f"cannot probe existing socket {path}: {exc.strerror}") from exc
     else:
-        pid = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                             _UCRED.size))[0]
+        pid = peer_pid(probe)
         raise AlreadyRunning(f"another msbd (pid {pid}) is serving {path}; "
                              "stop it first or choose another --socket")
     finally:

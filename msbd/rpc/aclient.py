@@ -18,12 +18,12 @@ import anyio.abc
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from msbd.errors import MsbdError
-from msbd.rpc.client import DaemonUnavailable, connect_error, default_socket_path, result_type
-from msbd.rpc.codec import Notification, Response, decode_message, encode_request
+from msbd.errors import DaemonUnavailable, MsbdError
+from msbd.rpc.client import RECV_SIZE, connect_error, default_socket_path, result_type
+from msbd.rpc.codec import encode_request
+from msbd.rpc.framing import Framer
 from msbd.rpc.methods import NOTIFICATIONS
-
-_RECV = 256 * 1024
+from msbd.rpc.replies import Notification, Response, decode_message
 
 
 class _Pending:
@@ -92,19 +92,17 @@ class AsyncClient:
         return pending.response.unwrap()
 
     async def _read(self) -> None:
-        buf = bytearray()
+        frames = Framer()
         lost: MsbdError = DaemonUnavailable(f"msbd closed the connection at {self.path}",
                                             data={"socket": self.path})
         try:
             while True:
                 try:
-                    data = await self._stream.receive(_RECV)
+                    data = await self._stream.receive(RECV_SIZE)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     break
-                buf += data
-                while (nl := buf.find(b"\n")) >= 0:
-                    line = bytes(buf[:nl])
-                    del buf[:nl + 1]
+                frames.feed(data)
+                while (line := frames.pop()) is not None:
                     if line.strip():
                         self._dispatch(line)
         except MsbdError as exc:  # a malformed message: the stream cannot be trusted

@@ -16,34 +16,21 @@ from typing import Any, Final
 
 import msgspec
 
-from msbd.errors import MsbdError
-from msbd.rpc.codec import (
-    Notification,
-    Response,
-    decode_message,
-    encode_notification,
-    encode_request,
-)
+from msbd.config import default_socket
+from msbd.errors import DaemonUnavailable
+from msbd.rpc.codec import encode_notification, encode_request
+from msbd.rpc.framing import Framer
 from msbd.rpc.methods import METHODS, NOTIFICATIONS
+from msbd.rpc.replies import Notification, Response, decode_message
 
-_RECV: Final = 256 * 1024
-
-
-class DaemonUnavailable(MsbdError, ConnectionError):
-    """The daemon's socket is missing, refuses us, or the connection dropped."""
+RECV_SIZE: Final = 256 * 1024
+"""Bytes asked of the socket per read (both clients)."""
 
 
 def default_socket_path() -> str:
-    """Where msbd listens: `$MSBD_SOCKET`, else /run/msbd/msbd.sock as root,
-    else `$XDG_RUNTIME_DIR/msbd/msbd.sock`, else /tmp/msbd-<uid>/msbd.sock."""
-    if env := os.environ.get("MSBD_SOCKET"):
-        return env
-    uid = os.getuid()
-    if uid == 0:
-        return "/run/msbd/msbd.sock"
-    if runtime := os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(runtime, "msbd", "msbd.sock")
-    return f"/tmp/msbd-{uid}/msbd.sock"
+    """Where msbd listens: `$MSBD_SOCKET` (the daemon's setting of that name), else the
+    daemon's default (`msbd.config.default_socket`)."""
+    return os.environ.get("MSBD_SOCKET") or default_socket()
 
 
 def connect_error(path: str, exc: OSError) -> DaemonUnavailable:
@@ -80,7 +67,7 @@ class Client:
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
         self._ids = 0
-        self._buf = bytearray()
+        self._frames = Framer()
         self._notifications: collections.deque[Notification] = collections.deque()
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -169,7 +156,7 @@ class Client:
 
     def _read_one(self, deadline: float | None) -> Response | Notification | None:
         """Read one message; notifications are queued and returned as None."""
-        while (nl := self._buf.find(b"\n")) < 0:
+        while (line := self._frames.pop()) is None:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -178,7 +165,7 @@ class Client:
             else:
                 self._sock.settimeout(None)
             try:
-                data = self._sock.recv(_RECV)
+                data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
                 raise
             except OSError as exc:
@@ -187,9 +174,7 @@ class Client:
             if not data:
                 raise DaemonUnavailable(f"msbd closed the connection at {self.path}",
                                         data={"socket": self.path})
-            self._buf += data
-        line = bytes(self._buf[:nl])
-        del self._buf[:nl + 1]
+            self._frames.feed(data)
         if not line.strip():
             return None
         msg = decode_message(line)

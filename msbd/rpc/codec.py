@@ -1,7 +1,8 @@
 """The pure JSON-RPC 2.0 codec: frame bytes in, calls or errors out; replies back to bytes.
 
 No I/O and no event loop: the server, the blocking client (msbctl) and the
-async client all reuse it. Every decoder is built once at import.
+async client all reuse it (the clients read replies with `msbd.rpc.replies`).
+Every decoder is built once at import.
 
 How a frame is decided (JSON-RPC 2.0, params by name only):
 
@@ -124,36 +125,6 @@ class _Notification(msgspec.Struct, frozen=True, omit_defaults=True):
     params: Any = None
 
 
-class Response(msgspec.Struct, frozen=True):
-    """A reply as a client sees it: `result` (raw JSON) or `error`."""
-
-    id: Id
-    result: Raw | None = None
-    error: ErrorObject | None = None
-
-    def unwrap(self) -> Raw:
-        """The raw result; an error reply raises `RemoteError`."""
-        if self.error is not None:
-            raise RemoteError(self.error.code, self.error.message, self.error.data)
-        return self.result if self.result is not None else Raw(b"null")
-
-
-class Notification(msgspec.Struct, frozen=True):
-    """A notification as a client sees it (the daemon sends `event`)."""
-
-    method: str
-    params: Raw
-
-
-class _Incoming(msgspec.Struct, frozen=True):
-    jsonrpc: Literal["2.0"]
-    id: Id | UnsetType = UNSET
-    method: str | UnsetType = UNSET
-    params: Raw = Raw(b"")
-    result: Raw | UnsetType = UNSET
-    error: ErrorObject | UnsetType = UNSET
-
-
 # --- decoders and encoder, built once ------------------------------------------
 
 _ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
@@ -161,7 +132,6 @@ _BATCH: Final = msgspec.json.Decoder(list[Raw])
 _RAW: Final = msgspec.json.Decoder(Raw)
 _MEMBERS: Final = msgspec.json.Decoder(dict[str, Raw])
 _ID: Final = msgspec.json.Decoder(Id)
-_INCOMING: Final = msgspec.json.Decoder(_Incoming)
 _ENCODER: Final = msgspec.json.Encoder()
 
 
@@ -364,41 +334,3 @@ def encode_request(method: str, params: Any, rid: Id) -> bytes:
 def encode_notification(method: str, params: Any) -> bytes:
     """A notification (a request without id). No newline."""
     return _ENCODER.encode(_Notification("2.0", method, params))
-
-
-# --- decoding replies (client side) ------------------------------------------------
-
-
-def decode_message(line: bytes) -> Response | Notification | list[Response]:
-    """What the daemon sent: a reply, a notification, or a batch's replies.
-
-    Raises `ParseError` when the line is not a JSON-RPC 2.0 response.
-    """
-    body = line.strip(_WS)
-    try:
-        if body[:1] == b"[":
-            return [_response(_INCOMING.decode(raw)) for raw in _BATCH.decode(body)]
-        msg = _INCOMING.decode(body)
-    except (msgspec.DecodeError, RecursionError) as exc:
-        raise ParseError(f"malformed message from the daemon: {exc}") from exc
-    if isinstance(msg.method, str) and msg.id is UNSET:
-        return Notification(msg.method, msg.params if len(msg.params) else Raw(b"null"))
-    return _response(msg)
-
-
-def _response(msg: _Incoming) -> Response:
-    if isinstance(msg.id, UnsetType) or isinstance(msg.result, UnsetType) == isinstance(
-            msg.error, UnsetType):
-        raise ParseError("malformed response from the daemon: needs `id` and exactly one "
-                         "of `result` and `error`")
-    if isinstance(msg.error, ErrorObject):
-        return Response(msg.id, None, msg.error)
-    return Response(msg.id, msg.result if isinstance(msg.result, Raw) else None, None)
-
-
-def decode_response(line: bytes) -> Response:
-    """One reply (not a batch, not a notification); raises `ParseError` otherwise."""
-    msg = decode_message(line)
-    if not isinstance(msg, Response):
-        raise ParseError("expected a single response from the daemon")
-    return msg

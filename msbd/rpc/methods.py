@@ -58,9 +58,9 @@ class KillSandboxParams(Params, frozen=True):
         int, msgspec.Meta(ge=1, le=64)] = "SIGKILL"
 
 
-class RestartSandboxParams(Params, frozen=True):
-    name: Name
-    timeout: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 10.0
+class RestartSandboxParams(StopSandboxParams, frozen=True):
+    # The same fields as a stop's (restart stops first); a name of its own in the schema.
+    pass
 
 
 class RemoveSandboxParams(Params, frozen=True):
@@ -156,6 +156,9 @@ class DaemonInfo(Result, frozen=True):
     counts: dict[str, int]
     limits: LimitsInfo
     timers: TimerInfo | None  # admins only
+    # The network a spec without one gets, and whether the caller may ask for egress.
+    default_network: str = "none"
+    egress_allowed: bool = False
     unreadable: dict[str, str] | None = None  # admins only: records lists skipped, and why
 
 

@@ -3,12 +3,12 @@
 How it works. The daemon creates and binds the socket; `serve_rpc` takes it
 over and reports an `RpcServer` through `task_status.started(server)`. The
 server accepts connections itself (a reader callback on the listening
-socket, up to `_ACCEPT_BURST` per wakeup); each admitted connection is an
-asyncio protocol (the daemon runs on asyncio/uvloop; reading through a
-protocol keeps the ping round trip short) plus one task, owned by the
-server's task group, that owns the connection's task group: every call,
-batch and deferred job runs in it, so closing the connection cancels them all
-and nothing escapes to the server.
+socket, up to `_ACCEPT_BURST` per wakeup) and serves each admitted one as a
+`msbd.rpc.protocol.ServerProtocol` with a task of its own in the server's
+task group (how a connection is read, answered, held back and closed is
+told there). The server and its connections share one `ServerState`: the
+open connections and their per-uid counts, the calls in flight, whether the
+server drains.
 
 Accepting. Past `max_connections` a new connection gets one -32004 error
 line (id null) and is closed; one warning is logged per such episode, not
@@ -22,45 +22,28 @@ server would instead apply libuv's EMFILE trick, closing waiting clients
 unanswered and logging nothing, and would stop serving for good on any other
 accept error.)
 
-Per connection: frames are split on b"\\n" from one buffer; a frame over
-`max_frame_bytes` is answered with -32600 and the connection closed. Calls
-run concurrently and are answered as they finish (ids match them up); a
-batch is answered with one array line. While `max_inflight_per_connection`
-calls run, or the client is not reading its replies, the connection is not
-read (backpressure). Writes are whole frames through the transport, in the
-order they are made. A watchdog closes a connection that is idle, stops
-reading its replies (`send_timeout`), or leaves a frame unfinished for
-`frame_timeout` (answered with -32600 first). A connection closed with
-replies still unsent gets `send_timeout` to take them, then is aborted: its
-descriptor is never held longer.
-
-After EOF from a client that only shut down its writing side, calls already
-read still run and are answered, then the connection closes. A client that
-closed its socket (POLLHUP at EOF) or a lost connection: everything on it is
-cancelled.
 `RpcServer.drain(timeout)` stops accepting and reading, lets in-flight calls
 finish within `timeout`, then cancels the rest; `serve_rpc` then returns.
-Calls run on worker tasks of the connection's task group that stay for the
-next call (handing a call to an idle worker is cheaper than a new task).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import logging
 import socket
-from dataclasses import dataclass
 from typing import Final
 
 import anyio
 import anyio.abc
 
 from msbd.errors import LimitReached
+from msbd.peer import Peer, read_peer
 from msbd.rpc.codec import encode_error
-from msbd.rpc.connection import CallContext, Connection, Deferred, Handler, ServerProtocol
-from msbd.rpc.peer import Peer, read_peer
+from msbd.rpc.handler import CallContext, Connection, Deferred, Handler
+from msbd.rpc.limits import RpcLimits
+from msbd.rpc.protocol import ServerProtocol
+from msbd.rpc.state import ServerState
 
 __all__ = ["CallContext", "Connection", "Deferred", "Handler", "RpcLimits", "RpcServer",
            "serve_rpc"]
@@ -74,36 +57,14 @@ _BACKOFF_MAX: Final = 1.0
 _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-@dataclass(frozen=True, slots=True)
-class RpcLimits:
-    """What one client may cost the daemon. Timeouts are seconds; None disables one."""
-
-    max_frame_bytes: int = 1024 * 1024
-    max_batch: int = 100
-    max_inflight_per_connection: int = 64
-    max_connections: int = 1024
-    max_connections_per_user: int | None = None
-    """Connections one uid may hold at once (the `exempt_uids` are not counted)."""
-    exempt_uids: frozenset[int] = frozenset()
-    """Uids the per-user limit does not apply to (the daemon's admins)."""
-    idle_timeout: float | None = 300.0
-    """Close a connection with no calls, no deferred work and no traffic for this long."""
-    frame_timeout: float | None = 30.0
-    """Close a connection whose started frame is not finished within this long."""
-    send_timeout: float | None = 30.0
-    """Close a connection that does not read its replies for this long."""
-
-
 class RpcServer:
     """A running server: `serve` it, then `close_listener()` or `drain(timeout)`."""
 
     def __init__(self, handler: Handler, *, limits: RpcLimits | None = None) -> None:
         self.handler = handler
         self.limits = limits if limits is not None else RpcLimits()
-        self._ids = itertools.count(1)
-        self._protocols: set[ServerProtocol] = set()
-        self._per_uid: dict[int, int] = {}  # uid -> connections it holds (not exempt ones)
-        self._lingering = 0  # closed connections still flushing their last replies
+        self._state = ServerState(handler, self.limits)
+        self._state.released = self._descriptor_released
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -112,19 +73,16 @@ class RpcServer:
         self._backoff = 0.0
         self._starved_since: float | None = None  # accept failing since (loop time)
         self._refused = 0  # connections refused since the limit was last reached
-        self._inflight = 0
-        self._draining = False
-        self._idle: anyio.Event | None = None
 
     @property
     def connection_count(self) -> int:
         """Connections open now (those still flushing their last replies included)."""
-        return len(self._protocols) + self._lingering
+        return self._state.connection_count
 
     @property
     def inflight(self) -> int:
         """Calls running now, over all connections (deferred jobs not counted)."""
-        return self._inflight
+        return self._state.inflight
 
     async def serve(self, listener: anyio.abc.SocketListener | socket.socket, *,
                     task_status: anyio.abc.TaskStatus[RpcServer] = anyio.TASK_STATUS_IGNORED,
@@ -164,13 +122,9 @@ class RpcServer:
         `serve` returns once this does.
         """
         self.close_listener()
-        self._draining = True
-        for proto in list(self._protocols):
-            proto.update_reading()
+        self._state.drain()
         with anyio.move_on_after(timeout):
-            while self._inflight:
-                self._idle = anyio.Event()
-                await self._idle.wait()
+            await self._state.wait_idle()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
@@ -239,8 +193,8 @@ class RpcServer:
         self._watch()
 
     def _open(self, sock: socket.socket) -> None:
-        tg = self._tg
-        if tg is None or self._draining:
+        tg, state = self._tg, self._state
+        if tg is None or state.draining:
             sock.close()
             return
         limits = self.limits
@@ -249,7 +203,7 @@ class RpcServer:
         if self.connection_count >= limits.max_connections:
             self._refuse(sock, peer, "max_connections", limits.max_connections)
             return
-        held = self._per_uid.get(peer.uid, 0)
+        held = state.per_uid.get(peer.uid, 0)
         if (limits.max_connections_per_user is not None and not exempt
                 and held >= limits.max_connections_per_user):
             self._refuse(sock, peer, "max_connections_per_user",
@@ -259,11 +213,8 @@ class RpcServer:
             log.warning("accepting connections again: %d refused while at the limit of %d",
                         self._refused, limits.max_connections)
             self._refused = 0
-        proto = ServerProtocol(self, peer)
-        if not exempt:
-            self._per_uid[peer.uid] = held + 1
-            proto.counted_uid = peer.uid
-        self._protocols.add(proto)
+        proto = ServerProtocol(state, peer)
+        state.admit(proto, None if exempt else peer.uid)
         tg.start_soon(proto.serve_socket, sock, name=f"msbd.rpc connection {proto.conn_id}")
 
     def _refuse(self, sock: socket.socket, peer: Peer, setting: str, limit: int) -> None:
@@ -284,33 +235,10 @@ class RpcServer:
         finally:
             sock.close()
 
-    # --- used by ServerProtocol ---
-
-    def _connection_ended(self, proto: ServerProtocol) -> None:
-        if proto in self._protocols:
-            self._protocols.discard(proto)
-            self._release_uid(proto)
-
-    def _release_uid(self, proto: ServerProtocol) -> None:
-        uid = proto.counted_uid
-        if uid is None:
-            return
-        proto.counted_uid = None
-        left = self._per_uid.get(uid, 1) - 1
-        if left > 0:
-            self._per_uid[uid] = left
-        else:
-            self._per_uid.pop(uid, None)
-
     def _descriptor_released(self) -> None:
         """A connection's socket is closed: a starved accept may succeed now."""
         if self._starved_since is not None and self._listener is not None:
             self._resume()
-
-    def _calls_done(self, n: int) -> None:
-        self._inflight -= n
-        if not self._inflight and self._idle is not None:
-            self._idle.set()
 
 
 def _too_many(setting: str, limit: int) -> bytes:

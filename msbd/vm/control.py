@@ -53,19 +53,18 @@ import contextlib
 import os
 import re
 import socket
-import struct
 import tempfile
 import threading
 import time
 from typing import Final
 
+from msbd.peer import peer_pid
 from msbd.vm.status import say
 
 PORT: Final = 7097  # any port will do: each VM has a vsock port space of its own
 SOCKET_NAME: Final = "ctl"
 LINE_MAX: Final = 256  # the longest line read from the guest; longer ones are dropped
 _MAX_NOTED: Final = 3  # unexpected lines repeated on the console, at most
-_UCRED: Final = struct.Struct("iII")  # SO_PEERCRED: pid, uid, gid
 _EXIT_LINE: Final = re.compile(rb"exit (\d{1,3})")
 
 
@@ -78,12 +77,6 @@ def guest_env(grace: float, channel: Channel | None) -> list[str]:
     """msbd's own entries of the guest's environment (after the spec's)."""
     entries = [f"MSBD_CONTROL_PORT={PORT}"] if channel is not None else []
     return [*entries, f"MSBD_STOP_GRACE={seconds_text(grace)}"]
-
-
-def _peer_pid(conn: socket.socket) -> int:
-    pid, _, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                              _UCRED.size))
-    return int(pid)
 
 
 def _printable(raw: bytes) -> str:
@@ -163,7 +156,7 @@ class Channel:
                 if not discarded:
                     say(f"control channel: cannot accept a connection: {exc.strerror or exc}")
                 return None
-            pid = _peer_pid(conn)
+            pid = peer_pid(conn)
             if pid == os.getpid():
                 break
             conn.close()

@@ -1,8 +1,32 @@
-"""One client connection of the RPC server: framing, dispatch, flow control, watchdog.
+"""One client connection of the RPC server, as an asyncio protocol (internal).
 
-`Connection` and `CallContext` are what handlers see; `ServerProtocol` is the
-asyncio protocol behind them, internal to `msbd.rpc.server` (see its docstring
-for how a connection behaves).
+How a connection works. For each admitted socket the server starts
+`serve_socket` in its own task group; that task owns the connection's task
+group, in which every call, batch and deferred job runs: closing the
+connection cancels them all, and nothing escapes to the server. Reading goes
+through an asyncio protocol (on asyncio/uvloop a protocol keeps the ping
+round trip short); nothing is read before the task runs.
+
+Frames are split on b"\\n" (`Framer`); a frame over `max_frame_bytes`, whole
+or still growing, is answered with -32600 (id null) and the connection
+closed. Calls run concurrently on worker tasks that stay for the next call
+(cheaper than a new task each) and are answered as they finish (ids match
+them up); a batch is answered with one array line once all its calls are
+done; deferred jobs start once their call's reply is written. Writes are
+whole frames, in the order they are made. While `max_inflight_per_connection`
+calls run, or the client is not reading its replies, the connection is not
+read (`FlowControl`).
+
+A watchdog task closes a connection that is idle, stops reading its replies
+or leaves a frame unfinished (`limits.close_deadline`). A connection closed
+with replies still unsent gets `send_timeout` to take them, then is aborted:
+its descriptor is never held longer (it counts as open meanwhile).
+
+After EOF from a client that only shut down its writing side, calls already
+read still run and are answered (a last frame without its newline too), then
+the connection closes. A client that closed its socket (POLLHUP at EOF) or a
+lost connection: everything on it is cancelled. The protocol counts itself
+in and out of the `ServerState` it shares; it never reaches into the server.
 """
 
 from __future__ import annotations
@@ -10,135 +34,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import select
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import cast
 
 import anyio
 import anyio.abc
 
-from msbd.errors import InvalidRequest, MsbdError
-from msbd.model import Spec
-from msbd.rpc.codec import (
-    Batch,
-    Call,
-    Invalid,
-    Item,
-    encode_batch,
-    encode_error,
-    encode_notification,
-    encode_result,
-    parse_frame,
-)
-from msbd.rpc.peer import UNKNOWN, Peer
-
-if TYPE_CHECKING:
-    from msbd.rpc.server import RpcServer
+from msbd.peer import UNKNOWN, Peer, peer_closed
+from msbd.rpc.codec import Batch, Call, Invalid, Item, encode_batch, encode_error, parse_frame
+from msbd.rpc.flow import FlowControl
+from msbd.rpc.framing import Framer, FrameTooLong
+from msbd.rpc.handler import INTERNAL_ERROR, CallContext, Connection, Deferred, answer
+from msbd.rpc.limits import Stall, close_deadline
+from msbd.rpc.state import ServerState
 
 log = logging.getLogger("msbd.rpc")
-
-Handler = Callable[["CallContext", str, Spec], Awaitable[Any]]
-"""`await handler(ctx, method, params)`; the result is encoded with msgspec."""
-Deferred = Callable[[], Awaitable[None]]
-
-_INTERNAL: Final = MsbdError("internal error")
-
-
-class Connection:
-    """One client connection as handlers see it: who is calling, and a way to notify.
-
-    `subscriptions` is the handlers' own count of the event streams this
-    connection holds (the daemon caps it per connection).
-    """
-
-    __slots__ = ("_proto", "gid", "groups", "id", "pid", "subscriptions", "uid")
-
-    def __init__(self, proto: ServerProtocol, conn_id: int, peer: Peer) -> None:
-        self._proto = proto
-        self.id = conn_id
-        self.pid = peer.pid
-        self.uid = peer.uid
-        self.gid = peer.gid
-        self.groups = peer.groups
-        self.subscriptions = 0
-
-    def __repr__(self) -> str:
-        return f"<Connection {self.id} uid={self.uid} gid={self.gid} pid={self.pid}>"
-
-    @property
-    def closed(self) -> bool:
-        return self._proto.closing
-
-    async def notify(self, method: str, params: Any) -> None:
-        """Write one notification frame; waits while the client is not reading.
-
-        Raises `anyio.BrokenResourceError` once the connection is closed (a
-        client that does not read for `send_timeout` is closed).
-        """
-        proto = self._proto
-        if proto.closing:
-            raise anyio.BrokenResourceError(f"connection {self.id} is closed")
-        proto.write(encode_notification(method, params))
-        while proto.write_paused and not proto.closing:
-            await proto.writable.wait()
-        if proto.closing:
-            raise anyio.BrokenResourceError(f"connection {self.id} is closed")
-
-    def close(self) -> None:
-        """Close after the replies already written are sent; cancels its calls."""
-        self._proto.close()
-
-
-class CallContext:
-    """What a handler gets besides its params: the connection, and `defer`."""
-
-    __slots__ = ("_deferred", "connection")
-
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self._deferred: list[Deferred] = []
-
-    def defer(self, job: Deferred) -> None:
-        """Run `job()` once this call's reply (or its batch's reply) is written.
-
-        It runs in the connection's task group: it is cancelled when the
-        connection closes, and its errors are logged, never sent.
-        """
-        self._deferred.append(job)
-
 
 
 class ServerProtocol(asyncio.Protocol):
     """One connection's framing, dispatch, flow control and watchdog (internal)."""
 
-    def __init__(self, server: RpcServer, peer: Peer = UNKNOWN) -> None:
-        self.server = server
+    def __init__(self, state: ServerState, peer: Peer = UNKNOWN) -> None:
+        self.state = state
         self.peer = peer
-        self.counted_uid: int | None = None  # set by the server when it counts us per uid
-        self.limits = server.limits
-        self.handler = server.handler
-        self.conn_id = next(server._ids)
+        self.limits = state.limits
+        self.handler = state.handler
+        self.conn_id = next(state.ids)
         self.loop = asyncio.get_running_loop()
-        self.buf = bytearray()
-        self.scan_from = 0
+        self.frames = Framer(self.limits.max_frame_bytes)
+        self.flow = FlowControl()
         self.inflight = 0  # calls running (a batch counts each of its calls)
         self.busy = 0  # deferred jobs running
         self.closing = False
         self.lost = False
         self.eof = False
-        self.write_paused = False
-        self.writable = anyio.Event()
         self.ended = anyio.Event()
         self.tg: anyio.abc.TaskGroup | None = None
         self.conn: Connection | None = None
         self.last_active = self.loop.time()
         self.frame_started: float | None = None
-        self.write_paused_at: float | None = None
         self.watch_deadline = math.inf
         self.watch_wake = anyio.Event()
         self.idle_workers: list[asyncio.Future[Call | list[Item]]] = []
-        self.lingering = False  # closed, still flushing replies: counted by the server
+        self.lingering = False  # closed, still flushing replies: counted by the state
         self.linger: asyncio.TimerHandle | None = None
 
     # --- asyncio callbacks ---
@@ -146,28 +84,26 @@ class ServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport
         self.transport = transport = cast(asyncio.Transport, transport)
+        self.flow.attach(transport)
         if not self.peer.known:
             log.warning("connection %d: no peer credentials", self.conn_id)
         self.conn = Connection(self, self.conn_id, self.peer)
-        # Not read until the connection's task runs. uvloop starts reading only
-        # after this returns, undoing this pause: `process` pauses again on the
-        # first data, and `update_reading` asks the transport, never a flag.
+        # Not read until the connection's task runs (see `FlowControl.set_reading`).
         transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.buf += data
+        self.frames.feed(data)
         self.last_active = self.loop.time()
         self.process()
 
     def eof_received(self) -> bool:
         self.eof = True
-        if _peer_gone(self.transport):  # closed, not just done writing: nobody to answer
+        if peer_closed(self.transport.get_extra_info("socket")):  # nobody to answer
             self.close(abort=True)
             return True
-        if self.buf and not self.buf.endswith(b"\n") and not self.closing:
-            self.buf += b"\n"  # a last frame without its newline
+        if not self.closing and self.frames.finish():  # a last frame without its newline
             self.process()
         self.check_ended()
         return True  # keep our side open to write the replies
@@ -176,65 +112,57 @@ class ServerProtocol(asyncio.Protocol):
         self.lost = self.closing = True
         if self.lingering:
             self.lingering = False
-            self.server._lingering -= 1
+            self.state.lingering -= 1
         if self.linger is not None:
             self.linger.cancel()
             self.linger = None
-        self.server._descriptor_released()
-        self.writable.set()
+        self.state.released()
+        self.flow.close()
         self.ended.set()
         if self.tg is not None:
             self.tg.cancel_scope.cancel()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        self.writable = anyio.Event()
-        self.write_paused_at = self.loop.time()
+        now = self.loop.time()
+        self.flow.pause_writing(now)
         self.update_reading()
-        self.wake_watchdog(self.limits.send_timeout, self.write_paused_at)
+        self.wake_watchdog(self.limits.send_timeout, now)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        self.write_paused_at = None
-        self.writable.set()
+        self.flow.resume_writing()
         self.process()
 
     # --- framing and dispatch ---
 
+    def may_read(self) -> bool:
+        """Whether this connection takes another frame now (the read gate's rule)."""
+        return (self.tg is not None and not self.closing and not self.flow.write_paused
+                and not self.state.draining
+                and self.inflight < self.limits.max_inflight_per_connection)
+
     def process(self) -> None:
         """Dispatch every complete frame in the buffer the inflight limit allows."""
-        buf, limits = self.buf, self.limits
         if self.tg is None:  # data before the connection's task runs: keep it for then
             self.update_reading()
             return
-        start = 0
-        server = self.server
-        while (self.inflight < limits.max_inflight_per_connection and not self.closing
-               and not self.write_paused and not server._draining):
-            nl = buf.find(b"\n", max(start, self.scan_from))
-            if nl < 0:
-                break
-            self.scan_from = 0
-            if nl - start > limits.max_frame_bytes:
-                self.frame_too_big()
+        frames = self.frames
+        try:
+            while self.may_read() and (line := frames.pop()) is not None:
+                self.dispatch(line)
+            if self.closing:
                 return
-            if nl > start:
-                self.dispatch(bytes(buf[start:nl]))
-            start = nl + 1
-        if start:
-            del buf[:start]
-        if self.closing:
+            unfinished = frames.unfinished()
+        except FrameTooLong as exc:
+            log.warning("connection %d: frame over the limit of %d bytes, closing",
+                        self.conn_id, exc.limit)
+            self.write(encode_error(None, exc))
+            self.close()
             return
-        if buf and buf.find(b"\n", self.scan_from) < 0:  # a frame not finished yet
-            if len(buf) > limits.max_frame_bytes:
-                self.frame_too_big()
-                return
-            self.scan_from = len(buf)
-            if self.frame_started is None:
-                self.frame_started = self.loop.time()
-                self.wake_watchdog(limits.frame_timeout, self.frame_started)
-        else:
+        if not unfinished:
             self.frame_started = None
+        elif self.frame_started is None:
+            self.frame_started = self.loop.time()
+            self.wake_watchdog(self.limits.frame_timeout, self.frame_started)
         self.update_reading()
 
     def dispatch(self, line: bytes) -> None:
@@ -242,7 +170,7 @@ class ServerProtocol(asyncio.Protocol):
             frame = parse_frame(line, max_batch=self.limits.max_batch)
         except Exception:
             log.error("connection %d: cannot parse a frame", self.conn_id, exc_info=True)
-            self.write(encode_error(None, _INTERNAL))
+            self.write(encode_error(None, INTERNAL_ERROR))
             return
         if type(frame) is Call:
             self.start_calls(1)
@@ -258,11 +186,7 @@ class ServerProtocol(asyncio.Protocol):
                 self.write(encode_batch([_answer_invalid(item) for item in frame.items]))
 
     def launch(self, job: Call | list[Item]) -> None:
-        """Hand `job` to an idle worker of this connection, or start one.
-
-        Workers are tasks of the connection's task group that stay for the
-        next call: handing over a future is much cheaper than a new task.
-        """
+        """Hand `job` to an idle worker of this connection, or start one."""
         if self.idle_workers:
             self.idle_workers.pop().set_result(job)
         else:
@@ -282,13 +206,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def start_calls(self, n: int) -> None:
         self.inflight += n
-        self.server._inflight += n
-
-    def frame_too_big(self) -> None:
-        limit = self.limits.max_frame_bytes
-        log.warning("connection %d: frame over the limit of %d bytes, closing", self.conn_id, limit)
-        self.write(encode_error(None, _frame_error(limit)))
-        self.close()
+        self.state.calls_started(n)
 
     # --- running calls ---
 
@@ -296,7 +214,7 @@ class ServerProtocol(asyncio.Protocol):
         assert self.conn is not None
         ctx = CallContext(self.conn)
         try:
-            reply = await self.execute(ctx, call)
+            reply = await answer(self.handler, ctx, call)
         finally:
             self.calls_done(1)
         if reply is not None:
@@ -310,7 +228,7 @@ class ServerProtocol(asyncio.Protocol):
         contexts: list[CallContext] = []
 
         async def run_one(i: int, ctx: CallContext, call: Call) -> None:
-            replies[i] = await self.execute(ctx, call)
+            replies[i] = await answer(self.handler, ctx, call)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -328,29 +246,14 @@ class ServerProtocol(asyncio.Protocol):
         for ctx in contexts:
             self.start_deferred(ctx)
 
-    async def execute(self, ctx: CallContext, call: Call) -> bytes | None:
-        """Run one call; its encoded reply, or None for a notification."""
-        try:
-            result = await self.handler(ctx, call.method, call.params)
-            return None if call.notification else encode_result(call.id, result)
-        except MsbdError as exc:
-            if call.notification:
-                log.debug("connection %d: notification %s failed: %s", self.conn_id,
-                          call.method, exc)
-                return None
-            return encode_error(call.id, exc)
-        except Exception:
-            log.error("connection %d: %s raised", self.conn_id, call.method, exc_info=True)
-            return None if call.notification else encode_error(call.id, _INTERNAL)
-
     def calls_done(self, n: int) -> None:
         self.inflight -= n
-        self.server._calls_done(n)
+        self.state.calls_done(n)
 
     def start_deferred(self, ctx: CallContext) -> None:
-        if not ctx._deferred or self.closing or self.tg is None:
+        if not ctx.deferred or self.closing or self.tg is None:
             return
-        for job in ctx._deferred:
+        for job in ctx.deferred:
             self.busy += 1
             self.tg.start_soon(self.run_deferred, job)
 
@@ -376,26 +279,20 @@ class ServerProtocol(asyncio.Protocol):
 
     def check_ended(self) -> None:
         """After EOF: end once nothing is left to run or answer."""
-        if self.eof and not self.inflight and not self.busy and b"\n" not in self.buf:
+        if self.eof and not self.inflight and not self.busy and not self.frames.has_frame():
             self.ended.set()
 
-    # --- writing, flow control, closing ---
+    # --- writing, the read gate, closing (the `Link` of the handlers' `Connection`) ---
 
     def write(self, data: bytes) -> None:
         if not self.closing:
             self.transport.write(data + b"\n")
 
+    async def wait_writable(self) -> None:
+        await self.flow.wait_writable()
+
     def update_reading(self) -> None:
-        if self.conn is None or self.transport.is_closing():  # not connected, or done
-            return
-        want = (self.tg is not None and not self.closing and not self.eof
-                and not self.write_paused and not self.server._draining
-                and self.inflight < self.limits.max_inflight_per_connection)
-        if want != self.transport.is_reading():
-            if want:
-                self.transport.resume_reading()
-            else:
-                self.transport.pause_reading()
+        self.flow.set_reading(not self.eof and self.may_read())
 
     def close(self, *, abort: bool = False) -> None:
         """Close; `abort` drops unsent replies. A graceful close that leaves replies
@@ -409,12 +306,12 @@ class ServerProtocol(asyncio.Protocol):
                 transport.close()
                 if pending and not self.lost:
                     self.lingering = True
-                    self.server._lingering += 1
+                    self.state.lingering += 1
                     if self.limits.send_timeout is not None:
                         self.linger = self.loop.call_later(self.limits.send_timeout,
                                                            self.abort_lingering)
         self.closing = True
-        self.writable.set()
+        self.flow.close()
         self.ended.set()
 
     def abort_lingering(self) -> None:
@@ -434,7 +331,7 @@ class ServerProtocol(asyncio.Protocol):
             # The transport closed (or never took) the socket; closing the same
             # socket object again is a no-op, never a second close of the fd.
             sock.close()
-            self.server._connection_ended(self)
+            self.state.ended(self)
             if isinstance(exc, OSError):
                 log.debug("connection %d: lost before it was set up: %s", self.conn_id, exc)
                 return
@@ -442,6 +339,7 @@ class ServerProtocol(asyncio.Protocol):
         await self.run()
 
     async def run(self) -> None:
+        """Serve the connected transport until the connection ends."""
         conn = self.conn
         assert conn is not None
         log.debug("connection %d opened (uid %d gid %d pid %d)", conn.id, conn.uid, conn.gid,
@@ -451,9 +349,7 @@ class ServerProtocol(asyncio.Protocol):
                 self.tg = tg
                 if self.lost:
                     tg.cancel_scope.cancel()
-                limits = self.limits
-                if (limits.idle_timeout, limits.frame_timeout, limits.send_timeout) != (
-                        None, None, None):
+                if self.limits.watched:
                     tg.start_soon(self.watchdog)
                 self.process()
                 await self.ended.wait()
@@ -461,7 +357,7 @@ class ServerProtocol(asyncio.Protocol):
         except Exception:
             log.error("connection %d: unexpected error", conn.id, exc_info=True)
         finally:
-            self.server._connection_ended(self)
+            self.state.ended(self)
             self.close()
             log.debug("connection %d closed", conn.id)
 
@@ -471,29 +367,19 @@ class ServerProtocol(asyncio.Protocol):
 
     async def watchdog(self) -> None:
         """Close the connection when it is idle, stalls mid-frame, or stops reading."""
-        limits = self.limits
         while True:
             now = self.loop.time()
-            deadline, why = math.inf, ""
-            if limits.send_timeout is not None and self.write_paused_at is not None:
-                deadline, why = self.write_paused_at + limits.send_timeout, "does not read"
-            if limits.frame_timeout is not None and self.frame_started is not None and (
-                    t := self.frame_started + limits.frame_timeout) < deadline:
-                deadline, why = t, "left a frame unfinished"
-            if limits.idle_timeout is not None:
-                if self.inflight or self.busy or self.frame_started is not None:
-                    t, reason = now + limits.idle_timeout, ""  # look again then
-                else:
-                    t, reason = self.last_active + limits.idle_timeout, "idle"
-                if t < deadline:
-                    deadline, why = t, reason
-            if deadline <= now and why:
-                if why == "idle":
+            deadline, why = close_deadline(
+                self.limits, now=now, last_active=self.last_active,
+                busy=bool(self.inflight or self.busy), frame_started=self.frame_started,
+                write_paused_at=self.flow.paused_at)
+            if why is not None and deadline <= now:
+                if why is Stall.IDLE:
                     log.debug("connection %d: idle for %ss, closing", self.conn_id,
-                              limits.idle_timeout)
+                              self.limits.idle_timeout)
                 else:
                     log.warning("connection %d: client %s, closing", self.conn_id, why)
-                self.close(abort=why == "does not read")
+                self.close(abort=why is Stall.NOT_READING)
                 return
             self.watch_deadline = deadline
             self.watch_wake = anyio.Event()
@@ -501,26 +387,6 @@ class ServerProtocol(asyncio.Protocol):
                 await self.watch_wake.wait()
 
 
-def _peer_gone(transport: asyncio.Transport) -> bool:
-    """After EOF: did the peer close its socket, or only shut down its writing side?
-
-    On Linux a Unix stream socket polls POLLHUP only once both directions
-    are shut, i.e. the peer closed it; `shutdown(SHUT_WR)` leaves it writable.
-    """
-    try:
-        poller = select.poll()
-        poller.register(transport.get_extra_info("socket").fileno(), select.POLLOUT)
-        return any(events & select.POLLHUP for _, events in poller.poll(0))
-    except (OSError, AttributeError, ValueError):
-        return False
-
-
 def _answer_invalid(item: Item) -> bytes:
     assert isinstance(item, Invalid)
     return encode_error(item.id, item.error)
-
-
-def _frame_error(limit: int) -> MsbdError:
-    return InvalidRequest(f"frame is over the limit of {limit} bytes; closing the connection",
-                          data={"limit": limit})
-

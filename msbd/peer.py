@@ -6,11 +6,16 @@ These are the only source of a caller's identity: a uid is never looked up
 in the user database to find its groups (a uid with no passwd entry would
 get groups it was never checked for, and a user's group list can change
 between connecting and acting).
+
+Stdlib only, and shared: the RPC server reads its callers here, the daemon
+the pid of a live daemon on its socket, the worker the pid of whoever
+reached its control channel (it must be libkrun, i.e. the worker itself).
 """
 
 from __future__ import annotations
 
 import errno
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -37,6 +42,11 @@ class Peer:
 
 
 UNKNOWN: Final = Peer()
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The peer's pid; raises `OSError`."""
+    return peer_ucred(sock)[0]
 
 
 def peer_ucred(sock: socket.socket) -> tuple[int, int, int]:
@@ -72,3 +82,20 @@ def read_peer(sock: socket.socket) -> Peer:
     except (OSError, struct.error):
         groups = None
     return Peer(pid=pid, uid=uid, gid=gid, groups=groups)
+
+
+def peer_closed(sock: socket.socket | None) -> bool:
+    """After EOF: did the peer close its socket, or only shut down its writing side?
+
+    On Linux a Unix stream socket polls POLLHUP only once both directions
+    are shut, i.e. the peer closed it; `shutdown(SHUT_WR)` leaves it writable.
+    False when it cannot tell (no socket).
+    """
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLOUT)
+        return any(events & select.POLLHUP for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False

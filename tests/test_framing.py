@@ -1,0 +1,98 @@
+"""Newline framing, pure: chunks in, frames out, the limit on a whole or a growing frame;
+and the worker status pipe's line reader built on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from msbd.daemon.pipes import LineSplitter
+from msbd.rpc.framing import Framer, FrameTooLong
+
+
+def frames_of(framer: Framer) -> list[bytes]:
+    out = []
+    while (frame := framer.pop()) is not None:
+        out.append(frame)
+    return out
+
+
+@pytest.mark.parametrize(("chunks", "frames", "rest"), [
+    ([b"a\nb\n"], [b"a", b"b"], 0),
+    ([b"a", b"b\n", b"c"], [b"ab"], 1),
+    ([b"\n\n", b"x\n\n"], [b"x"], 0),  # empty frames are skipped
+    ([b" \r\n"], [b" \r"], 0),  # blank ones are not: the reader decides
+    ([b"ab", b"", b"c\nd"], [b"abc"], 1),
+])
+def test_chunks_to_frames(chunks: list[bytes], frames: list[bytes], rest: int) -> None:
+    framer = Framer()
+    got = []
+    for chunk in chunks:
+        framer.feed(chunk)
+        got += frames_of(framer)
+    assert got == frames and framer.pending == rest
+
+
+def test_every_split_of_a_stream_gives_the_same_frames() -> None:
+    data = b'{"a": 1}\n\n{"b": [2, 3]}\nxyz\n'
+    for cut in range(len(data) + 1):
+        framer = Framer(max_frame=20)
+        framer.feed(data[:cut])
+        got = frames_of(framer)
+        framer.feed(data[cut:])
+        assert got + frames_of(framer) == [b'{"a": 1}', b'{"b": [2, 3]}', b"xyz"]
+
+
+@pytest.mark.parametrize("data", [b"x" * 11 + b"\n", b"ok\n" + b"x" * 11])
+def test_a_frame_over_the_limit_raises_whole_or_growing(data: bytes) -> None:
+    framer = Framer(max_frame=10)
+    framer.feed(data)
+    with pytest.raises(FrameTooLong) as info:
+        frames_of(framer)
+    assert info.value.limit == 10 and info.value.code == -32600
+    assert info.value.data == {"limit": 10}
+
+
+def test_a_frame_at_the_limit_passes() -> None:
+    framer = Framer(max_frame=10)
+    framer.feed(b"x" * 10)
+    assert framer.pop() is None and framer.unfinished()
+    framer.feed(b"\n")
+    assert framer.pop() == b"x" * 10
+
+
+def test_unfinished_and_has_frame() -> None:
+    framer = Framer(max_frame=4)
+    assert not framer.unfinished() and not framer.has_frame()
+    framer.feed(b"ab\ncd")
+    assert framer.has_frame() and not framer.unfinished()  # a whole frame comes first
+    assert framer.pop() == b"ab"
+    assert not framer.has_frame() and framer.unfinished()
+    framer.feed(b"efg")  # not popped: `unfinished` checks the limit itself
+    with pytest.raises(FrameTooLong):
+        framer.unfinished()
+
+
+def test_finish_completes_a_last_frame_without_its_newline() -> None:
+    framer = Framer()
+    framer.feed(b"a\nb")
+    assert framer.pop() == b"a"
+    assert framer.finish() and framer.pop() == b"b"
+    assert not framer.finish() and framer.pop() is None and framer.pending == 0
+
+
+def test_discard_drops_everything() -> None:
+    framer = Framer()
+    framer.feed(b"a\nbc")
+    framer.discard()
+    assert framer.pending == 0 and framer.pop() is None
+    framer.feed(b"d\n")
+    assert framer.pop() == b"d"
+
+
+def test_line_splitter_drops_a_line_that_grows_over_its_limit() -> None:
+    lines: list[str] = []
+    splitter = LineSplitter(lines.append, limit=8)
+    splitter.feed(b"heartbeat\nent")
+    splitter.feed(b"ering\nerror " + b"x" * 20)  # over the limit unfinished: dropped
+    splitter.feed(b"yy\nheartbeat \r\n")  # what follows the cut ends a line of its own
+    assert lines == ["heartbeat", "entering", "yy", "heartbeat"]
