@@ -7,7 +7,9 @@
   With the default warm pool (`worker_pool` = 2) and without (`worker_pool` =
   0, a worker spawned per launch); and "warm": each launch timed only once
   the pool's workers are blocked reading their spec (a launch finding the
-  pool warm, as one does that is not part of a burst).
+  pool warm, as one does that is not part of a burst), each right after a
+  bare interpreter spawn timed the same way ("python_paired": the warm
+  target's baseline, paired launch by launch, as the machine is shared).
 - baseline: `posix_spawn` of the bare interpreter until it writes a line on a
   pipe: `python -c "import os; os.write(1, b'x\\n')"` (site imported, as the
   worker's interpreter does) and the same with `-S` (no site) for reference.
@@ -267,10 +269,13 @@ def import_times(code: str) -> dict[str, dict[str, int]]:
 
 
 def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: int,
-                 *, warm: int = 0) -> tuple[list[float], float, float]:
+                 *, warm: int = 0, paired: list[float] | None = None
+                 ) -> tuple[list[float], float, float]:
     """Launch `count` sandboxes; (latencies, wall, daemon CPU s per launch). Then stop + remove.
 
     `warm`: before each (sequential) launch, wait until that many pool workers are warm.
+    `paired`: right before each launch, time a bare interpreter spawn into it too (so a
+    ratio of the two compares launches made under the same load of a shared machine).
     """
     local = threading.local()
 
@@ -280,6 +285,8 @@ def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: in
             client = local.client = msbd.client()
         if warm:
             wait_pool_warm(msbd, warm)
+        if paired is not None:
+            paired.extend(spawn_until_line([PYTHON, "-c", LINE_CODE], 1, 1)[0])
         t0 = time.monotonic()
         info = client.call("sandbox.run", sandbox_spec(f"{prefix}-{i}", rootfs))
         latency = time.monotonic() - t0
@@ -359,8 +366,11 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
                 c.call("sandbox.remove", {"name": "warm"})
             try:
                 if pool:
-                    latencies, wall, cpu = _msbd_series(msbd, rootfs, "w", count, 1, warm=pool)
+                    paired: list[float] = []
+                    latencies, wall, cpu = _msbd_series(msbd, rootfs, "w", count, 1, warm=pool,
+                                                        paired=paired)
                     series["seq"]["msbd_warm"] = (latencies, wall)
+                    series["seq"]["python_paired"] = (paired, wall)
                     cpu_per_launch["warm"] = cpu
                 for mode, n, k in (("seq", count, 1),
                                    (f"c{INFLIGHT}", concurrent_count, INFLIGHT)):
@@ -386,7 +396,8 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
                 # not a rate: a pre-spawned worker's would be the refill rate, and the
                 # warm series waits for the pool between launches
                 report.latency(f"launch.{mode}.{name}", Summary.of(latencies),
-                               rate=None if name in ("prespawned", "msbd_warm")
+                               rate=None if name in ("prespawned", "msbd_warm",
+                                                     "python_paired")
                                else len(latencies) / wall, unit="launches/s")
         for key, cpu in cpu_per_launch.items():
             report.figure(f"launch.{key}.daemon_cpu_per_launch", cpu * 1e3, "ms")
@@ -401,7 +412,9 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
             rate = {name: len(lat) / wall for name, (lat, wall) in runs.items()}
             if "msbd_warm" in p50:
                 report.ratio(f"launch.{mode}.msbd_warm_p50_vs_python", p50["msbd_warm"],
-                             p50["python"], target="<= 0.5")
+                             p50["python_paired"], target="<= 0.5")
+                report.ratio(f"launch.{mode}.msbd_warm_p50_vs_python_series",
+                             p50["msbd_warm"], p50["python"])
             report.ratio(f"launch.{mode}.msbd_p50_vs_python", p50["msbd"], p50["python"])
             report.ratio(f"launch.{mode}.msbd_nopool_p50_vs_python", p50["msbd_nopool"],
                          p50["python"])
