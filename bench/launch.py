@@ -424,8 +424,9 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
                              rate["supervisord"], target=">= 2")
                 report.ratio(f"launch.{mode}.msbd_nopool_rate_vs_supervisord",
                              rate["msbd_nopool"], rate["supervisord"])
-        breakdown(report, rootfs, libkrun, probes, env, python_p50=Summary.of(
-            series["seq"]["python"][0]).p50, msbd_p50=Summary.of(series["seq"]["msbd"][0]).p50)
+        seq_p50 = {name: Summary.of(lat).p50 for name, (lat, _) in series["seq"].items()}
+        breakdown(report, rootfs, libkrun, probes, env, python_p50=seq_p50["python"],
+                  warm_p50=seq_p50["msbd_warm"], handed_p50=seq_p50["prespawned"])
         return len(series[f"c{INFLIGHT}"]["msbd"][0]) / series[f"c{INFLIGHT}"]["msbd"][1]
 
 
@@ -434,7 +435,7 @@ PHASES = ("interpreter", "imports", "argparse", "fds_closed", "fds_checked", "sp
 
 
 def breakdown(report: Report, rootfs: Path, libkrun: Path, probes: int, env: dict[str, str],
-              *, python_p50: float, msbd_p50: float) -> None:
+              *, python_p50: float, warm_p50: float, handed_p50: float) -> None:
     """Median time of each launch phase, from the probe's timestamps and -X importtime."""
     spec = worker_spec(rootfs, libkrun)
     argv = [PYTHON, str(REPO / "bench" / "worker_probe.py")]
@@ -462,9 +463,9 @@ def breakdown(report: Report, rootfs: Path, libkrun: Path, probes: int, env: dic
         report.figure(f"breakdown.{phase}", Summary.of(values).p50 * 1e3, "ms")
     total = Summary.of(totals).p50
     report.figure("breakdown.worker_total", total * 1e3, "ms")
-    report.figure("breakdown.daemon_share", (msbd_p50 - total) * 1e3, "ms",
-                  note="msbd sandbox.run p50 minus the probed worker: RPC, records, checks, "
-                       "spawn, status pipe")
+    report.figure("breakdown.daemon_share", (warm_p50 - handed_p50) * 1e3, "ms",
+                  note="warm-pool sandbox.run p50 minus a pre-spawned worker's spec -> "
+                       "entering: RPC, records, checks, console log, spec hand-off")
     report.figure("breakdown.python_baseline", python_p50 * 1e3, "ms")
     startup = import_times("pass")
     report.figure("imports.startup_us", sum(t[n] for n, t in startup.items()), "us",
