@@ -83,11 +83,6 @@ class WorkerPool:
         self._failures = 0  # pool workers in a row that died before being taken
         self._tg: anyio.abc.TaskGroup | None = None
 
-    @property
-    def idle(self) -> int:
-        """How many workers wait in the pool now."""
-        return len(self._idle)
-
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
         """Fill the pool, report ready, keep it full until cancelled; then end every idle
