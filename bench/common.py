@@ -28,7 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 # The daemon process, the busybox root and the test double are the tests' harness,
 # shared: tests/daemonproc.py (tests/ is not a package, so it is found by path).
 sys.path.insert(0, str(REPO / "tests"))
-from daemonproc import DaemonProc, build_fakekrun, make_busybox_root  # noqa: E402
+from daemonproc import (  # noqa: E402
+    DaemonProc,
+    build_fakekrun,
+    children_by_parent,
+    make_busybox_root,
+)
 
 PYTHON = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -148,16 +153,7 @@ def contained() -> Iterator[None]:
 def descendants(root: int | None = None) -> list[int]:
     """Every live process below `root` (default: us), found through /proc's ppid links."""
     root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rpartition(")")[2].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+    children = children_by_parent()
     found: list[int] = []
     todo = [root]
     while todo:

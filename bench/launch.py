@@ -4,6 +4,12 @@
   double; the call returns once the worker wrote `entering` (everything before
   libkrun would start a VM). Sequential, then 8 calls in flight (8
   connections). Sandboxes are stopped and removed after each series, untimed.
+  With the default warm pool (`worker_pool` = 2) and without (`worker_pool` =
+  0, a worker spawned per launch); and "warm": each launch timed only once
+  the pool's workers are blocked reading their spec (a launch finding the
+  pool warm, as one does that is not part of a burst), each right after a
+  bare interpreter spawn timed the same way ("python_paired": the warm
+  target's baseline, paired launch by launch, as the machine is shared).
 - baseline: `posix_spawn` of the bare interpreter until it writes a line on a
   pipe: `python -c "import os; os.write(1, b'x\\n')"` (site imported, as the
   worker's interpreter does) and the same with `-S` (no site) for reference.
@@ -13,7 +19,10 @@
   startsecs=0 (returns once the process is RUNNING), and `wait=False`.
 
 Where the time goes: the worker run through `bench/worker_probe.py`
-(timestamps at each phase), and `python -X importtime` of the worker's imports.
+(timestamps at each phase), `python -X importtime` of the worker's imports,
+and CPU accounting (/proc utime+stime): the daemon's per launch, and a pooled
+worker's until it waits for its spec, which together bound launches/s on
+this machine's cores.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from bench.common import (
 )
 
 INFLIGHT = 8
+POOL = 2  # msbd's default `worker_pool`
 LINE_CODE = "import os; os.write(1, b'x\\n')"
 
 
@@ -156,13 +166,32 @@ def _entering_latency(argv: list[str], spec: bytes, env: dict[str, str]) -> floa
     return t1 - t0
 
 
-def prespawned_latency(spec: bytes, env: dict[str, str]) -> float:
+def waiting_for_spec(pid: int) -> bool:
+    """Whether `pid` is blocked in read(96, ...): a worker done starting, waiting for a spec."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["0", "0x60"]
+    except OSError:
+        return False
+
+
+def wait_pool_warm(msbd: Msbd, size: int, timeout: float = 30.0) -> None:
+    """Until `size` children of `msbd` wait for their spec (polls /proc: bench only)."""
+    deadline = time.monotonic() + timeout
+    while sum(map(waiting_for_spec, msbd.children())) < size:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the pool of msbd {msbd.pid} never got {size} warm workers")
+        time.sleep(0.002)
+
+
+def prespawned_latency(spec: bytes, env: dict[str, str], cpu: list[float] | None = None
+                       ) -> float:
     """What a pool of pre-spawned workers would give: spec in, `entering` out.
 
     The unmodified worker (`python -m msbd.vm`) gets its spec on a pipe
     (the fd protocol allows a pipe on fd 96) whose write end we hold; once it is
     blocked reading it (all imports and fd checks done), the clock starts,
     the spec is written and the pipe closed, and it runs until `entering`.
+    Appends to `cpu` the CPU seconds the worker used until it waited.
     """
     spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -179,11 +208,12 @@ def prespawned_latency(spec: bytes, env: dict[str, str]) -> float:
         os.close(fd)
     try:
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}/syscall").read_text().split()[:2] != ["0", "0x60"]:
-            # not yet blocked in read(96, ...): still starting
+        while not waiting_for_spec(pid):  # still starting
             if time.monotonic() > deadline:
                 raise TimeoutError("the pre-spawned worker never waited for its spec")
             time.sleep(0.005)
+        if cpu is not None:
+            cpu.append(proc_cpu_seconds(pid))
         t0 = time.monotonic()
         os.write(spec_w, spec)
         os.close(spec_w)
@@ -238,15 +268,25 @@ def import_times(code: str) -> dict[str, dict[str, int]]:
 # --- the benchmark -------------------------------------------------------------------------
 
 
-def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: int
+def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: int,
+                 *, warm: int = 0, paired: list[float] | None = None
                  ) -> tuple[list[float], float, float]:
-    """Launch `count` sandboxes; (latencies, wall, daemon CPU s per launch). Then stop + remove."""
+    """Launch `count` sandboxes; (latencies, wall, daemon CPU s per launch). Then stop + remove.
+
+    `warm`: before each (sequential) launch, wait until that many pool workers are warm.
+    `paired`: right before each launch, time a bare interpreter spawn into it too (so a
+    ratio of the two compares launches made under the same load of a shared machine).
+    """
     local = threading.local()
 
     def one(i: int) -> float:
         client = getattr(local, "client", None)
         if client is None:
             client = local.client = msbd.client()
+        if warm:
+            wait_pool_warm(msbd, warm)
+        if paired is not None:
+            paired.extend(spawn_until_line([PYTHON, "-c", LINE_CODE], 1, 1)[0])
         t0 = time.monotonic()
         info = client.call("sandbox.run", sandbox_spec(f"{prefix}-{i}", rootfs))
         latency = time.monotonic() - t0
@@ -310,22 +350,35 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
         for mode, n, k in (("seq", count, 1), (f"c{INFLIGHT}", concurrent_count, INFLIGHT)):
             series[mode]["worker"] = timed_concurrently(
                 n, k, lambda _i: _entering_latency(argv, spec, env))
+        ready_cpu: list[float] = []
         series["seq"]["prespawned"] = timed_concurrently(
-            count, 1, lambda _i: prespawned_latency(spec, env))
+            count, 1, lambda _i: prespawned_latency(spec, env, ready_cpu))
 
-        # msbd
-        msbd = Msbd(base / "msbd", libkrun=libkrun,
-                    settings={"max_sandboxes": 100_000, "max_vcpus": 100_000}).start()
-        stack.callback(msbd.stop)
-        with msbd.client() as c:  # warm-up: thread pool, lazy imports
-            c.call("sandbox.run", sandbox_spec("warm", rootfs))
-            c.call("sandbox.stop", {"name": "warm"})
-            c.call("sandbox.remove", {"name": "warm"})
+        # msbd, with its default warm pool and with none
         cpu_per_launch: dict[str, float] = {}
-        for mode, n, k in (("seq", count, 1), (f"c{INFLIGHT}", concurrent_count, INFLIGHT)):
-            latencies, wall, cpu = _msbd_series(msbd, rootfs, mode, n, k)
-            series[mode]["msbd"] = (latencies, wall)
-            cpu_per_launch[mode] = cpu
+        for label, pool in (("msbd", POOL), ("msbd_nopool", 0)):
+            msbd = Msbd(base / label, libkrun=libkrun,
+                        settings={"max_sandboxes": 100_000, "max_vcpus": 100_000,
+                                  "worker_pool": pool}).start()
+            with msbd.client() as c:  # warm-up: thread pool, lazy imports
+                c.call("sandbox.run", sandbox_spec("warm", rootfs))
+                c.call("sandbox.stop", {"name": "warm"})
+                c.call("sandbox.remove", {"name": "warm"})
+            try:
+                if pool:
+                    paired: list[float] = []
+                    latencies, wall, cpu = _msbd_series(msbd, rootfs, "w", count, 1, warm=pool,
+                                                        paired=paired)
+                    series["seq"]["msbd_warm"] = (latencies, wall)
+                    series["seq"]["python_paired"] = (paired, wall)
+                    cpu_per_launch["warm"] = cpu
+                for mode, n, k in (("seq", count, 1),
+                                   (f"c{INFLIGHT}", concurrent_count, INFLIGHT)):
+                    latencies, wall, cpu = _msbd_series(msbd, rootfs, mode, n, k)
+                    series[mode][label] = (latencies, wall)
+                    cpu_per_launch[f"{mode}.{label}"] = cpu
+            finally:
+                msbd.stop()
 
         # the peer
         if peer.available():
@@ -340,24 +393,40 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
 
         for mode, runs in series.items():
             for name, (latencies, wall) in runs.items():
-                # a pre-spawned worker's rate would be the pool's refill rate: not shown
+                # not a rate: a pre-spawned worker's would be the refill rate, and the
+                # warm series waits for the pool between launches
                 report.latency(f"launch.{mode}.{name}", Summary.of(latencies),
-                               rate=None if name == "prespawned" else len(latencies) / wall,
-                               unit="launches/s")
-            report.figure(f"launch.{mode}.msbd.daemon_cpu_per_launch",
-                          cpu_per_launch[mode] * 1e3, "ms")
+                               rate=None if name in ("prespawned", "msbd_warm",
+                                                     "python_paired")
+                               else len(latencies) / wall, unit="launches/s")
+        for key, cpu in cpu_per_launch.items():
+            report.figure(f"launch.{key}.daemon_cpu_per_launch", cpu * 1e3, "ms")
+        ready = sum(ready_cpu) / len(ready_cpu)
+        report.figure("launch.worker_cpu_until_waiting", ready * 1e3, "ms",
+                      note="a pooled worker's CPU from spawn to blocking on fd 96")
+        per_launch = ready + cpu_per_launch["seq.msbd"]
+        report.figure("launch.cpu_bound_rate", (os.cpu_count() or 1) / per_launch, "launches/s",
+                      note="cores / (daemon CPU per launch + worker CPU until waiting)")
         for mode, runs in series.items():
             p50 = {name: Summary.of(lat).p50 for name, (lat, _) in runs.items()}
             rate = {name: len(lat) / wall for name, (lat, wall) in runs.items()}
-            report.ratio(f"launch.{mode}.msbd_p50_vs_python", p50["msbd"], p50["python"],
-                         target="<= 1.5")
+            if "msbd_warm" in p50:
+                report.ratio(f"launch.{mode}.msbd_warm_p50_vs_python", p50["msbd_warm"],
+                             p50["python_paired"], target="<= 0.5")
+                report.ratio(f"launch.{mode}.msbd_warm_p50_vs_python_series",
+                             p50["msbd_warm"], p50["python"])
+            report.ratio(f"launch.{mode}.msbd_p50_vs_python", p50["msbd"], p50["python"])
+            report.ratio(f"launch.{mode}.msbd_nopool_p50_vs_python", p50["msbd_nopool"],
+                         p50["python"])
             report.ratio(f"launch.{mode}.worker_p50_vs_python", p50["worker"], p50["python"])
-            report.ratio(f"launch.{mode}.msbd_p50_vs_worker", p50["msbd"], p50["worker"])
             if "supervisord" in rate:
                 report.ratio(f"launch.{mode}.msbd_rate_vs_supervisord", rate["msbd"],
-                             rate["supervisord"], target=">= 1")
-        breakdown(report, rootfs, libkrun, probes, env, python_p50=Summary.of(
-            series["seq"]["python"][0]).p50, msbd_p50=Summary.of(series["seq"]["msbd"][0]).p50)
+                             rate["supervisord"], target=">= 2")
+                report.ratio(f"launch.{mode}.msbd_nopool_rate_vs_supervisord",
+                             rate["msbd_nopool"], rate["supervisord"])
+        seq_p50 = {name: Summary.of(lat).p50 for name, (lat, _) in series["seq"].items()}
+        breakdown(report, rootfs, libkrun, probes, env, python_p50=seq_p50["python"],
+                  warm_p50=seq_p50["msbd_warm"], handed_p50=seq_p50["prespawned"])
         return len(series[f"c{INFLIGHT}"]["msbd"][0]) / series[f"c{INFLIGHT}"]["msbd"][1]
 
 
@@ -366,7 +435,7 @@ PHASES = ("interpreter", "imports", "argparse", "fds_closed", "fds_checked", "sp
 
 
 def breakdown(report: Report, rootfs: Path, libkrun: Path, probes: int, env: dict[str, str],
-              *, python_p50: float, msbd_p50: float) -> None:
+              *, python_p50: float, warm_p50: float, handed_p50: float) -> None:
     """Median time of each launch phase, from the probe's timestamps and -X importtime."""
     spec = worker_spec(rootfs, libkrun)
     argv = [PYTHON, str(REPO / "bench" / "worker_probe.py")]
@@ -394,9 +463,9 @@ def breakdown(report: Report, rootfs: Path, libkrun: Path, probes: int, env: dic
         report.figure(f"breakdown.{phase}", Summary.of(values).p50 * 1e3, "ms")
     total = Summary.of(totals).p50
     report.figure("breakdown.worker_total", total * 1e3, "ms")
-    report.figure("breakdown.daemon_share", (msbd_p50 - total) * 1e3, "ms",
-                  note="msbd sandbox.run p50 minus the probed worker: RPC, records, checks, "
-                       "spawn, status pipe")
+    report.figure("breakdown.daemon_share", (warm_p50 - handed_p50) * 1e3, "ms",
+                  note="warm-pool sandbox.run p50 minus a pre-spawned worker's spec -> "
+                       "entering: RPC, records, checks, console log, spec hand-off")
     report.figure("breakdown.python_baseline", python_p50 * 1e3, "ms")
     startup = import_times("pass")
     report.figure("imports.startup_us", sum(t[n] for n, t in startup.items()), "us",

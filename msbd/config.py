@@ -69,6 +69,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 8 * 1024 * 1024
     worker_python: str = ""
     worker_env: dict[str, str] = {}
+    # warm workers waiting for a spec (msbd.daemon.pool); 0: one spawned per launch
+    worker_pool: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    worker_pool_idle: Positive = 600.0
     events_keep: Count = 100_000
 
     @property

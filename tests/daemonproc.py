@@ -146,6 +146,11 @@ class DaemonProc:
         self.stop()
         return self.start()
 
+    def children(self) -> set[int]:
+        """The daemon's unreaped child processes: its workers, idle ones of the pool too."""
+        assert self.proc is not None
+        return set(children_by_parent().get(self.proc.pid, []))
+
     def stderr(self) -> str:
         try:
             return self.stderr_path.read_text(errors="replace")
@@ -162,6 +167,22 @@ class DaemonProc:
     def call(self, method: str, params: Any = None) -> Any:
         with self.client() as c:
             return c.call(method, params)
+
+
+def children_by_parent() -> dict[int, list[int]]:
+    """{ppid: [pid, ...]} of every process, from /proc (not every kernel has a
+    `children` file)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
 
 
 def build_fakekrun() -> Path:

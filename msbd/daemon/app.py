@@ -3,13 +3,14 @@
 Startup, in this order: log setup; every inherited fd made close-on-exec; the
 fd limit raised; the state dir locked (one daemon per database); the
 database opened and reconciled; the control socket taken from systemd or
-bound (a stale one replaced, a live one refused); the host checked; timers,
-supervisor and RPC server started; then `READY=1`. Nothing is answered
-before reconciliation is done.
+bound (a stale one replaced, a live one refused); the host checked; the
+warm worker pool filled; timers, supervisor and RPC server started; then
+`READY=1`. Nothing is answered before reconciliation is done.
 
 On SIGTERM or SIGINT: `STOPPING=1`, stop accepting, let in-flight calls
 finish until `shutdown_timeout`, stop every live sandbox (SIGTERM, SIGKILL
-after `stop_timeout`) recording `stop_requested`, close the database, exit 0.
+after `stop_timeout`) recording `stop_requested`, end the idle pool workers,
+close the database, exit 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from msbd.daemon.api import Api
 from msbd.daemon.console import remove_orphans
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub
+from msbd.daemon.pool import WorkerPool
 from msbd.daemon.reconcile import reconcile
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.sockets import bind_control_socket, lock_state_dir
@@ -159,8 +161,12 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
     async with anyio.create_task_group() as tg:
         signaller = Signaller()
         await tg.start(signaller.serve)
+        # No libkrun, no launch: then a pool would only cost memory (`daemon.info` says why).
+        can_launch = (settings.libkrun or host.report.libkrun) is not None
+        pool = WorkerPool(settings, size=None if can_launch else 0)
+        await tg.start(pool.serve)  # its idle workers end when `tg` is cancelled, below
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
-                                task_group=tg, host=host, signaller=signaller)
+                                task_group=tg, host=host, signaller=signaller, pool=pool)
         await tg.start(scheduler.run, supervisor.fire)
         api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,
                   started=started)

@@ -1,6 +1,6 @@
 """Start one worker process with exactly the fd map of `msbd.contract`, and nothing else.
 
-    0  /dev/null                        96  launch spec (sealed memfd)
+    0  /dev/null                        96  launch spec (sealed memfd, or a pipe)
     1  console pipe, write end          97  watchdog pipe, read end (EOF: daemon gone)
     2  console pipe, write end          98  status pipe, write end
 
@@ -10,6 +10,12 @@ actions cross into the worker; the worker closes anything else it finds and
 says so. The child gets a new session (its own process group, so a forced
 stop can kill the worker and anything it forked) and an environment built
 from nothing: no `NOTIFY_SOCKET`, no `LISTEN_*`, nothing of the daemon's.
+
+A worker spawned without its spec (for the warm pool, `msbd.daemon.pool`)
+gets the read end of a pipe on fd 96; the daemon alone holds the write end
+(`Worker.spec_w`, close-on-exec, so no other child inherits it), writes the
+spec there at hand-off and closes it. The worker checks its fds and then
+blocks reading fd 96 until that EOF.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,11 +52,20 @@ class Worker:
     status_r: int
     console_r: int
     watchdog_w: int
+    spec_w: int = -1  # the spec pipe's write end until the spec is written; -1 after
 
     def close(self) -> None:
-        for fd in (self.pidfd, self.status_r, self.console_r, self.watchdog_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        for fd in (self.pidfd, self.status_r, self.console_r, self.watchdog_w, self.spec_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.spec_w = -1
+
+    def exited(self) -> bool:
+        """Whether the process has ended (its pidfd is readable); it may be unreaped."""
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
 
 def worker_environ(extra: Mapping[str, str], base: Mapping[str, str] | None = None
@@ -82,12 +98,20 @@ def _high(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_FLOOR)
 
 
-def spawn_worker(argv: list[str], env: Mapping[str, str], spec: bytes) -> Worker:
-    """posix_spawn `argv` with the worker fd map; raise `LaunchFailed` if the OS refuses."""
+def spawn_worker(argv: list[str], env: Mapping[str, str], spec: bytes | None) -> Worker:
+    """posix_spawn `argv` with the worker fd map; raise `LaunchFailed` if the OS refuses.
+
+    `spec` None: fd 96 is a pipe, and `Worker.spec_w` its write end (see `msbd.daemon.pool`).
+    """
     placed: list[int] = []  # child-side sources, closed in the parent after the spawn
     mine: list[int] = []  # parent-side ends, closed only on failure
+    spec_w = -1
     try:
-        spec_fd = sealed_memfd(spec)
+        if spec is None:
+            spec_fd, spec_w = os.pipe2(os.O_CLOEXEC)
+            mine.append(spec_w)
+        else:
+            spec_fd = sealed_memfd(spec)
         placed.append(spec_fd)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         mine.append(status_r)
@@ -120,10 +144,11 @@ def spawn_worker(argv: list[str], env: Mapping[str, str], spec: bytes) -> Worker
             os.waitpid(pid, 0)
             raise
         mine.append(pidfd)
-        for fd in (status_r, console_r, watchdog_w):
-            os.set_blocking(fd, False)
+        for fd in (status_r, console_r, watchdog_w, spec_w):
+            if fd >= 0:
+                os.set_blocking(fd, False)
         return Worker(pid=pid, pidfd=pidfd, status_r=status_r, console_r=console_r,
-                      watchdog_w=watchdog_w)
+                      watchdog_w=watchdog_w, spec_w=spec_w)
     except OSError as exc:
         for fd in mine:
             with contextlib.suppress(OSError):

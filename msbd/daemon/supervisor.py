@@ -11,7 +11,8 @@ synchronously, so two starts cannot both pass the check), then in one
 transaction opens a new run and moves the record to `starting`, reading the
 record in that same transaction: the worker is launched with exactly what
 the transaction saw, as the owner recorded with it. It spawns the worker
-with the fd map of `msbd.vm` and hands it to a watcher task
+with the fd map of `msbd.vm` (or hands the spec to a warm worker of
+`msbd.daemon.pool`) and hands it to a watcher task
 (`msbd.daemon.watcher`) owned by the supervisor's task group, which follows
 it to its recorded end. Stops of every kind, and what the timers decide,
 go through `msbd.daemon.stopping`. A run whose end the database refused
@@ -44,27 +45,15 @@ from msbd.daemon.doctor import HostCheck
 from msbd.daemon.limits import Limits, Usage, share_of
 from msbd.daemon.live import Live
 from msbd.daemon.netpolicy import with_network
+from msbd.daemon.pool import WorkerPool
 from msbd.daemon.signaller import Signaller
-from msbd.daemon.spawn import spawn_worker, worker_environ
 from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
-from msbd.daemon.timers import (
-    Lateness,
-    Scheduler,
-    TimerKind,
-    max_duration_deadline,
-)
+from msbd.daemon.timers import Lateness, Scheduler, TimerKind, max_duration_deadline
 from msbd.daemon.watcher import Watcher
 from msbd.db.store import RunEnd, Store
 from msbd.errors import Conflict, LaunchFailed, StoreError, TimedOut
 from msbd.log import ctx
-from msbd.model import (
-    LaunchSpec,
-    Reason,
-    SandboxInfo,
-    SandboxRef,
-    State,
-    WorkerSpec,
-)
+from msbd.model import LaunchSpec, Reason, SandboxInfo, SandboxRef, State, WorkerSpec
 
 log = logging.getLogger("msbd.supervisor")
 
@@ -76,8 +65,9 @@ _RECORD_WAIT = 30.0
 class Supervisor:
     def __init__(self, *, settings: Settings, store: Store, scheduler: Scheduler,
                  task_group: anyio.abc.TaskGroup, host: HostCheck,
-                 signaller: Signaller | None = None) -> None:
+                 signaller: Signaller | None = None, pool: WorkerPool | None = None) -> None:
         self._settings = settings
+        self._pool = pool if pool is not None else WorkerPool(settings)  # unserved: no pool
         self._store = store
         self._timers = scheduler
         self._tg = task_group
@@ -167,10 +157,19 @@ class Supervisor:
                 live = await self._launch(ref, libkrun)
         except BaseException:
             self._limits.release(ref.id)
+            self._pool.refill()
             raise
         finally:
             del self._launching[ref.id]
             launched.set()
+        try:
+            return await self._answer(live, timeout)
+        finally:
+            self._pool.refill()  # only now: a starting interpreter would slow the launch
+
+    async def _answer(self, live: Live, timeout: float | None) -> SandboxInfo:
+        """The record once `live` entered libkrun; `LaunchFailed` if it never did."""
+        ref = live.ref
         timeout = self._settings.start_timeout if timeout is None else timeout
         with anyio.move_on_after(timeout):
             await _first(live.running.wait, live.exited.wait)
@@ -212,10 +211,8 @@ class Supervisor:
             await self._end_unspawned(ref, message)
             raise LaunchFailed(f"sandbox {ref.name!r} failed to launch: {message}",
                                data={"sandbox": ref.name}) from exc
-        argv = [self._settings.worker_python, "-m", "msbd.vm"]
-        try:
-            worker = spawn_worker(argv, worker_environ(self._settings.worker_env),
-                                  _ENCODER.encode(worker_spec))
+        try:  # a warm worker from the pool gets the spec now, else one is spawned with it
+            worker = await self._pool.launch(_ENCODER.encode(worker_spec))
         except LaunchFailed as exc:
             console.close()
             await self._end_unspawned(ref, exc.message)
