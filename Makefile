@@ -46,8 +46,9 @@ vm-test: setup libkrun
 	@scripts/vm-test
 
 # msbd's units under a real systemd as PID 1 (pytest -m systemd), inside
-# scripts/nested-kvm --systemd: socket activation, READY/STATUS, stop, watchdog, hardening.
-systemd-test: setup
+# scripts/nested-kvm --systemd: socket activation, READY/STATUS, stop, watchdog, hardening,
+# real guests through the service.
+systemd-test: setup libkrun
 	@scripts/systemd-test
 
 test: setup lint typecheck pytest vm-test systemd-test

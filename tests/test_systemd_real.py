@@ -15,104 +15,32 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from systemdlane import (
+    MSBD,
+    SOCKET,
+    drop_in,
+    journal,
+    main_pid,
+    ping,
+    run,
+    show,
+    systemctl,
+    wait_exit,
+    wait_for,
+    why_no_systemd,
+)
 
 pytestmark = pytest.mark.systemd
 
-REPO = Path(__file__).resolve().parents[1]
-MSBD = REPO / ".venv" / "bin" / "msbd"
-MSBCTL = Path(sys.executable).parent / "msbctl"
-SOCKET = Path("/run/msbd/msbd.sock")
 STATE_DIR = Path("/var/lib/msbd")
-RUNTIME_DROP_INS = Path("/run/systemd/system/msbd.service.d")
-STATUS_LINE = re.compile(r"\d+ live sandboxes, \d+ vcpus, \d+ MiB")
 # `systemd-analyze security msbd.service` in the lane: 5.2 MEDIUM (systemd 252). A change to the
 # unit that makes it more exposed has to raise this on purpose (and README with it).
 EXPOSURE_LIMIT = 5.2
-WAIT = 180.0  # a daemon start or a watchdog round under nested TCG, with room
-
-
-def run(*cmd: str | Path, timeout: float = WAIT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def systemctl(*args: str) -> str:
-    result = run("systemctl", *args)
-    assert result.returncode == 0, f"systemctl {' '.join(args)}: {result.stderr}"
-    return result.stdout
-
-
-def show(unit: str, *props: str) -> dict[str, str]:
-    out = systemctl("show", unit, "--property=" + ",".join(props))
-    values = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    assert set(values) == set(props), out
-    return values
-
-
-def journal(unit: str) -> str:
-    result = run("journalctl", "--no-pager", "-o", "cat", "-u", unit)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-def ping() -> str:
-    result = run(MSBCTL, "ping")
-    assert result.returncode == 0, f"msbctl ping: {result.stdout}{result.stderr}"
-    return result.stdout
-
-
-def main_pid() -> int:
-    pid = int(show("msbd.service", "MainPID")["MainPID"])
-    assert pid > 0, "msbd.service has no main process"
-    return pid
-
-
-def wait_for(fact: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not fact():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)  # the fact is systemd's state, polled; noqa: sleep-ok
-
-
-def wait_exit(pid: int, timeout: float = WAIT) -> None:
-    """Until process `pid` (not our child) is gone: its pidfd becomes readable."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-        assert ready, f"process {pid} still alive after {timeout:.0f} s"
-    finally:
-        os.close(fd)
-
-
-def why_no_systemd() -> str | None:
-    """Why this is not a system with systemd as PID 1 and msbd's units, or None."""
-    if not Path("/run/systemd/system").is_dir():
-        return "systemd is not PID 1 here (no /run/systemd/system); run scripts/systemd-test"
-    why: list[str] = []
-    socket = run("systemctl", "show", "msbd.socket", "--property=LoadState,UnitFileState")
-    if "LoadState=loaded" not in socket.stdout:
-        why.append("msbd.socket is not installed")
-    elif "UnitFileState=enabled" not in socket.stdout:
-        why.append("msbd.socket is not enabled")
-    service = run("systemctl", "show", "msbd.service", "--property=ExecStart")
-    if f"path={MSBD} " not in service.stdout:
-        why.append(f"msbd.service does not run this checkout's {MSBD}: "
-                   f"{service.stdout.strip() or service.stderr.strip()}")
-    if not MSBCTL.exists():
-        why.append(f"{MSBCTL} is missing (make setup)")
-    return "; ".join(why) or None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -218,18 +146,15 @@ def short_watchdog() -> Iterator[float]:
     """The unit's WatchdogSec shortened by a runtime drop-in, the service restarted on it."""
     real = show("msbd.service", "WatchdogUSec")["WatchdogUSec"]
     assert real == "30s", f"msbd.service's WatchdogSec changed to {real}: update this test"
-    RUNTIME_DROP_INS.mkdir(parents=True, exist_ok=True)
-    drop_in = RUNTIME_DROP_INS / "50-test-watchdog.conf"
-    drop_in.write_text("[Service]\nWatchdogSec=6s\n")
+    conf = drop_in("50-test-watchdog.conf", "[Service]\nWatchdogSec=6s\n")
     try:
-        systemctl("daemon-reload")
         systemctl("restart", "msbd.service")
         assert show("msbd.service", "WatchdogUSec")["WatchdogUSec"] == "6s"
         yield 6.0
     finally:
-        drop_in.unlink()
+        conf.unlink()
         systemctl("daemon-reload")
-        systemctl("restart", "msbd.service")
+        systemctl("stop", "msbd.service")  # the next call starts it as installed
 
 
 def test_watchdog_kills_and_restarts_a_stopped_daemon(short_watchdog: float) -> None:
