@@ -77,8 +77,13 @@ StandardInput=null
 
 
 def drop_in(msbd: Path, checkout: Path) -> str:
-    """msbd.service runs this checkout's msbd: the README's virtualenv drop-in."""
-    text = f"[Service]\nExecStart=\nExecStart={msbd} serve\n"
+    """msbd.service runs this checkout's msbd: the README's virtualenv drop-in.
+
+    One more line: under TCG a start of msbd (Python importing its packages) takes 15-60 s
+    depending on the host's load, against about a second on a real host, so the unit's
+    TimeoutStartSec (90 s) is raised rather than left to kill a slow but healthy start.
+    """
+    text = f"[Service]\nExecStart=\nExecStart={msbd} serve\nTimeoutStartSec=300s\n"
     if checkout.is_relative_to("/tmp") or checkout.is_relative_to("/var/tmp"):
         # PrivateTmp=yes would hide a checkout there from the daemon.
         text += f"BindReadOnlyPaths={checkout}\n"
