@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps venv fakekrun libkrun test lint typecheck pytest vm-test demo demo-vm \
+.PHONY: setup system-deps venv fakekrun libkrun test lint typecheck pytest vm-test systemd-test \
+	demo demo-vm \
 	bench bench-vm clean
 
 setup: system-deps venv fakekrun
@@ -44,7 +45,13 @@ pytest: setup
 vm-test: setup libkrun
 	@scripts/vm-test
 
-test: setup lint typecheck pytest vm-test
+# msbd's units under a real systemd as PID 1 (pytest -m systemd), inside
+# scripts/nested-kvm --systemd: socket activation, READY/STATUS, stop, watchdog, hardening,
+# real guests through the service.
+systemd-test: setup libkrun
+	@scripts/systemd-test
+
+test: setup lint typecheck pytest vm-test systemd-test
 
 demo: setup
 	@scripts/demo.sh

@@ -48,10 +48,11 @@ class Options:
     timeout: float | None
     boot_timeout: float
     verbose: bool
+    kernel_args: tuple[str, ...] = ()  # appended to artifacts.KERNEL_ARGS (--systemd's)
 
 
 def qemu_command(opts: Options, boot: artifacts.Boot, run: Path) -> list[str]:
-    append = " ".join([*artifacts.KERNEL_ARGS, f"nkvm.run={run}"])
+    append = " ".join([*artifacts.KERNEL_ARGS, *opts.kernel_args, f"nkvm.run={run}"])
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "max",
         "-smp", str(opts.cpus), "-m", str(opts.memory_mib),

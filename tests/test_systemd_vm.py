@@ -1,0 +1,121 @@
+"""Real guests through msbd.service under a real systemd: its hardening lets libkrun boot.
+
+Run with `pytest -m systemd` in scripts/systemd-test (after tests/test_systemd_real.py,
+whose first ping is the boot's socket activation). The lane passes `MSBD_TEST_LIBKRUN`
+(`make libkrun`); without it, or outside systemd, these fail and say why.
+
+The service runs exactly the installed unit plus one runtime drop-in, the kind an admin
+writes: where libkrun is (`MSBD_LIBKRUN`), patience for nested TCG, and
+`ReadWritePaths=` for the directory that holds sandbox roots (the unit's own comments
+ask for that: ProtectSystem=strict and PrivateTmp=yes hide everything else). The roots
+live on the lane's ext4 /tmp (virtio-fs keeps ownership in xattrs there) and are bound
+onto /srv/msbd-roots, as an admin would mount a disk for them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import make_busybox_root
+from systemdlane import (
+    SOCKET,
+    drop_in,
+    journal,
+    main_pid,
+    ping,
+    run,
+    show,
+    systemctl,
+    wait_exit,
+    wait_for,
+    why_no_systemd,
+)
+
+from msbd.rpc.client import Client
+
+pytestmark = pytest.mark.systemd
+
+ROOTS = Path("/srv/msbd-roots")
+GUEST_WAIT = 240.0  # a guest's whole life under nested TCG: boot, run, shut down
+
+
+@pytest.fixture(scope="module")
+def guest_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A busybox root under ROOTS; msbd.service restarted with the drop-in."""
+    if reason := why_no_systemd():
+        pytest.fail(f"not under a real systemd with msbd installed: {reason}", pytrace=False)
+    lib = os.environ.get("MSBD_TEST_LIBKRUN", "")
+    if not Path(lib).is_file():
+        pytest.fail(f"MSBD_TEST_LIBKRUN={lib!r} does not name a libkrun.so.1 (make libkrun)",
+                    pytrace=False)
+    base = tmp_path_factory.mktemp("roots")
+    root = make_busybox_root(base / "root")
+    for d in ("sys", "mnt", "run"):
+        (root / d).mkdir(exist_ok=True)
+    ROOTS.mkdir(exist_ok=True)
+    bound = run("mount", "--bind", base, ROOTS)
+    assert bound.returncode == 0, bound.stderr
+    conf = drop_in("60-test-guests.conf", (
+        "[Service]\n"
+        f"Environment=MSBD_LIBKRUN={lib}\n"
+        # Generous, as in tests/test_vm_real.py: nested TCG is slow.
+        "Environment=MSBD_START_TIMEOUT=120 MSBD_HEARTBEAT_MISSES=60 MSBD_STOP_TIMEOUT=20\n"
+        f"ReadWritePaths={ROOTS}\n"))
+    try:
+        systemctl("restart", "msbd.service")
+        yield ROOTS / "root"
+    finally:
+        conf.unlink()
+        systemctl("daemon-reload")
+        systemctl("stop", "msbd.service")
+        run("umount", ROOTS)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def call(method: str, params: dict[str, Any]) -> Any:
+    with Client(SOCKET, timeout=GUEST_WAIT + 60) as c:
+        return c.call(method, params)
+
+
+def guest(name: str, root: Path, script: str) -> dict[str, Any]:
+    return {"name": name, "rootfs": str(root), "exec": "/bin/sh", "args": ["-c", script],
+            "memory_mib": 256}
+
+
+def logs(name: str) -> str:
+    return str(call("sandbox.logs", {"name": name, "limit": 1 << 20})["data"])
+
+
+def test_a_guest_boots_through_the_socket_activated_service(guest_root: Path) -> None:
+    call("sandbox.run", guest("hello", guest_root, "echo hello from $(uname -r); exit 7"))
+    end = call("sandbox.wait", {"name": "hello", "timeout": GUEST_WAIT})
+    assert (end["state"], end["run"]["reason"], end["run"]["exit_code"]) == \
+        ("stopped", "exited", 7), end
+    assert "hello from" in logs("hello")
+
+
+def test_stop_ends_a_running_guest_and_records_it(guest_root: Path) -> None:
+    info = call("sandbox.run", guest("sleeper", guest_root, "echo up; exec sleep 600"))
+    worker = info["run"]["pid"]
+    wait_for(lambda: "up" in logs("sleeper"), "the guest's first line", timeout=GUEST_WAIT)
+    # The worker is a process of the service (KillMode=mixed decides its fate).
+    assert Path(f"/proc/{worker}/cgroup").read_text().strip() == \
+        "0::/system.slice/msbd.service"
+    daemon = main_pid()
+    systemctl("stop", "msbd.service")
+    wait_exit(daemon)
+    wait_exit(worker, timeout=5)
+    props = show("msbd.service", "Result", "ExecMainCode", "ExecMainStatus")
+    assert props == {"Result": "success", "ExecMainCode": "1", "ExecMainStatus": "0"}
+    # msbd ended the worker itself: systemd had nothing left to SIGKILL.
+    assert f"Killing process {worker}" not in journal("msbd.service")
+    assert "pong" in ping()
+    end = call("sandbox.get", {"name": "sleeper"})
+    assert end["state"] == "stopped", end
+    assert end["run"]["reason"] == "stop_requested", end
+    assert end["run"]["ended_at"], end
