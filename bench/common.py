@@ -33,6 +33,7 @@ from daemonproc import (  # noqa: E402
     build_fakekrun,
     children_by_parent,
     make_busybox_root,
+    waiting_for_spec,  # noqa: F401 (for bench/launch.py)
 )
 
 PYTHON = sys.executable

@@ -53,6 +53,7 @@ from bench.common import (
     proc_cpu_seconds,
     sandbox_spec,
     scratch,
+    waiting_for_spec,
 )
 
 INFLIGHT = 8
@@ -164,14 +165,6 @@ def spawn_worker_once(argv: list[str], spec: bytes, env: dict[str, str], *, prob
 def _entering_latency(argv: list[str], spec: bytes, env: dict[str, str]) -> float:
     t0, t1, _ = spawn_worker_once(argv, spec, env)
     return t1 - t0
-
-
-def waiting_for_spec(pid: int) -> bool:
-    """Whether `pid` is blocked in read(96, ...): a worker done starting, waiting for a spec."""
-    try:
-        return Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["0", "0x60"]
-    except OSError:
-        return False
 
 
 def wait_pool_warm(msbd: Msbd, size: int, timeout: float = 30.0) -> None:

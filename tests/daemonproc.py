@@ -185,6 +185,15 @@ def children_by_parent() -> dict[int, list[int]]:
     return children
 
 
+def waiting_for_spec(pid: int) -> bool:
+    """Whether `pid` is blocked in read(96, ...) (x86_64: syscall 0, first argument 0x60):
+    a worker done starting and waiting for a spec, as the daemon's idle pool workers do."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["0", "0x60"]
+    except OSError:
+        return False
+
+
 def build_fakekrun() -> Path:
     """The libkrun test double (tests/fakekrun), built with the system compiler if needed."""
     subprocess.run(["make", "-s", "-C", str(FAKEKRUN_DIR)], check=True)
