@@ -88,6 +88,11 @@ class Conflict(MsbdError):
     code = RpcCode.CONFLICT
 
 
+class PortInUse(Conflict):
+    """A host port the spec publishes is held by a starting or running sandbox: the
+    launch could not begin (`sandbox.run` then keeps no record)."""
+
+
 class PermissionDenied(MsbdError):
     code = RpcCode.PERMISSION_DENIED
 

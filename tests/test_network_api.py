@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,12 @@ def netd(make_daemon: Callable[..., DaemonProc], fakekrun: Path, open_dir: Path)
 
 
 def nothing_recorded(d: DaemonProc) -> None:
-    assert ok(d.socket, ROOT, "sandbox.list", {})["sandboxes"] == []
+    """No record, and no event either (a refused create or run writes nothing)."""
     assert d.call("sandbox.list", {})["sandboxes"] == []
+    assert d.call("daemon.info")["counts"] == dict.fromkeys(
+        ("created", "starting", "running", "stopping", "stopped", "failed"), 0)
+    with d.client() as c:
+        assert c.call("events.subscribe", {"since": 0})["seq"] == 0
 
 
 @pytest.mark.parametrize(("extra", "field", "words"), [
@@ -200,3 +205,38 @@ def test_two_runs_racing_for_one_port_start_one_and_record_one(
     assert sorted(r for r in results.values() if not isinstance(r, dict)) == \
         [RpcCode.CONFLICT] * 3
     assert [s["name"] for s in netd.call("sandbox.list", {})["sandboxes"]] == won
+
+
+def test_a_run_stopped_while_starting_keeps_its_record(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, tmp_path: Path,
+        make_root: Callable[..., Path]) -> None:
+    """`sandbox.run` forgets a sandbox only when it could not start at all (no room, a
+    host port taken); one stopped while starting is a record with a run, and stays."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    held = tmp_path / "worker-python"  # the worker's interpreter, held at the gate
+    held.write_text(f"#!/bin/sh\nread _ < {gate}\nexec {sys.executable} \"$@\"\n")
+    held.chmod(0o755)
+    d = make_daemon(libkrun=fakekrun, settings={"worker_pool": 0,
+                                                "worker_python": str(held)})
+    root = make_root("r", ROOT)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        with d.client() as c:
+            try:
+                outcome["run"] = c.call("sandbox.run", sleeper("held", root))
+            except RemoteError as exc:
+                outcome["run"] = (exc.remote_code, exc.message)
+
+    with d.client() as watch:
+        watch.call("events.subscribe", {})
+        launcher = threading.Thread(target=run)
+        launcher.start()
+        states = (p["event"]["state"] for _, p in watch.iter_notifications(timeout=60))
+        assert next(s for s in states if s == "starting") == "starting"
+    d.call("sandbox.stop", {"name": "held", "timeout": 1})
+    launcher.join()
+    assert outcome["run"] == (RpcCode.CONFLICT, "sandbox 'held' was stopped while starting")
+    kept = d.call("sandbox.get", {"name": "held"})
+    assert (kept["state"], kept["run"]["reason"]) == ("stopped", "stop_requested")

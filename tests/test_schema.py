@@ -21,6 +21,8 @@ def test_versions_count_up_from_one_without_gaps() -> None:
 # them assume so. A change to a released migration is a new migration instead.
 RELEASED = {
     1: "73fc5817c8c8657b6bc8b7733a48cbfa87531e26add77a7967759a7808de3dd0",
+    2: "80a723337dfc6f07c698c2818eae50e109cc439dcde0d41701a01c3c18cb926b",
+    3: "01b26d0bbdd38df9809550cad438636d14ac43277d38833c206de2e5818ec317",
 }
 
 
@@ -39,7 +41,7 @@ def test_statements_are_single_statements() -> None:
 
 
 @pytest.mark.parametrize(("current", "expected"), [
-    (0, [1, 2]),
+    (0, [1, 2, 3]),
     (schema.LATEST, []),
 ])
 def test_pending(current: int, expected: list[int]) -> None:

@@ -20,6 +20,7 @@ from msbd.db import schema
 from msbd.db.store import LiveRun, RunEnd, Store, open_store
 from msbd.errors import StoreError
 from msbd.model import Owner, Reason, RunInfo, SandboxRef, State
+from msbd.network import Network, PortMap
 
 
 async def test_new_database_is_at_latest_version_and_reopen_is_idempotent(
@@ -264,3 +265,40 @@ async def test_a_failed_migration_leaves_the_file_as_it_was(db_path: Path) -> No
 def assert_sound(path: Path) -> None:
     assert sql(path, "PRAGMA integrity_check") == [("ok",)]
     assert sql(path, "PRAGMA foreign_key_check") == []
+
+
+# --- from version 2 ------------------------------------------------------------------------
+
+
+async def test_migrating_a_version_2_file_copies_network_and_ports(db_path: Path) -> None:
+    """Version 3 copies each spec's network and ports into columns of their own; a spec
+    without them (all of version 2's but the newest) gets NULL and [], a broken one too."""
+    path = db_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        for migration in schema.MIGRATIONS[:2]:
+            for statement in migration.statements:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        published = msgspec.structs.replace(spec("web"), network=Network.NONE, ports=[
+            PortMap(host=18080, guest=80)])
+        for name, spec_json in [("old", msgspec.json.encode(spec("old"))),
+                                ("web", msgspec.json.encode(published)),
+                                ("broken", b"{not json")]:
+            conn.execute("INSERT INTO sandboxes (name, owner_uid, state, spec, labels,"
+                         " created_at, updated_at) VALUES (?, 1, 'created', ?, '{}', ?, ?)",
+                         (name, spec_json, T0, T0))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    async with open_store(path) as store:
+        listed = {i.name: (i.network, i.ports) for i in await store.list_sandboxes(
+            with_spec=False)}
+    # Without specs nothing decodes the broken one: it is listed with what its row says.
+    assert listed == {"old": (None, []), "web": (Network.NONE, [PortMap(host=18080, guest=80)]),
+                      "broken": (None, [])}
+    assert sql(path, "SELECT name, network, ports FROM sandboxes ORDER BY id") == [
+        ("old", None, "[]"), ("web", "none", '[{"host":18080,"guest":80,"address":null}]'),
+        ("broken", None, "[]")]

@@ -86,19 +86,33 @@ def test_each_mode_makes_exactly_these_calls(
     assert not any(c["tsi_features"] & 2 for c in w.calls() if c["fn"] == "krun_add_vsock")
 
 
-def echo_through(port: int, deadline: float) -> bytes:
-    """What a client of 127.0.0.1:`port` gets back for one line, retried until the
-    server behind the relay listens (the relay closes a connection it cannot pass on)."""
-    while True:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
-            try:
-                c.sendall(b"ping\n")
-                c.shutdown(socket.SHUT_WR)
-                reply = c.recv(100)
-            except ConnectionResetError:
-                reply = b""  # closed before it read our line: nothing listens yet
-        if reply or time.monotonic() > deadline:
-            return reply
+def listening_in(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens on `port` in `pid`'s network namespace (its
+    /proc/PID/net/tcp and tcp6: state 0A is LISTEN)."""
+    lines: list[str] = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines += Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+    return any(f.split()[1].endswith(f":{port:04X}") and f.split()[3] == "0A" for f in lines)
+
+
+def wait_listening(pid: int, port: int, timeout: float = 30.0) -> None:
+    """Until `port` listens in `pid`'s namespace. A listen sends no notice to wait on, so
+    this polls the kernel's table."""
+    deadline = time.monotonic() + timeout
+    while not listening_in(pid, port):
+        assert time.monotonic() < deadline, f"nothing listened on {port} in {pid}'s namespace"
+        time.sleep(0.02)  # a fact in another namespace, polled; noqa: sleep-ok
+
+
+def echo_through(port: int) -> bytes:
+    """What a client of 127.0.0.1:`port` gets back for one line."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"ping\n")
+        c.shutdown(socket.SHUT_WR)
+        return c.recv(100)
 
 
 def test_a_published_port_without_network_reaches_the_server_and_nothing_else(
@@ -113,7 +127,8 @@ def test_a_published_port_without_network_reaches_the_server_and_nothing_else(
     w = workers.start(make_spec(network="none", ports=[{"host": host_port, "guest": 8080}],
                                 exec="/bin/sh", args=["-c", script]), log=log)
     assert w.status_line() == "entering"
-    assert echo_through(host_port, time.monotonic() + 30) == b"ping\n"
+    wait_listening(w.pid, 8080)  # in the worker's own namespace, where the workload is
+    assert echo_through(host_port) == b"ping\n"
     assert w.wait() == 0
     out = w.output().splitlines()
     assert out[0] != "probe:0" and out[-1] == "served", out

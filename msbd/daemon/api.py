@@ -40,10 +40,10 @@ from msbd.daemon.access import (
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, stream_events
-from msbd.daemon.netpolicy import check_network, with_network
+from msbd.daemon.netpolicy import admit, check_network
 from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
-from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound
+from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound, PortInUse
 from msbd.model import Event, LaunchSpec, SandboxInfo
 from msbd.rpc.methods import (
     METHODS,
@@ -148,9 +148,7 @@ class Api:
     def _admit(self, spec: LaunchSpec, caller: Caller) -> LaunchSpec:
         """The checks of a new spec that need no I/O; the spec with its network decided."""
         self._check_spec_size(spec)
-        spec = with_network(spec, self._settings)
-        check_network(spec, caller, settings=self._settings, daemon_uid=self._daemon_uid)
-        return spec
+        return admit(spec, caller, settings=self._settings, daemon_uid=self._daemon_uid)
 
     def _check_spec_size(self, spec: LaunchSpec) -> None:
         size = len(_SPEC_ENCODER.encode(spec))
@@ -253,8 +251,9 @@ class Api:
         info = await self.create(caller, spec, ctx)
         try:
             return await self._sup.start(info, timeout=None)
-        except (LimitReached, Conflict):
-            # Taken while the record was written: start nothing, keep nothing.
+        except (LimitReached, PortInUse):
+            # Taken while the record was written: nothing started, keep nothing. (Any
+            # other refusal, a stop while starting, leaves a record with its run.)
             await self._store.remove_sandbox(info.ref, now=time.time(),
                                              expect=states.removable)
             raise

@@ -15,7 +15,7 @@ daemon's own uid), so one user filling their share never costs another user
 anything. A refusal is `LimitReached` naming the setting.
 
 Published host ports are held the same way: a start whose spec publishes a
-host port that a starting or live sandbox holds is refused (`Conflict`,
+host port that a starting or live sandbox holds is refused (`PortInUse`,
 naming that sandbox if it is the same owner's, else only saying it is
 another user's), in the same synchronous step.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from msbd.config import Settings
-from msbd.errors import Conflict, LimitReached
+from msbd.errors import LimitReached, PortInUse
 from msbd.model import LaunchSpec
 
 
@@ -70,7 +70,7 @@ class Limits:
                      sum(s.memory_mib for s in shares))
 
     def check(self, share: Share, *, name: str) -> None:
-        """`LimitReached` if `share` would not fit now, `Conflict` if a host port it
+        """`LimitReached` if `share` would not fit now, `PortInUse` if a host port it
         publishes is held."""
         self._check_ports(share, name)
         s = self._s
@@ -108,7 +108,7 @@ class Limits:
                 port = min(taken)
                 whose = (f"sandbox {held.name!r}" if held.owner_uid == share.owner_uid
                          else "a sandbox of another user")
-                raise Conflict(f"host port {port} is published by {whose}, which is running",
+                raise PortInUse(f"host port {port} is published by {whose}, which is running",
                                data={"sandbox": name, "port": port, "field": "ports"})
 
     def reserve(self, sandbox_id: int, share: Share, *, name: str) -> None:

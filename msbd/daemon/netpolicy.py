@@ -30,13 +30,22 @@ def default_network(settings: Settings) -> Network:
 
 
 def with_network(spec: LaunchSpec, settings: Settings) -> LaunchSpec:
-    """`spec` with its network decided (the default if it has none) and its ports checked
-    against that network."""
+    """`spec` with its network decided: its own, or the default if it has none. Never
+    raises (a launch of a record made before networks existed uses it too)."""
     if spec.network is not None:
         return spec
-    network = default_network(settings)
-    check_ports(network, spec.ports)
-    return msgspec.structs.replace(spec, network=network)
+    return msgspec.structs.replace(spec, network=default_network(settings))
+
+
+def admit(spec: LaunchSpec, caller: Caller, *, settings: Settings,
+          daemon_uid: int) -> LaunchSpec:
+    """A new spec with its network decided and checked: its ports against that network
+    (`InvalidParams`), and whether `caller` may have it (`PermissionDenied`)."""
+    decided = with_network(spec, settings)
+    if spec.network is None:  # checked against its own network when it was decoded
+        check_ports(decided.network, decided.ports)
+    check_network(decided, caller, settings=settings, daemon_uid=daemon_uid)
+    return decided
 
 
 def check_network(spec: LaunchSpec, caller: Caller, *, settings: Settings,

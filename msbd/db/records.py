@@ -34,13 +34,11 @@ _UTC: Final = dt.UTC
 
 # The columns of `sandbox_row`; `{spec}` is `s.spec` or NULL (list entries
 # leave the spec out unless asked: decoding specs is most of a list's cost, so
-# the two fields every entry shows are taken out of it by SQLite, only from a
-# spec that is valid JSON: one broken row must not fail the query for all).
+# what every entry shows is kept in columns of its own: labels, network, ports).
 SANDBOX_COLUMNS: Final = """
 s.id, s.name, s.state, s.owner_uid, {spec}, s.labels, s.created_at, s.updated_at,
 r.id, r.pid, r.started_at, r.ended_at, r.reason, r.exit_code, r.signal, r.detail,
-CASE WHEN json_valid(s.spec) THEN json_extract(s.spec, '$.network') END,
-CASE WHEN json_valid(s.spec) THEN json_extract(s.spec, '$.ports') END
+s.network, s.ports
 """
 SANDBOX_FROM: Final = " FROM sandboxes AS s LEFT JOIN runs AS r ON r.id = s.current_run "
 SANDBOX_SELECT: Final = "SELECT" + SANDBOX_COLUMNS.format(spec="s.spec") + SANDBOX_FROM
@@ -76,8 +74,7 @@ def sandbox_row(row: Row) -> SandboxInfo:
     try:
         spec = None if spec_json is None else SPEC_DECODER.decode(spec_json)
         labels = spec.labels if spec is not None else LABELS_DECODER.decode(labels_json)
-        ports = (spec.ports if spec is not None
-                 else [] if ports_json is None else PORTS_DECODER.decode(ports_json))
+        ports = spec.ports if spec is not None else PORTS_DECODER.decode(ports_json)
         run = None if run_id is None else RunInfo(
             id=run_id, pid=pid, started_at=utc(started_at),
             ended_at=None if ended_at is None else utc(ended_at),

@@ -39,6 +39,11 @@ table, so `sandboxes` and `runs` are rebuilt; foreign keys are off while
 migrations run (see `store.open_store`), so the old tables can be dropped
 in any order. The highest run id ever used is carried over, so run ids are
 never reused either.
+
+Version 3: a sandbox's network mode and published ports, copied out of its
+(immutable) spec when it is created, as `labels` is: every list entry shows
+them, and reading them from the spec would parse every row's JSON. Rows
+written before keep NULL and `[]` unless their spec names them.
 """
 
 from __future__ import annotations
@@ -160,6 +165,16 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         "CREATE INDEX runs_by_sandbox ON runs (sandbox_id)",
         "ALTER TABLE events ADD COLUMN sandbox_id INTEGER",
         "CREATE INDEX events_by_owner ON events (owner_uid, seq)",
+    )),
+    Migration(3, (
+        "ALTER TABLE sandboxes ADD COLUMN network TEXT",
+        "ALTER TABLE sandboxes ADD COLUMN ports TEXT NOT NULL DEFAULT '[]'",
+        """
+        UPDATE sandboxes
+        SET network = json_extract(spec, '$.network'),
+            ports = coalesce(json_extract(spec, '$.ports'), '[]')
+        WHERE json_valid(spec)
+        """,
     )),
 )
 

@@ -92,10 +92,11 @@ class Session:
     async def _write(self) -> AsyncIterator[Connection]:
         """One change, committed with whatever others queued with it (group commit).
 
-        The body runs in a savepoint of the group's transaction: an error rolls back
-        this change only and raises. The caller resumes once the COMMIT holding its
-        change is done: after the body it queues for the lock again (the lock is
-        fair), and the first member of a group to come back commits the group.
+        The body runs in a savepoint of the group's transaction (the first change of a
+        group needs none: it is the whole transaction so far): an error rolls back this
+        change only and raises. The caller resumes once the COMMIT holding its change
+        is done: after the body it queues for the lock again (the lock is fair), and
+        the first member of a group to come back commits the group.
         """
         db = self._db
         async with self._lock:
@@ -105,17 +106,24 @@ class Session:
                     self._group = _Group()
                 group = self._group
                 mark = len(self._appended)
-                await self._execute("SAVEPOINT change")
+                joined = group.members > 0
+                if joined:
+                    await self._execute("SAVEPOINT change")
                 try:
                     yield db
-                    await self._execute("RELEASE change")
+                    if joined:
+                        await self._execute("RELEASE change")
                 except BaseException as exc:
                     del self._appended[mark:]
-                    await self._execute("ROLLBACK TO change")
-                    await self._execute("RELEASE change")
-                    if group.members == 0:  # nobody will come back to commit it: end it
+                    if joined:
+                        await self._execute("ROLLBACK TO change")
+                        await self._execute("RELEASE change")
+                    else:  # nothing else in it, and nobody will come back to commit it
                         self._group = None
-                        await self._db.rollback()
+                        try:
+                            await self._db.rollback()
+                        except sqlite3.Error as rollback_exc:
+                            log.error("database rollback failed: %s", rollback_exc)
                     if isinstance(exc, sqlite3.Error):
                         raise StoreError(f"database write failed: {exc}") from exc
                     raise

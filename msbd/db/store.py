@@ -83,10 +83,10 @@ class Store(Runs):
             # ON CONFLICT DO NOTHING + rowcount says "taken" without parsing error text.
             cursor = await db.execute(
                 "INSERT INTO sandboxes (name, owner_uid, owner_gid, owner_groups, state, spec,"
-                " labels, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (name) DO NOTHING",
+                " labels, network, ports, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
                 (name, owner.uid, owner.gid, groups, State.CREATED.value, spec_json,
-                 labels_json, now, now))
+                 labels_json, spec.network, ENCODER.encode(spec.ports).decode(), now, now))
             if cursor.rowcount != 1:
                 raise Conflict(f"sandbox {name!r} already exists", data={"sandbox": name})
             assert cursor.lastrowid is not None
