@@ -73,6 +73,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     worker_pool: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     worker_pool_idle: Positive = 600.0
     events_keep: Count = 100_000
+    # a cgroup per run (msbd.daemon.cgroups, docs/cgroups.md): "auto" uses the cgroup
+    # systemd delegated to msbd, "off" none, an absolute path a cgroup v2 directory made
+    # for msbd
+    cgroups: str = "auto"
+    # a run's memory.max is its guest memory plus this (msbd.daemon.runlimits)
+    cgroup_vmm_overhead_mib: Count = 256
+    cgroup_pids_max: Count = 512
+    # cap a run at `vcpus` CPUs with cpu.max (else runs share the CPU by weight)
+    cgroup_cpu_max: bool = False
 
     @property
     def db_path(self) -> Path:
@@ -142,6 +151,9 @@ def load_settings(
         if not os.path.isabs(getattr(settings, name)):
             raise ConfigError(f"setting `{name}` must be an absolute path, "
                               f"got {getattr(settings, name)!r}")
+    if settings.cgroups not in ("auto", "off") and not os.path.isabs(settings.cgroups):
+        raise ConfigError("setting `cgroups` must be 'auto', 'off' or an absolute path, "
+                          f"got {settings.cgroups!r}")
     if settings.default_network == "egress" and settings.egress != "everyone":
         raise ConfigError("setting `default_network` = 'egress' needs `egress` = 'everyone' "
                           "(else every other user's launch with the default is refused)")

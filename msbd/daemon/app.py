@@ -31,7 +31,7 @@ import msgspec
 
 from msbd import __version__
 from msbd.config import Settings
-from msbd.daemon import activation, systemd
+from msbd.daemon import activation, cgroups, systemd
 from msbd.daemon.api import Api
 from msbd.daemon.console import remove_orphans
 from msbd.daemon.doctor import HostCheck
@@ -115,6 +115,7 @@ async def _serve(settings: Settings) -> None:
     try:
         async with open_store(settings.db_path, on_event=hub.publish) as store:
             closed = await reconcile(store)
+            cg = await _cgroups(settings)
             orphans = await anyio.to_thread.run_sync(
                 remove_orphans, state_dir / "logs", await store.sandbox_ids())
             if orphans:
@@ -127,7 +128,7 @@ async def _serve(settings: Settings) -> None:
             try:
                 await _run_services(settings, store=store, hub=hub, sock=sock,
                                     notifier=notifier, watchdog=watchdog, started=started,
-                                    reconciled=closed)
+                                    reconciled=closed, cg=cg)
             finally:
                 sock.close()
                 if inherited is None:
@@ -137,6 +138,24 @@ async def _serve(settings: Settings) -> None:
     log.info("msbd stopped")
 
 
+async def _cgroups(settings: Settings) -> cgroups.Cgroups:
+    """The run cgroup tree, set up, with what a previous daemon left in it emptied.
+
+    Before the pool spawns anything: pool workers start in the daemon's leaf.
+    """
+    cg = cgroups.adopt(cgroups.find(settings.cgroups))
+    if not cg.enabled:
+        log.info("cgroups off: %s", cg.reason)
+        return cg
+    left = cgroups.leftovers(cg)
+    for path in left:  # no run is live yet: every run cgroup is a previous daemon's
+        if not await cgroups.release(path):
+            log.warning("cannot empty the leftover cgroup %s", path)
+    log.info("cgroups on: runs under %s (%s)%s", cg.runs, " ".join(sorted(cg.controllers))
+             or "no controllers", f"; emptied {len(left)} left over" if left else "")
+    return cg
+
+
 def _unlink_if_ours(path: Path, sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
@@ -144,7 +163,8 @@ def _unlink_if_ours(path: Path, sock: socket.socket) -> None:
 
 async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
                         sock: socket.socket, notifier: systemd.Notifier,
-                        watchdog: float | None, started: float, reconciled: int) -> None:
+                        watchdog: float | None, started: float, reconciled: int,
+                        cg: cgroups.Cgroups) -> None:
     host = HostCheck(python=settings.worker_python, libkrun=settings.libkrun,
                      env=worker_environ(settings.worker_env))
     await host.refresh()
@@ -166,7 +186,8 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         pool = WorkerPool(settings, size=None if can_launch else 0)
         await tg.start(pool.serve)  # its idle workers end when `tg` is cancelled, below
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
-                                task_group=tg, host=host, signaller=signaller, pool=pool)
+                                task_group=tg, host=host, signaller=signaller, pool=pool,
+                                cgroups=cg)
         await tg.start(scheduler.run, supervisor.fire)
         api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,
                   started=started)

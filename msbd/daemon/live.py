@@ -16,10 +16,13 @@ the I/O.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal as signal_mod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
+import msgspec
 
 from msbd import states
 from msbd.contract import signame
@@ -51,6 +54,7 @@ class Live:
     error_line: str | None = None
     last_output_line: str = ""
     pending: tuple[State, RunEnd, float] | None = None  # (to, end, when), not yet on disk
+    cgroup: Path | None = None  # the run's cgroup (msbd.daemon.cgroups), None if off
     write_error: str | None = None
     running: anyio.Event = field(default_factory=anyio.Event)
     exited: anyio.Event = field(default_factory=anyio.Event)
@@ -73,6 +77,18 @@ class Live:
             return ("ended, but its end is not recorded yet (the database refused the write: "
                     f"{self.write_error or 'unknown error'}; msbd keeps retrying)")
         return str(self.state)
+
+
+def overlay(live: Live, info: SandboxInfo) -> SandboxInfo:
+    """`info` with `live`'s end if that end is not recorded yet, else `info` itself."""
+    if live.pending is None or info.run is None:
+        return info
+    to, end, ended_at = live.pending
+    when = dt.datetime.fromtimestamp(ended_at, dt.UTC)
+    run = msgspec.structs.replace(info.run, ended_at=when, reason=end.reason,
+                                  exit_code=end.exit_code, signal=end.signal,
+                                  detail=end.detail)
+    return msgspec.structs.replace(info, state=to, updated_at=when, run=run)
 
 
 def end_reason(live: Live, exit_code: int | None, sig: int | None) -> Reason:

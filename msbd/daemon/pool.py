@@ -44,11 +44,13 @@ import logging
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.abc
 
 from msbd.config import Settings
+from msbd.daemon import cgroups
 from msbd.daemon.spawn import Worker, spawn_worker, worker_environ
 from msbd.errors import LaunchFailed
 from msbd.log import ctx
@@ -142,10 +144,13 @@ class WorkerPool:
         """Spawn replacements for the workers taken (soon, from `serve`'s task)."""
         self._wanted.set()
 
-    async def launch(self, spec: bytes) -> Worker:
+    async def launch(self, spec: bytes, *, cgroup: Path | None = None) -> Worker:
         """A worker that has `spec`: a pooled one, else one spawned for it now.
 
-        `LaunchFailed` if the OS refuses a spawn. Callers shield this call: a
+        With `cgroup`, the worker is moved into that cgroup before it gets its
+        spec (a worker spawned now gets a spec pipe for that, as a pooled one
+        has), so all it runs after the spec is counted there. `LaunchFailed` if
+        the OS refuses a spawn or the move. Callers shield this call: a
         worker taken from the pool is theirs to watch once this returns. The
         pool does not refill until `refill` is called: a caller calls it once
         its launch is answered, so a new interpreter starting never competes
@@ -163,6 +168,7 @@ class WorkerPool:
                 self._failures += 1
                 await end_worker(worker)
                 continue
+            await _place(worker, cgroup)
             try:
                 await write_spec(worker, spec, timeout=self._write_timeout)
             except OSError as exc:
@@ -172,7 +178,28 @@ class WorkerPool:
                 continue
             self._failures = 0
             return worker
-        return spawn_worker(self._argv, self._env, spec)
+        if cgroup is None:
+            return spawn_worker(self._argv, self._env, spec)
+        worker = spawn_worker(self._argv, self._env, None)
+        await _place(worker, cgroup)
+        try:
+            await write_spec(worker, spec, timeout=self._write_timeout)
+        except OSError as exc:
+            await end_worker(worker)
+            raise LaunchFailed(f"the worker did not take its spec: {exc}") from exc
+        return worker
+
+
+async def _place(worker: Worker, cgroup: Path | None) -> None:
+    """Move a worker that has no spec yet into `cgroup`; on failure end it, `LaunchFailed`."""
+    if cgroup is None:
+        return
+    try:
+        cgroups.place(cgroup, worker.pid)
+    except OSError as exc:
+        await end_worker(worker)
+        raise LaunchFailed(f"cannot move the worker into its cgroup {cgroup}: "
+                           f"{exc.strerror or exc}") from exc
 
 
 async def write_spec(worker: Worker, spec: bytes, *, timeout: float) -> None:

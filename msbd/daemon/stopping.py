@@ -27,6 +27,7 @@ import time
 import anyio
 
 from msbd.config import Settings
+from msbd.daemon import cgroups
 from msbd.daemon.live import Live
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.timers import (
@@ -124,7 +125,10 @@ class Stopping:
             signal_mod.pidfd_send_signal(live.worker.pidfd, sig)
 
     def kill_group(self, live: Live) -> None:
-        """SIGKILL the worker's process group (its session): the worker and all it forked."""
+        """SIGKILL the worker's process group (its session): the worker and all it forked;
+        and with cgroups, everything in the run's cgroup (`cgroup.kill`)."""
+        if live.cgroup is not None:
+            cgroups.kill(live.cgroup)
         if live.reaped:
             return
         try:

@@ -23,7 +23,6 @@ nothing of the limits meanwhile.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import logging
 import os
@@ -40,12 +39,16 @@ from msbd import states
 from msbd.config import Settings
 from msbd.daemon import procfs
 from msbd.daemon.access import vm_identity
+from msbd.daemon.cgroups import Cgroups
+from msbd.daemon.cgroups import off as cgroup_off
+from msbd.daemon.cgroups import release as release_cgroup
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.limits import Limits, Usage, share_of
-from msbd.daemon.live import Live
+from msbd.daemon.live import Live, overlay
 from msbd.daemon.netpolicy import with_network
 from msbd.daemon.pool import WorkerPool
+from msbd.daemon.runlimits import open_run_cgroup, run_limits
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
 from msbd.daemon.timers import Lateness, Scheduler, TimerKind, max_duration_deadline
@@ -65,8 +68,10 @@ _RECORD_WAIT = 30.0
 class Supervisor:
     def __init__(self, *, settings: Settings, store: Store, scheduler: Scheduler,
                  task_group: anyio.abc.TaskGroup, host: HostCheck,
-                 signaller: Signaller | None = None, pool: WorkerPool | None = None) -> None:
+                 signaller: Signaller | None = None, pool: WorkerPool | None = None,
+                 cgroups: Cgroups | None = None) -> None:
         self._settings = settings
+        self.cgroups = cgroups if cgroups is not None else cgroup_off("not set up")
         self._pool = pool if pool is not None else WorkerPool(settings)  # unserved: no pool
         self._store = store
         self._timers = scheduler
@@ -89,6 +94,8 @@ class Supervisor:
     def _exited(self, live: Live) -> None:
         """The worker is gone: what it held is free, whether its end is on disk or not."""
         self._limits.release(live.ref.id)
+        if live.cgroup is not None:
+            self._tg.start_soon(release_cgroup, live.cgroup)
 
     def _ended(self, live: Live) -> None:
         self.live.pop(live.ref.id, None)
@@ -211,17 +218,21 @@ class Supervisor:
             await self._end_unspawned(ref, message)
             raise LaunchFailed(f"sandbox {ref.name!r} failed to launch: {message}",
                                data={"sandbox": ref.name}) from exc
+        cgroup = None
         try:  # a warm worker from the pool gets the spec now, else one is spawned with it
-            worker = await self._pool.launch(_ENCODER.encode(worker_spec))
+            cgroup = open_run_cgroup(self.cgroups, run_id, run_limits(spec, self._settings))
+            worker = await self._pool.launch(_ENCODER.encode(worker_spec), cgroup=cgroup)
         except LaunchFailed as exc:
             console.close()
+            if cgroup is not None:
+                self._tg.start_soon(release_cgroup, cgroup)
             await self._end_unspawned(ref, exc.message)
             raise LaunchFailed(f"sandbox {ref.name!r} failed to launch: {exc.message}",
                                data={"sandbox": ref.name}) from exc
         now = self._timers.now()
         live = Live(ref=ref, owner_uid=record.owner_uid, spec=spec, run_id=run_id,
                     worker=worker, console=console, started=now, last_activity=now,
-                    last_beat=now)
+                    last_beat=now, cgroup=cgroup)
         self.live[ref.id] = live
         self._notify_change()
         log.info("worker spawned", extra=ctx(sandbox=ref.name, pid=worker.pid, run=run_id))
@@ -307,14 +318,7 @@ class Supervisor:
     def overlay(self, info: SandboxInfo) -> SandboxInfo:
         """`info` as it really is: a run that ended but is not recorded yet shows its end."""
         live = self.live.get(info.id)
-        if live is None or live.pending is None or info.run is None:
-            return info
-        to, end, ended_at = live.pending
-        when = dt.datetime.fromtimestamp(ended_at, dt.UTC)
-        run = msgspec.structs.replace(info.run, ended_at=when, reason=end.reason,
-                                      exit_code=end.exit_code, signal=end.signal,
-                                      detail=end.detail)
-        return msgspec.structs.replace(info, state=to, updated_at=when, run=run)
+        return info if live is None else overlay(live, info)
 
     async def shutdown(self, *, grace: float) -> None:
         """Stop every live sandbox (daemon exit): SIGTERM, SIGKILL after `grace`."""

@@ -1,0 +1,166 @@
+"""A cgroup per run, on this machine's real cgroup v2 hierarchy (see tests/cgroupdir.py).
+
+Real daemons with the `cgroups` setting pointing at a fresh cgroup v2 directory, real
+workers (the libkrun test double runs the workload as a host process, so what a
+workload starts is a real process too). Every fact is read from cgroupfs or waited on
+through pidfds and replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cgroupdir
+import pytest
+from daemonproc import DaemonProc, children_by_parent
+from tenants import sleeper
+
+from msbd.daemon import cgroups
+
+
+@pytest.fixture
+def cgdir() -> Iterator[Path]:
+    path = cgroupdir.make()
+    try:
+        yield path
+    finally:
+        cgroupdir.destroy(path)
+
+
+@pytest.fixture
+def daemon(make_daemon: Callable[..., DaemonProc], fakekrun: Path, cgdir: Path) -> DaemonProc:
+    return make_daemon(libkrun=fakekrun, settings={"cgroups": str(cgdir)})
+
+
+def run_dir(cgdir: Path, info: dict[str, object]) -> Path:
+    run = info["run"]
+    assert isinstance(run, dict)
+    return cgdir / "runs" / f"run-{run['id']}"
+
+
+# --- finding the tree ------------------------------------------------------------
+
+MOUNTINFO = (
+    "25 30 0:22 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    "26 30 0:23 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+    "27 30 0:24 /system.slice/x.service /mnt/x rw - cgroup2 cgroup2 rw\n"
+)
+
+
+def test_the_v2_mount_is_the_one_whose_root_is_mounted() -> None:
+    assert cgroups.v2_mount(MOUNTINFO) == Path("/sys/fs/cgroup/unified")
+    assert cgroups.v2_mount(MOUNTINFO.splitlines()[0]) is None
+
+
+def test_own_v2_path_reads_the_unified_line() -> None:
+    assert cgroups.own_v2_path("1:cpu:/a\n0::/system.slice/msbd.service\n") == \
+        "/system.slice/msbd.service"
+    assert cgroups.own_v2_path("4:memory:/x\n") is None
+
+
+def test_off_says_why() -> None:
+    assert cgroups.find("off").reason == 'turned off by the setting cgroups = "off"'
+    outside = cgroups.find("/tmp")
+    assert not outside.enabled and outside.reason is not None
+    assert "not a directory under the cgroup v2 hierarchy" in outside.reason
+
+
+def test_auto_refuses_a_cgroup_that_was_not_delegated(cgdir: Path) -> None:
+    # This test's own process sits in a cgroup nobody delegated to msbd.
+    found = cgroups.find("auto")
+    assert not found.enabled
+    assert found.reason is not None and "msbd" in found.reason
+
+
+def test_an_explicit_directory_is_used_with_the_controllers_it_offers(cgdir: Path) -> None:
+    found = cgroups.adopt(cgroups.find(str(cgdir)))
+    assert found.enabled and found.root == cgdir and not found.delegated
+    offered = set((cgdir / "cgroup.controllers").read_text().split())
+    assert found.controllers == offered & set(cgroups.WANTED)
+    assert (cgdir / "runs").is_dir()
+
+
+# --- runs -------------------------------------------------------------------------
+
+def test_a_runs_worker_is_in_its_own_cgroup_from_the_hand_off(
+        daemon: DaemonProc, cgdir: Path, busybox_root: Path) -> None:
+    idle = daemon.children()
+    assert len(idle) == 2
+    assert not cgroupdir.procs(cgdir / "runs"), "no process may sit in runs/ itself"
+    info = daemon.call("sandbox.run", sleeper("cg", busybox_root))
+    pid = info["run"]["pid"]
+    assert pid in idle, "the pooled worker was not the one handed out"
+    here = run_dir(cgdir, info)
+    members = cgroupdir.procs(here)
+    # The worker and the workload the test double started for it.
+    assert pid in members and set(children_by_parent().get(pid, [])) <= members
+    for other in idle - {pid}:
+        assert other not in members
+    daemon.call("sandbox.stop", {"name": "cg", "timeout": 10})
+    cgroupdir.wait_pids_gone(members)
+    # Removed after the worker was reaped; the reply may come first.
+    daemon.call("sandbox.run", sleeper("cg2", busybox_root))
+    daemon.call("sandbox.stop", {"name": "cg2", "timeout": 10})
+    assert not here.exists() or not cgroupdir.procs(here)
+
+
+def test_a_worker_spawned_for_its_launch_is_placed_too(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, cgdir: Path,
+        busybox_root: Path) -> None:
+    d = make_daemon(libkrun=fakekrun, settings={"cgroups": str(cgdir), "worker_pool": 0})
+    info = d.call("sandbox.run", sleeper("cold", busybox_root))
+    assert info["run"]["pid"] in cgroupdir.procs(run_dir(cgdir, info))
+
+
+def first_line(daemon: DaemonProc, name: str) -> str:
+    """The console's first whole line, waited for with `logs` long-polls."""
+    data, offset = "", 0
+    while "\n" not in data:
+        chunk = daemon.call("sandbox.logs", {"name": name, "offset": offset, "wait": 30})
+        assert chunk["data"], f"no more output after {data!r}"
+        data += chunk["data"]
+        offset = chunk["offset"]
+    return data.split("\n", 1)[0]
+
+
+# The workload's shell forks (a command follows, so no exec in place) and waits for a
+# process that made a session of its own, and that has no parent-death signal.
+ESCAPE = ("/bin/busybox setsid /bin/busybox sh -c 'echo escaped $$; exec /bin/busybox sleep 600'"
+          "; exit 0")
+
+
+def test_a_kill_ends_what_the_workload_moved_out_of_the_process_group(
+        daemon: DaemonProc, cgdir: Path, busybox_root: Path) -> None:
+    """The attack: a workload starts a process in a session of its own, out of reach of
+    the process-group SIGKILL. The run's cgroup holds it all the same."""
+    spec = sleeper("escape", busybox_root, args=["sh", "-c", ESCAPE])
+    info = daemon.call("sandbox.run", spec)
+    line = first_line(daemon, "escape")
+    assert line.startswith("escaped "), line
+    escaped = int(line.split()[1])
+    members = cgroupdir.procs(run_dir(cgdir, info))
+    assert escaped in members
+    assert escaped not in children_by_parent().get(info["run"]["pid"], []), \
+        "the escaped process is the workload itself, not one it started"
+    assert Path(f"/proc/{escaped}/stat").read_text().split()[5] != \
+        str(info["run"]["pid"]), "the escaped process kept the worker's session"
+    daemon.call("sandbox.kill", {"name": "escape", "signal": "SIGKILL"})
+    cgroupdir.wait_pids_gone(members)
+
+
+def test_a_previous_daemons_run_cgroups_are_emptied_at_startup(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, cgdir: Path) -> None:
+    import subprocess
+    (cgdir / "runs").mkdir()
+    left = cgdir / "runs" / "run-999"
+    left.mkdir()
+    straggler = subprocess.Popen(["sleep", "600"])
+    try:
+        cgroups.place(left, straggler.pid)
+        make_daemon(libkrun=fakekrun, settings={"cgroups": str(cgdir)})
+        assert straggler.wait(timeout=30) == -9
+        assert not left.exists()
+    finally:
+        straggler.kill()
+        straggler.wait()
