@@ -103,9 +103,12 @@ def test_stop_ends_a_running_guest_and_records_it(guest_root: Path) -> None:
     info = call("sandbox.run", guest("sleeper", guest_root, "echo up; exec sleep 600"))
     worker = info["run"]["pid"]
     wait_for(lambda: "up" in logs("sleeper"), "the guest's first line", timeout=GUEST_WAIT)
-    # The worker is a process of the service (KillMode=mixed decides its fate).
+    # The worker is in its run's cgroup, in the subtree systemd delegated to the
+    # service (KillMode=mixed decides its fate), and the daemon in the leaf beside it.
     assert Path(f"/proc/{worker}/cgroup").read_text().strip() == \
-        "0::/system.slice/msbd.service"
+        f"0::/system.slice/msbd.service/runs/run-{info['run']['id']}"
+    assert Path(f"/proc/{main_pid()}/cgroup").read_text().strip() == \
+        "0::/system.slice/msbd.service/daemon"
     daemon = main_pid()
     systemctl("stop", "msbd.service")
     wait_exit(daemon)
