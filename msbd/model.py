@@ -83,6 +83,7 @@ class Reason(enum.StrEnum):
     LAUNCH_FAILED = "launch_failed"
     WORKER_CRASHED = "worker_crashed"
     DAEMON_LOST = "daemon_lost"
+    OOM_KILLED = "oom_killed"
 
 
 class DiskFormat(enum.StrEnum):

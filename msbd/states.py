@@ -102,16 +102,18 @@ def sources(dst: State) -> frozenset[State]:
 
 
 def end_reason(*, requested: Reason | None, exit_code: int | None, signal: int | None,
-               entered: bool, worker_error: bool = False) -> Reason:
+               entered: bool, worker_error: bool = False, oom_killed: bool = False) -> Reason:
     """Decide the reason recorded when a worker process ends.
 
     `requested` is the reason the daemon decided before the end (a stop, a
     kill, a timer), or None. Exactly one of `exit_code` (0-255) and `signal`
     (the number that killed the worker) is set. `entered` says whether the
     worker wrote `entering`, `worker_error` whether it wrote an `error`
-    line; the caller reads the status pipe to EOF first.
+    line; the caller reads the status pipe to EOF first. `oom_killed` says
+    that the kernel's OOM killer ended a process of the run's cgroup.
 
-    A daemon decision wins, whatever the process did meanwhile. Otherwise a
+    A daemon decision wins, whatever the process did meanwhile. Then an OOM
+    kill: the run used all the memory its cgroup allows. Otherwise a
     worker that never entered libkrun failed its launch if it exited with one
     of its launch statuses (2-5), and crashed if it died any other way (a
     signal, a Python traceback's status 1, a bare exit before `entering`).
@@ -127,6 +129,8 @@ def end_reason(*, requested: Reason | None, exit_code: int | None, signal: int |
         if requested not in REQUESTED_REASONS:
             raise ValueError(f"{requested} is not a reason the daemon can request")
         return requested
+    if oom_killed:
+        return Reason.OOM_KILLED
     if signal is not None:
         return Reason.WORKER_CRASHED
     if exit_code in LAUNCH_FAILURES and (worker_error or not entered):
@@ -143,7 +147,7 @@ def final_state(reason: Reason) -> State:
             return State.FAILED
         case (Reason.EXITED | Reason.STOP_REQUESTED | Reason.KILLED | Reason.IDLE_TIMEOUT
               | Reason.MAX_DURATION | Reason.HEARTBEAT_LOST | Reason.WORKER_CRASHED
-              | Reason.DAEMON_LOST):
+              | Reason.DAEMON_LOST | Reason.OOM_KILLED):
             return State.STOPPED
         case _:
             assert_never(reason)

@@ -66,6 +66,25 @@ def test_off_says_why() -> None:
     assert "not a directory under the cgroup v2 hierarchy" in outside.reason
 
 
+@pytest.mark.parametrize(("events", "limit", "words"), [
+    ("low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 1\n", "536870912",
+     "the run used its memory.max of 512 MiB: the kernel's OOM killer ended it "
+     "(1 process killed)"),
+    ("oom 2\noom_kill 3\n", "max", "the kernel's OOM killer ended the run (3 processes "
+     "killed; no memory.max of its own)"),
+    ("low 0\nhigh 0\nmax 40\noom 0\noom_kill 0\n", "536870912", None),  # at its limit, no kill
+    (None, "536870912", None),  # no memory controller: no memory.events
+])
+def test_an_oom_kill_is_read_from_memory_events(tmp_path: Path, events: str | None, limit: str,
+                                                words: str | None) -> None:
+    """The cgroup's files as the kernel words them (a plain directory holds them here:
+    this host's cgroup v2 hierarchy has no memory controller; the lane sees a real one)."""
+    if events is not None:
+        (tmp_path / "memory.events").write_text(events)
+    (tmp_path / "memory.max").write_text(limit + "\n")
+    assert cgroups.oom_detail(tmp_path) == words
+
+
 def test_auto_refuses_a_cgroup_that_was_not_delegated(cgdir: Path) -> None:
     # This test's own process sits in a cgroup nobody delegated to msbd.
     found = cgroups.find("auto")

@@ -146,6 +146,29 @@ def test_end_reason(requested: Reason | None, status: Status, entered: bool,
     assert got is expected
 
 
+# (requested, status, entered, expected) when the run's cgroup counted an OOM kill
+OOM_CASES: list[tuple[Reason | None, Status, bool, Reason]] = [
+    # The kernel killed the whole run (memory.oom.group): the VMM died of SIGKILL.
+    (None, _KILL9, True, Reason.OOM_KILLED),
+    (None, _KILL9, False, Reason.OOM_KILLED),  # before `entering`: still its memory
+    # A thread of the guest's VMM was killed and the worker still exited with a status.
+    (None, _exit(1), True, Reason.OOM_KILLED),
+    # The daemon asked first: its reason stands, whatever the kernel did meanwhile.
+    (Reason.STOP_REQUESTED, _KILL9, True, Reason.STOP_REQUESTED),
+    (Reason.KILLED, _KILL9, True, Reason.KILLED),
+    (Reason.MAX_DURATION, _KILL9, True, Reason.MAX_DURATION),
+]
+
+
+@pytest.mark.parametrize(("requested", "status", "entered", "expected"), OOM_CASES)
+def test_end_reason_after_an_oom_kill(requested: Reason | None, status: Status, entered: bool,
+                                      expected: Reason) -> None:
+    got = states.end_reason(requested=requested, exit_code=status["exit_code"],
+                            signal=status["signal"], entered=entered, oom_killed=True)
+    assert got is expected
+    assert states.final_state(got) is State.STOPPED
+
+
 def test_end_reason_worker_error_defaults_to_false() -> None:
     assert states.end_reason(requested=None, exit_code=5, signal=None,
                              entered=True) is Reason.EXITED
@@ -175,6 +198,7 @@ FINAL = {
     "launch_failed": "failed",
     "worker_crashed": "stopped",
     "daemon_lost": "stopped",
+    "oom_killed": "stopped",
 }
 
 

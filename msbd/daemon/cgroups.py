@@ -267,6 +267,23 @@ def keyed(path: Path, name: str) -> dict[str, int]:
     return out
 
 
+def oom_detail(path: Path) -> str | None:
+    """The words for an OOM kill in a run's cgroup (`memory.events` counts `oom_kill`
+    for it and below), or None when there was none or the file cannot be read."""
+    try:
+        kills = keyed(path, "memory.events").get("oom_kill", 0)
+        if not kills:
+            return None
+        limit = _read(path / "memory.max").strip()
+    except OSError:
+        return None
+    killed = f"{kills} process{'es' if kills > 1 else ''} killed"
+    if limit == "max":
+        return f"the kernel's OOM killer ended the run ({killed}; no memory.max of its own)"
+    return (f"the run used its memory.max of {int(limit) // (1024 * 1024)} MiB: the kernel's "
+            f"OOM killer ended it ({killed})")
+
+
 def populated(path: Path) -> bool:
     return keyed(path, "cgroup.events").get("populated", 0) == 1
 

@@ -55,6 +55,7 @@ class Live:
     last_output_line: str = ""
     pending: tuple[State, RunEnd, float] | None = None  # (to, end, when), not yet on disk
     cgroup: Path | None = None  # the run's cgroup (msbd.daemon.cgroups), None if off
+    oom: str | None = None  # set at the end when the cgroup counted an OOM kill: the words
     write_error: str | None = None
     running: anyio.Event = field(default_factory=anyio.Event)
     exited: anyio.Event = field(default_factory=anyio.Event)
@@ -98,7 +99,8 @@ def end_reason(live: Live, exit_code: int | None, sig: int | None) -> Reason:
     if exit_code is None and sig is None:
         sig = signal_mod.SIGKILL
     return states.end_reason(requested=live.requested, exit_code=exit_code, signal=sig,
-                             entered=live.entered, worker_error=live.error_line is not None)
+                             entered=live.entered, worker_error=live.error_line is not None,
+                             oom_killed=live.oom is not None)
 
 
 # Exit statuses of the guest's init that are about the workload, not from it.
@@ -114,6 +116,8 @@ def end_detail(live: Live, reason: Reason, exit_code: int | None, sig: int | Non
     parts: list[str] = []
     if live.stop_detail:
         parts.append(live.stop_detail)
+    if reason is Reason.OOM_KILLED and live.oom:
+        parts.append(live.oom)
     if reason is Reason.EXITED and exit_code in INIT_STATUSES:
         parts.append(f"status {exit_code}: {INIT_STATUSES[exit_code]}")
         if live.last_output_line:

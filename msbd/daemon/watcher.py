@@ -3,10 +3,12 @@
 It reads the worker's status pipe (`entering` -> `running`, `heartbeat`,
 `error ...`), copies its console pipe into the sandbox's log (console output
 is activity), and waits on the worker's pidfd. When the worker is gone it
-reaps it, gives back what the run held (timers, pipes, the share of the
-limits: `on_exit`), decides the reason (a reason the daemon requested wins)
-and records the end. A refused write (a full disk) is retried with back-off
-for as long as the daemon runs; meanwhile the end waits in `Live.pending`,
+reaps it, reads the run cgroup's `memory.events` (an OOM kill there ends the
+run as `oom_killed`; read before the cgroup is released), gives back what the
+run held (timers, pipes, the share of the limits, the cgroup: `on_exit`),
+decides the reason (a reason the daemon requested wins) and records the end.
+A refused write (a full disk) is retried with back-off for as long as the
+daemon runs; meanwhile the end waits in `Live.pending`,
 so reads show it and a new start is refused. The watcher's last step,
 recorded or not, is `on_ended`.
 
@@ -29,6 +31,7 @@ import anyio.abc
 from msbd import states
 from msbd.config import Settings
 from msbd.contract import StatusWord, parse_status
+from msbd.daemon.cgroups import oom_detail
 from msbd.daemon.live import Live, end_detail, end_reason
 from msbd.daemon.pipes import LineSplitter, pump
 from msbd.daemon.stopping import Stopping
@@ -150,6 +153,8 @@ class Watcher:
     async def _finish(self, live: Live, exit_code: int | None, sig: int | None) -> None:
         """Give back what the run held, then record its end until it is on disk (shielded)."""
         ref, ended_at = live.ref, time.time()
+        if live.cgroup is not None:  # before `_on_exit` releases the cgroup
+            live.oom = oom_detail(live.cgroup)
         reason = end_reason(live, exit_code, sig)
         end = RunEnd(reason=reason, exit_code=exit_code, signal=sig,
                      detail=end_detail(live, reason, exit_code, sig))
