@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from msbd import __version__
 from msbd.config import load_settings, settable_from_text
-from msbd.errors import ConfigError
+from msbd.errors import ConfigError, MsbdError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,15 +36,57 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    """Run the worker's own host checks, in the worker's process image."""
+    """The worker's own host checks, in the worker's process image; then the cgroups line."""
     argv = [sys.executable, "-m", "msbd.vm", "doctor"]
     if args.json:
         argv.append("--json")
     libkrun = args.libkrun or os.environ.get("MSBD_LIBKRUN")
     if libkrun:
         argv += ["--libkrun", os.path.abspath(libkrun)]
-    sys.stdout.flush()
-    os.execv(sys.executable, argv)
+    done = subprocess.run(argv, stdout=subprocess.PIPE, check=False)
+    cgroups = cgroups_status(args.socket)
+    if args.json:
+        report = json.loads(done.stdout)
+        print(json.dumps(report | {"cgroups": cgroups}))
+    else:
+        sys.stdout.write(done.stdout.decode(errors="replace"))
+        print(cgroups_line(cgroups))
+    return done.returncode
+
+
+def cgroups_status(socket: str | None) -> dict[str, Any]:
+    """Whether runs get cgroups, and why not: the running daemon's answer (`daemon.info`),
+    else what a daemon started from this process would find (`msbd.daemon.cgroups.find`)."""
+    from msbd.rpc.client import Client
+
+    try:
+        with Client(socket, timeout=10) as c:
+            info = c.call("daemon.info")
+        seen = info.get("cgroups")
+        if isinstance(seen, dict):
+            return {"as_seen_by": "the running daemon", **seen}
+    except (OSError, MsbdError):
+        pass
+    from msbd.daemon.cgroups import find
+
+    try:
+        setting = load_settings().cgroups
+    except ConfigError as exc:
+        return {"as_seen_by": "this process", "enabled": False, "root": None,
+                "controllers": [], "reason": str(exc)}
+    cg = find(setting)
+    return {"as_seen_by": "this process; no daemon answered", "enabled": cg.enabled,
+            "root": None if cg.root is None else str(cg.root),
+            "controllers": sorted(cg.controllers), "reason": cg.reason}
+
+
+def cgroups_line(status: dict[str, Any]) -> str:
+    who = status["as_seen_by"]
+    if status["enabled"]:
+        controllers = " ".join(status["controllers"]) or "no controllers"
+        return (f"{'ok':8} cgroups: on ({who}): a cgroup per run under {status['root']}/runs, "
+                f"with {controllers}")
+    return f"{'off':8} cgroups: off ({who}): {status['reason']}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,9 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                                metavar="VALUE", help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
     doctor = sub.add_parser("doctor", help="check this host can run sandboxes",
-                            description="Check virtualization, /dev/kvm, libkrun and libkrunfw.")
+                            description="Check virtualization, /dev/kvm, libkrun and libkrunfw, "
+                                        "and say whether runs get cgroups (and why not).")
     doctor.add_argument("--json", action="store_true")
     doctor.add_argument("--libkrun", metavar="PATH", help="libkrun shared library to check")
+    doctor.add_argument("--socket", metavar="PATH",
+                        help="the daemon to ask whether it uses cgroups (default: msbctl's)")
     doctor.set_defaults(func=_doctor)
     return parser
 

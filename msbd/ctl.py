@@ -142,10 +142,7 @@ def cmd_logs(c: Client, a: argparse.Namespace) -> int:
 
 
 def cmd_metrics(c: Client, a: argparse.Namespace) -> int:
-    def show(m: dict[str, Any]) -> None:
-        print(f"pid {m['pid']}  rss {m['rss_bytes'] / 1048576:.1f} MiB  "
-              f"cpu {m['cpu_seconds']:.2f}s  up {fmt.duration(m['uptime'])}")
-    fmt.emit(a, c.call("sandbox.metrics", {"name": a.name}), show)
+    fmt.emit(a, c.call("sandbox.metrics", {"name": a.name}), fmt.print_metrics)
     return 0
 
 

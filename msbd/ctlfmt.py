@@ -97,6 +97,7 @@ def print_info(info: dict[str, Any]) -> None:
     if "default_network" in info:
         egress = "yes" if info.get("egress_allowed") else "no (admins only)"
         print(f"network    default {info['default_network']}, egress for you: {egress}")
+    print_cgroups(info)
     t = info.get("timers")
     if t and t["fired"]:
         print(f"timers     {t['fired']} fired, late p50 {t['late_p50'] * 1000:.1f} ms, "
@@ -106,6 +107,48 @@ def print_info(info: dict[str, Any]) -> None:
         print(f"{mark} {check['name']}: {check['detail']}")
         if not check["ok"] and check.get("hint"):
             print(f"      -> {check['hint']}")
+
+
+def mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1048576:.1f} MiB"
+
+
+def print_cgroup_usage(cg: dict[str, Any], indent: str = "") -> None:
+    """A run's (or all runs') cgroup figures; `-` where the cgroup has no such file."""
+    print(f"{indent}memory {mib(cg['memory_current'])} (peak {mib(cg['memory_peak'])}, "
+          f"max {mib(cg['memory_max']) if cg['memory_max'] is not None else 'none'})")
+    cpu = cg["cpu_usage_usec"]
+    if cpu is not None:
+        print(f"{indent}cpu    {cpu / 1e6:.2f}s (user {cg['cpu_user_usec'] / 1e6:.2f}s, "
+              f"system {cg['cpu_system_usec'] / 1e6:.2f}s)")
+    print(f"{indent}io     read {mib(cg['io_read_bytes'])}, written {mib(cg['io_write_bytes'])}")
+    pids = "-" if cg["pids_current"] is None else str(cg["pids_current"])
+    print(f"{indent}pids   {pids} (max {cg['pids_max'] or 'none'})")
+    if cg.get("oom_kills"):
+        print(f"{indent}oom    {cg['oom_kills']} processes killed")
+
+
+def print_metrics(m: dict[str, Any]) -> None:
+    print(f"pid {m['pid']}  rss {m['rss_bytes'] / 1048576:.1f} MiB  "
+          f"cpu {m['cpu_seconds']:.2f}s  up {duration(m['uptime'])}  "
+          f"(from {m.get('source', 'proc')})")
+    if m.get("cgroup"):
+        print_cgroup_usage(m["cgroup"])
+
+
+def print_cgroups(info: dict[str, Any]) -> None:
+    cg = info.get("cgroups")
+    if not cg:
+        return
+    if not cg["enabled"]:
+        print(f"cgroups    off: {cg['reason']}")
+        return
+    print(f"cgroups    on: runs under {cg['root']}/runs "
+          f"({' '.join(cg['controllers']) or 'no controllers'})")
+    totals = info.get("cgroup_totals")
+    if totals:
+        print(f"           {totals['runs']} live runs together:")
+        print_cgroup_usage(totals, indent=" " * 11)
 
 
 def emit(args: argparse.Namespace, result: Any, human: Callable[[Any], None]) -> None:

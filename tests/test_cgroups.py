@@ -8,6 +8,9 @@ through pidfds and replies.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import cgroupdir
 import pytest
 from daemonproc import DaemonProc, children_by_parent
 from tenants import sleeper
+from test_ctl import msbctl
 
 from msbd.daemon import cgroups
 
@@ -183,3 +187,69 @@ def test_a_previous_daemons_run_cgroups_are_emptied_at_startup(
     finally:
         straggler.kill()
         straggler.wait()
+
+
+# --- accounting -------------------------------------------------------------------
+
+def test_metrics_and_info_read_the_runs_cgroup(daemon: DaemonProc, cgdir: Path,
+                                               busybox_root: Path) -> None:
+    """This host's cgroup v2 hierarchy counts CPU (cpu.stat is there without a controller)
+    and nothing else: memory, pids and IO are null, and say so, rather than made up."""
+    info = daemon.call("sandbox.run", sleeper("acct", busybox_root))
+    m = daemon.call("sandbox.metrics", {"name": "acct"})
+    assert (m["source"], m["pid"]) == ("cgroup", info["run"]["pid"])
+    cpu = cgroups.keyed(run_dir(cgdir, info), "cpu.stat")
+    cg = m["cgroup"]
+    # The worker's interpreter started and took its spec in there: CPU was counted.
+    assert 0 < cg["cpu_usage_usec"] <= cpu["usage_usec"]
+    assert m["cpu_seconds"] == cg["cpu_usage_usec"] / 1e6
+    assert cg["memory_current"] is cg["memory_max"] is cg["pids_current"] is None
+    assert cg["io_read_bytes"] is cg["oom_kills"] is None
+    d = daemon.call("daemon.info")
+    assert d["cgroups"] == {"enabled": True, "root": str(cgdir), "controllers": [],
+                            "reason": None}
+    totals = d["cgroup_totals"]
+    assert totals["runs"] == 1 and totals["cpu_usage_usec"] >= cg["cpu_usage_usec"]
+    shown = msbctl(daemon, "metrics", "acct")
+    assert shown.returncode == 0 and "(from cgroup)" in shown.stdout, shown.stderr
+    assert "memory - (peak -, max none)" in shown.stdout
+    shown = msbctl(daemon, "info")
+    assert f"cgroups    on: runs under {cgdir}/runs (no controllers)" in shown.stdout
+    assert "1 live runs together:" in shown.stdout
+    doctor = msbd_doctor("--socket", str(daemon.socket))
+    assert (f"ok       cgroups: on (the running daemon): a cgroup per run under {cgdir}/runs, "
+            "with no controllers\n") in doctor
+    daemon.call("sandbox.stop", {"name": "acct", "timeout": 10})
+    assert daemon.call("daemon.info")["cgroup_totals"]["runs"] == 0
+
+
+def test_without_cgroups_metrics_come_from_proc_and_info_says_why(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, busybox_root: Path) -> None:
+    d = make_daemon(libkrun=fakekrun, settings={"cgroups": "off"})
+    d.call("sandbox.run", sleeper("plain", busybox_root))
+    m = d.call("sandbox.metrics", {"name": "plain"})
+    assert (m["source"], m["cgroup"]) == ("proc", None) and m["rss_bytes"] > 0
+    info = d.call("daemon.info")
+    assert info["cgroups"] == {"enabled": False, "root": None, "controllers": [],
+                               "reason": 'turned off by the setting cgroups = "off"'}
+    assert info["cgroup_totals"] is None
+    shown = msbctl(d, "info").stdout
+    assert 'cgroups    off: turned off by the setting cgroups = "off"' in shown
+    assert "(from proc)" in msbctl(d, "metrics", "plain").stdout
+    doctor = msbd_doctor("--json", "--socket", str(d.socket))
+    assert json.loads(doctor)["cgroups"] == {
+        "as_seen_by": "the running daemon", "enabled": False, "root": None, "controllers": [],
+        "reason": 'turned off by the setting cgroups = "off"'}
+
+
+def test_doctor_without_a_daemon_says_what_this_process_would_find(tmp_path: Path) -> None:
+    line = msbd_doctor("--socket", str(tmp_path / "none.sock")).splitlines()[-1]
+    # This test's process is in no delegated cgroup (and this host may be a v1 one).
+    assert line.startswith("off      cgroups: off (this process; no daemon answered): "), line
+
+
+def msbd_doctor(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "msbd.cli", "doctor", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stdout

@@ -29,6 +29,7 @@ import msgspec
 
 from msbd import __version__, states
 from msbd.config import Settings
+from msbd.daemon import cgroups
 from msbd.daemon.access import (
     Caller,
     check_identity,
@@ -47,6 +48,8 @@ from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound,
 from msbd.model import Event, LaunchSpec, SandboxInfo
 from msbd.rpc.methods import (
     METHODS,
+    CgroupsInfo,
+    CgroupTotals,
     DaemonInfo,
     EventParams,
     KillSandboxParams,
@@ -189,7 +192,22 @@ class Api:
                 max_spec_bytes=s.max_spec_bytes),
             timers=timers, unreadable=dict(self._store.unreadable) if admin else None,
             default_network=s.default_network,
-            egress_allowed=admin or s.egress == "everyone")
+            egress_allowed=admin or s.egress == "everyone",
+            cgroups=self._cgroups_info(),
+            cgroup_totals=self._cgroup_totals() if admin else None)
+
+    def _cgroup_totals(self) -> CgroupTotals | None:
+        """Every live run's cgroup figures summed (read while each is unreaped, on the loop
+        that reaps them: each run's cgroup is still there); None with cgroups off."""
+        if not self._sup.cgroups.enabled:
+            return None
+        return cgroups.total([cgroups.usage(live.cgroup) for live in self._sup.live.values()
+                              if live.cgroup is not None and not live.reaped])
+
+    def _cgroups_info(self) -> CgroupsInfo:
+        cg = self._sup.cgroups
+        return CgroupsInfo(enabled=cg.enabled, root=None if cg.root is None else str(cg.root),
+                           controllers=sorted(cg.controllers), reason=cg.reason)
 
     async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
                        ) -> dict[str, Any]:
@@ -311,9 +329,14 @@ class Api:
     async def metrics(self, caller: Caller, params: NameParams, ctx: CallContext
                       ) -> MetricsResult:
         info = await self._visible(caller, params.name)
-        pid, usage = self._sup.metrics(info.ref)
-        return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes, cpu_seconds=usage.cpu_seconds,
-                             uptime=usage.uptime)
+        pid, usage, cg = self._sup.metrics(info.ref)
+        if cg is None or cg.cpu_usage_usec is None:
+            return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes,
+                                 cpu_seconds=usage.cpu_seconds, uptime=usage.uptime,
+                                 source="proc")
+        return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes,
+                             cpu_seconds=cg.cpu_usage_usec / 1e6, uptime=usage.uptime,
+                             source="cgroup", cgroup=cg)
 
     # --- events ---------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ from typing import Final
 
 import anyio
 
+from msbd.rpc.methods import CgroupTotals, CgroupUsage
+
 WANTED: Final = ("memory", "pids", "cpu", "io")
 """Controllers msbd enables for runs when its tree offers them."""
 RUNS: Final = "runs"
@@ -282,6 +284,60 @@ def oom_detail(path: Path) -> str | None:
         return f"the kernel's OOM killer ended the run ({killed}; no memory.max of its own)"
     return (f"the run used its memory.max of {int(limit) // (1024 * 1024)} MiB: the kernel's "
             f"OOM killer ended it ({killed})")
+
+
+def _number(path: Path) -> int | None:
+    """A one-value file (`memory.current`, `pids.max`): None when absent or "max"."""
+    try:
+        text = _read(path).strip()
+    except FileNotFoundError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def _io_bytes(path: Path) -> tuple[int | None, int | None]:
+    """(read, written) bytes summed over the devices of `io.stat`; None without the file."""
+    try:
+        text = _read(path / "io.stat")
+    except FileNotFoundError:
+        return None, None
+    read = written = 0
+    for line in text.splitlines():
+        for field in line.split()[1:]:
+            key, _, value = field.partition("=")
+            if key == "rbytes":
+                read += int(value)
+            elif key == "wbytes":
+                written += int(value)
+    return read, written
+
+
+def usage(path: Path) -> CgroupUsage:
+    """What a run's cgroup counts now, and its memory and pids limits.
+
+    `OSError` when the cgroup is gone (the run ended meanwhile).
+    """
+    cpu = keyed(path, "cpu.stat")
+    io_read, io_written = _io_bytes(path)
+    memory_events = keyed(path, "memory.events")
+    return CgroupUsage(
+        memory_current=_number(path / "memory.current"),
+        memory_peak=_number(path / "memory.peak"),
+        memory_max=_number(path / "memory.max"),
+        cpu_usage_usec=cpu.get("usage_usec"), cpu_user_usec=cpu.get("user_usec"),
+        cpu_system_usec=cpu.get("system_usec"),
+        io_read_bytes=io_read, io_write_bytes=io_written,
+        pids_current=_number(path / "pids.current"), pids_max=_number(path / "pids.max"),
+        oom_kills=memory_events.get("oom_kill") if memory_events else None)
+
+
+def total(each: list[CgroupUsage]) -> CgroupTotals:
+    """The field-by-field sum of runs' figures (a field none of them has stays null)."""
+    sums: dict[str, int | None] = {}
+    for name in CgroupUsage.__struct_fields__:
+        present = [v for u in each if (v := getattr(u, name)) is not None]
+        sums[name] = sum(present) if present else None
+    return CgroupTotals(**sums, runs=len(each))
 
 
 def populated(path: Path) -> bool:

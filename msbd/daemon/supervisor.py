@@ -42,6 +42,7 @@ from msbd.daemon.access import vm_identity
 from msbd.daemon.cgroups import Cgroups
 from msbd.daemon.cgroups import off as cgroup_off
 from msbd.daemon.cgroups import release as release_cgroup
+from msbd.daemon.cgroups import usage as cgroup_usage
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.limits import Limits, Usage, share_of
@@ -57,6 +58,7 @@ from msbd.db.store import RunEnd, Store
 from msbd.errors import Conflict, LaunchFailed, StoreError, TimedOut
 from msbd.log import ctx
 from msbd.model import LaunchSpec, Reason, SandboxInfo, SandboxRef, State, WorkerSpec
+from msbd.rpc.methods import CgroupUsage
 
 log = logging.getLogger("msbd.supervisor")
 
@@ -373,16 +375,17 @@ class Supervisor:
             await output.wait()
         return await anyio.to_thread.run_sync(read)
 
-    def metrics(self, ref: SandboxRef) -> tuple[int, procfs.Usage]:
-        """(pid, usage) of the running worker. Read only while the worker is unreaped,
-        on the event loop that alone reaps it: the pid cannot belong to anyone else."""
+    def metrics(self, ref: SandboxRef) -> tuple[int, procfs.Usage, CgroupUsage | None]:
+        """(pid, usage, cgroup usage or None without cgroups) of the running worker. Read
+        only while the worker is unreaped, on the event loop that alone reaps it: the pid
+        cannot belong to anyone else, and the run's cgroup is still there."""
         live = self.live.get(ref.id)
         usage = None
         if live is not None and not live.reaped:
             usage = procfs.usage(live.pid)
         if live is None or usage is None:
             raise Conflict(f"sandbox {ref.name!r} is not running", data={"sandbox": ref.name})
-        return live.pid, usage
+        return live.pid, usage, None if live.cgroup is None else cgroup_usage(live.cgroup)
 
 
 async def _first(*waits: Callable[[], Awaitable[object]]) -> None:

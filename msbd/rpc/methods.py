@@ -8,7 +8,7 @@ and the client uses it to decode results. Handlers are bound elsewhere
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -143,6 +143,41 @@ class TimerInfo(Result, frozen=True):
     late_max: float
 
 
+class CgroupsInfo(Result, frozen=True):
+    """Whether runs get a cgroup each: `root` is the tree (its `runs/` holds them), with the
+    controllers enabled for runs; when `enabled` is false, `reason` says why not."""
+
+    enabled: bool
+    root: str | None = None
+    controllers: list[str] = []
+    reason: str | None = None
+
+
+class CgroupUsage(Result, frozen=True):
+    """What a run's cgroup (or, in `daemon.info`, all live runs' cgroups together) counts:
+    bytes, microseconds, processes. A field is null when its controller's file is not
+    there (e.g. no memory controller); `memory_max`/`pids_max` are null when unlimited.
+    For the sum, `memory_peak` adds each run's own peak."""
+
+    memory_current: int | None = None
+    memory_peak: int | None = None
+    memory_max: int | None = None
+    cpu_usage_usec: int | None = None
+    cpu_user_usec: int | None = None
+    cpu_system_usec: int | None = None
+    io_read_bytes: int | None = None
+    io_write_bytes: int | None = None
+    pids_current: int | None = None
+    pids_max: int | None = None
+    oom_kills: int | None = None
+
+
+class CgroupTotals(CgroupUsage, frozen=True):
+    """The sum over live runs that have a cgroup (`runs` of them)."""
+
+    runs: int = 0
+
+
 class DaemonInfo(Result, frozen=True):
     version: str
     pid: int
@@ -160,6 +195,8 @@ class DaemonInfo(Result, frozen=True):
     default_network: str = "none"
     egress_allowed: bool = False
     unreadable: dict[str, str] | None = None  # admins only: records lists skipped, and why
+    cgroups: CgroupsInfo | None = None
+    cgroup_totals: CgroupTotals | None = None  # admins only, with cgroups on
 
 
 class LogsResult(Result, frozen=True):
@@ -172,10 +209,16 @@ class LogsResult(Result, frozen=True):
 
 
 class MetricsResult(Result, frozen=True):
+    """`source` says where the figures come from: "cgroup" (the run's cgroup: every process
+    of the run, `cgroup` set, `cpu_seconds` from its cpu.stat) or "proc" (cgroups off: /proc
+    of the worker process alone). `rss_bytes` is always the worker's own resident memory."""
+
     pid: int
     rss_bytes: int
     cpu_seconds: float
     uptime: float
+    source: Literal["cgroup", "proc"] = "proc"
+    cgroup: CgroupUsage | None = None
 
 
 class Subscription(Result, frozen=True):
@@ -203,8 +246,9 @@ _M = MethodSpec
 METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
     _M("daemon.ping", NoParams, str, "Answers \"pong\": the daemon is alive and serving."),
     _M("daemon.info", NoParams, DaemonInfo,
-       "Version, pid, uptime, libkrun and KVM checks, the caller's counts by state, limits "
-       "(and, for admins, timer lateness and unreadable records)."),
+       "Version, pid, uptime, libkrun and KVM checks, the caller's counts by state, limits, "
+       "whether cgroups are on (and, for admins, timer lateness, unreadable records and the "
+       "live runs' cgroup totals)."),
     _M("sandbox.create", LaunchSpec, SandboxInfo, "Record a sandbox without starting it."),
     _M("sandbox.run", LaunchSpec, SandboxInfo,
        "Create and start; answers once the worker is entering libkrun."),
@@ -225,7 +269,9 @@ METHODS: Final[dict[str, MethodSpec]] = {m.name: m for m in [
     _M("sandbox.logs", LogsSandboxParams, LogsResult,
        "Console output from `offset` (bytes, a page of at most `limit`; `more` when the "
        "log already holds more) or the last `tail` lines."),
-    _M("sandbox.metrics", NameParams, MetricsResult, "Resource use of the worker process."),
+    _M("sandbox.metrics", NameParams, MetricsResult,
+       "Resource use of a running sandbox: from its run's cgroup when cgroups are on "
+       "(memory, CPU, IO, pids and the limits in force), else from /proc of its worker."),
     _M("events.subscribe", SubscribeEventsParams, Subscription,
        "Replay events after `since`, then send live `event` notifications."),
     _M("rpc.discover", NoParams, dict[str, Any], "This API as an OpenRPC document."),
