@@ -8,13 +8,21 @@ msbd.service running this checkout's msbd. Outside it, the tests fail with its a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import make_busybox_root
+
+from msbd.rpc.client import Client
 
 REPO = Path(__file__).resolve().parents[1]
 MSBD = REPO / ".venv" / "bin" / "msbd"
@@ -22,6 +30,8 @@ MSBCTL = Path(sys.executable).parent / "msbctl"
 SOCKET = Path("/run/msbd/msbd.sock")
 RUNTIME_DROP_INS = Path("/run/systemd/system/msbd.service.d")
 WAIT = 180.0  # a daemon start or a watchdog round under nested TCG, with room
+ROOTS = Path("/srv/msbd-roots")
+GUEST_WAIT = 240.0  # a guest's whole life under nested TCG: boot, run, shut down
 
 
 def run(*cmd: str | Path, timeout: float = WAIT) -> subprocess.CompletedProcess[str]:
@@ -106,3 +116,60 @@ def why_no_systemd() -> str | None:
     if not MSBCTL.exists():
         why.append(f"{MSBCTL} is missing (make setup)")
     return "; ".join(why) or None
+
+
+@contextlib.contextmanager
+def serve_guests(base: Path, settings: str = "") -> Iterator[Path]:
+    """msbd.service restarted to launch real guests; yields a busybox root for them.
+
+    The service runs exactly the installed unit plus one runtime drop-in, the kind an
+    admin writes: where libkrun is (`MSBD_LIBKRUN`, from the lane's
+    `MSBD_TEST_LIBKRUN`), patience for nested TCG, `settings` (more `Environment=`
+    lines) and `ReadWritePaths=` for the directory that holds sandbox roots (the unit's
+    own comments ask for that: ProtectSystem=strict and PrivateTmp=yes hide everything
+    else). The roots live on the lane's ext4 /tmp under `base` (virtio-fs keeps
+    ownership in xattrs there) and are bound onto ROOTS, as an admin would mount a disk
+    for them. Outside the lane, or without the library, it fails and says why.
+    """
+    if reason := why_no_systemd():
+        pytest.fail(f"not under a real systemd with msbd installed: {reason}", pytrace=False)
+    lib = os.environ.get("MSBD_TEST_LIBKRUN", "")
+    if not Path(lib).is_file():
+        pytest.fail(f"MSBD_TEST_LIBKRUN={lib!r} does not name a libkrun.so.1 (make libkrun)",
+                    pytrace=False)
+    root = make_busybox_root(base / "root")
+    for d in ("sys", "mnt", "run"):
+        (root / d).mkdir(exist_ok=True)
+    ROOTS.mkdir(exist_ok=True)
+    bound = run("mount", "--bind", base, ROOTS)
+    assert bound.returncode == 0, bound.stderr
+    conf = drop_in("60-test-guests.conf", (
+        "[Service]\n"
+        f"Environment=MSBD_LIBKRUN={lib}\n"
+        # Generous, as in tests/test_vm_real.py: nested TCG is slow.
+        "Environment=MSBD_START_TIMEOUT=120 MSBD_HEARTBEAT_MISSES=60 MSBD_STOP_TIMEOUT=20\n"
+        f"{settings}"
+        f"ReadWritePaths={ROOTS}\n"))
+    try:
+        systemctl("restart", "msbd.service")
+        yield ROOTS / "root"
+    finally:
+        conf.unlink()
+        systemctl("daemon-reload")
+        systemctl("stop", "msbd.service")
+        run("umount", ROOTS)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def call(method: str, params: dict[str, Any]) -> Any:
+    with Client(SOCKET, timeout=GUEST_WAIT + 60) as c:
+        return c.call(method, params)
+
+
+def guest(name: str, root: Path, script: str, memory_mib: int = 256) -> dict[str, Any]:
+    return {"name": name, "rootfs": str(root), "exec": "/bin/sh", "args": ["-c", script],
+            "memory_mib": memory_mib}
+
+
+def logs(name: str) -> str:
+    return str(call("sandbox.logs", {"name": name, "limit": 1 << 20})["data"])

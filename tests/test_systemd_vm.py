@@ -4,91 +4,38 @@ Run with `pytest -m systemd` in scripts/systemd-test (after tests/test_systemd_r
 whose first ping is the boot's socket activation). The lane passes `MSBD_TEST_LIBKRUN`
 (`make libkrun`); without it, or outside systemd, these fail and say why.
 
-The service runs exactly the installed unit plus one runtime drop-in, the kind an admin
-writes: where libkrun is (`MSBD_LIBKRUN`), patience for nested TCG, and
-`ReadWritePaths=` for the directory that holds sandbox roots (the unit's own comments
-ask for that: ProtectSystem=strict and PrivateTmp=yes hide everything else). The roots
-live on the lane's ext4 /tmp (virtio-fs keeps ownership in xattrs there) and are bound
-onto /srv/msbd-roots, as an admin would mount a disk for them.
+The service runs exactly the installed unit plus one runtime drop-in
+(`systemdlane.serve_guests`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from daemonproc import make_busybox_root
 from systemdlane import (
-    SOCKET,
-    drop_in,
+    GUEST_WAIT,
+    call,
+    guest,
     journal,
+    logs,
     main_pid,
     ping,
-    run,
+    serve_guests,
     show,
     systemctl,
     wait_exit,
     wait_for,
-    why_no_systemd,
 )
 
-from msbd.rpc.client import Client
-
 pytestmark = pytest.mark.systemd
-
-ROOTS = Path("/srv/msbd-roots")
-GUEST_WAIT = 240.0  # a guest's whole life under nested TCG: boot, run, shut down
-
 
 @pytest.fixture(scope="module")
 def guest_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A busybox root under ROOTS; msbd.service restarted with the drop-in."""
-    if reason := why_no_systemd():
-        pytest.fail(f"not under a real systemd with msbd installed: {reason}", pytrace=False)
-    lib = os.environ.get("MSBD_TEST_LIBKRUN", "")
-    if not Path(lib).is_file():
-        pytest.fail(f"MSBD_TEST_LIBKRUN={lib!r} does not name a libkrun.so.1 (make libkrun)",
-                    pytrace=False)
-    base = tmp_path_factory.mktemp("roots")
-    root = make_busybox_root(base / "root")
-    for d in ("sys", "mnt", "run"):
-        (root / d).mkdir(exist_ok=True)
-    ROOTS.mkdir(exist_ok=True)
-    bound = run("mount", "--bind", base, ROOTS)
-    assert bound.returncode == 0, bound.stderr
-    conf = drop_in("60-test-guests.conf", (
-        "[Service]\n"
-        f"Environment=MSBD_LIBKRUN={lib}\n"
-        # Generous, as in tests/test_vm_real.py: nested TCG is slow.
-        "Environment=MSBD_START_TIMEOUT=120 MSBD_HEARTBEAT_MISSES=60 MSBD_STOP_TIMEOUT=20\n"
-        f"ReadWritePaths={ROOTS}\n"))
-    try:
-        systemctl("restart", "msbd.service")
-        yield ROOTS / "root"
-    finally:
-        conf.unlink()
-        systemctl("daemon-reload")
-        systemctl("stop", "msbd.service")
-        run("umount", ROOTS)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def call(method: str, params: dict[str, Any]) -> Any:
-    with Client(SOCKET, timeout=GUEST_WAIT + 60) as c:
-        return c.call(method, params)
-
-
-def guest(name: str, root: Path, script: str) -> dict[str, Any]:
-    return {"name": name, "rootfs": str(root), "exec": "/bin/sh", "args": ["-c", script],
-            "memory_mib": 256}
-
-
-def logs(name: str) -> str:
-    return str(call("sandbox.logs", {"name": name, "limit": 1 << 20})["data"])
+    with serve_guests(tmp_path_factory.mktemp("roots")) as root:
+        yield root
 
 
 def test_a_guest_boots_through_the_socket_activated_service(guest_root: Path) -> None:
