@@ -75,7 +75,11 @@ def test_off_says_why() -> None:
      "the run used its memory.max of 512 MiB: the kernel's OOM killer ended it "
      "(1 process killed)"),
     ("oom 2\noom_kill 3\n", "max", "the kernel's OOM killer ended the run (3 processes "
-     "killed; no memory.max of its own)"),
+     "killed): the host or a cgroup above the run ran out of memory, not the run's own limit"),
+    # Killed by the host's OOM killer while under its own limit.
+    ("max 0\noom 0\noom_kill 1\n", "536870912", "the kernel's OOM killer ended the run "
+     "(1 process killed): the host or a cgroup above the run ran out of memory, not the "
+     "run's own limit"),
     ("low 0\nhigh 0\nmax 40\noom 0\noom_kill 0\n", "536870912", None),  # at its limit, no kill
     (None, "536870912", None),  # no memory controller: no memory.events
 ])

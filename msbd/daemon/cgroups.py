@@ -270,18 +270,22 @@ def keyed(path: Path, name: str) -> dict[str, int]:
 
 
 def oom_detail(path: Path) -> str | None:
-    """The words for an OOM kill in a run's cgroup (`memory.events` counts `oom_kill`
-    for it and below), or None when there was none or the file cannot be read."""
+    """The words for an OOM kill in a run's cgroup, or None when there was none (or the
+    file cannot be read). `memory.events` counts `oom_kill` for every OOM kill of a
+    process in it (the run's own limit, a parent's, the whole host's), and `oom` only
+    for the times its own `memory.max` was the cause."""
     try:
-        kills = keyed(path, "memory.events").get("oom_kill", 0)
-        if not kills:
-            return None
-        limit = _read(path / "memory.max").strip()
+        events = keyed(path, "memory.events")
+        limit = _read(path / "memory.max").strip() if events.get("oom_kill") else ""
     except OSError:
         return None
+    kills = events.get("oom_kill", 0)
+    if not kills:
+        return None
     killed = f"{kills} process{'es' if kills > 1 else ''} killed"
-    if limit == "max":
-        return f"the kernel's OOM killer ended the run ({killed}; no memory.max of its own)"
+    if not events.get("oom") or limit == "max":
+        return (f"the kernel's OOM killer ended the run ({killed}): the host or a cgroup "
+                "above the run ran out of memory, not the run's own limit")
     return (f"the run used its memory.max of {int(limit) // (1024 * 1024)} MiB: the kernel's "
             f"OOM killer ended it ({killed})")
 
