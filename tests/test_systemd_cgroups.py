@@ -24,6 +24,7 @@ import pytest
 from systemdlane import (
     GUEST_WAIT,
     MSBCTL,
+    MSBD,
     call,
     drop_in,
     guest,
@@ -121,6 +122,9 @@ def test_a_running_guest_has_the_limits_the_settings_say_and_its_metrics_are_the
     assert {"memory", "pids"} <= set(totals["cgroups"]["controllers"])
     assert totals["cgroup_totals"]["runs"] == 1
     assert totals["cgroup_totals"]["pids_max"] == PIDS_MAX
+    doctor = run(MSBD, "doctor").stdout.splitlines()[-1]
+    assert doctor.startswith(f"ok       cgroups: on (the running daemon): a cgroup per run under "
+                             f"{SERVICE_CGROUP}/runs, with "), doctor
 
     assert_overhead_fits(cg, info["run"]["pid"], 256, "idle")
     call("sandbox.stop", {"name": "counted", "timeout": 20})
