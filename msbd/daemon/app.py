@@ -115,7 +115,6 @@ async def _serve(settings: Settings) -> None:
     try:
         async with open_store(settings.db_path, on_event=hub.publish) as store:
             closed = await reconcile(store)
-            cg = await _cgroups(settings)
             orphans = await anyio.to_thread.run_sync(
                 remove_orphans, state_dir / "logs", await store.sandbox_ids())
             if orphans:
@@ -126,6 +125,9 @@ async def _serve(settings: Settings) -> None:
             sock = inherited or bind_control_socket(
                 Path(settings.socket), mode=settings.socket_mode, group=settings.socket_group)
             try:
+                # After the socket: a daemon that cannot serve says only that, and adopts no
+                # cgroup tree; before the pool, whose workers start in the daemon's leaf.
+                cg = await _cgroups(settings)
                 await _run_services(settings, store=store, hub=hub, sock=sock,
                                     notifier=notifier, watchdog=watchdog, started=started,
                                     reconciled=closed, cg=cg)
