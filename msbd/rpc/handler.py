@@ -32,6 +32,9 @@ log = logging.getLogger("msbd.rpc")
 
 Handler = Callable[["CallContext", str, Spec], Awaitable[Any]]
 """`await handler(ctx, method, params)`; the result is encoded with msgspec."""
+Immediate = Callable[["CallContext", Spec], Any]
+"""`immediate(ctx, params)`: one method's handler that never suspends, so the server
+answers it inside the read callback (`msbd.rpc.calls`); same results and errors."""
 Deferred = Callable[[], Awaitable[None]]
 
 INTERNAL_ERROR: Final = MsbdError("internal error")
@@ -125,12 +128,25 @@ async def answer(handler: Handler, ctx: CallContext, call: Call) -> bytes | None
     try:
         result = await handler(ctx, call.method, call.params)
         return None if call.notification else encode_result(call.id, result)
-    except MsbdError as exc:
+    except Exception as exc:  # noqa: BLE001 - every outcome is a reply (see _failed)
+        return _failed(ctx, call, exc)
+
+
+def answer_now(immediate: Immediate, ctx: CallContext, call: Call) -> bytes | None:
+    """`answer` for a handler that never suspends: the same reply, without awaiting."""
+    try:
+        result = immediate(ctx, call.params)
+        return None if call.notification else encode_result(call.id, result)
+    except Exception as exc:  # noqa: BLE001 - every outcome is a reply (see _failed)
+        return _failed(ctx, call, exc)
+
+
+def _failed(ctx: CallContext, call: Call, exc: Exception) -> bytes | None:
+    if isinstance(exc, MsbdError):
         if call.notification:
             log.debug("connection %d: notification %s failed: %s", ctx.connection.id,
                       call.method, exc)
             return None
         return encode_error(call.id, exc)
-    except Exception:
-        log.error("connection %d: %s raised", ctx.connection.id, call.method, exc_info=True)
-        return None if call.notification else encode_error(call.id, INTERNAL_ERROR)
+    log.error("connection %d: %s raised", ctx.connection.id, call.method, exc_info=exc)
+    return None if call.notification else encode_error(call.id, INTERNAL_ERROR)
