@@ -112,7 +112,10 @@ def _caller(ctx: CallContext, method: str) -> Caller:
     """Who calls `method` on this call's connection; -32003 if the kernel did not say
     and the method needs to know."""
     conn = ctx.connection
-    caller = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid, groups=conn.groups)
+    caller: Caller | None = conn.memo  # the connection's credentials, read at connect
+    if caller is None:
+        caller = conn.memo = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid,
+                                    groups=conn.groups)
     check_identity(caller, method)
     return caller
 

@@ -69,6 +69,12 @@ class LineSplitter:
 
     def feed(self, chunk: bytes) -> None:
         frames = self._frames
+        if not frames.pending and chunk.find(b"\n") == len(chunk) - 1:
+            # Exactly one whole line and nothing buffered: a heartbeat, almost always
+            # (a thousand a second at scale), delivered without the framer's work.
+            if len(chunk) > 1:
+                self._on_line(chunk[:-1].decode(errors="replace").strip())
+            return
         frames.feed(chunk)
         while (raw := frames.pop()) is not None:
             self._on_line(raw.decode(errors="replace").strip())

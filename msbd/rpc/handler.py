@@ -61,10 +61,12 @@ class Connection:
     """One client connection as handlers see it: who is calling, and a way to notify.
 
     `subscriptions` is the handlers' own count of the event streams this
-    connection holds (the daemon caps it per connection).
+    connection holds (the daemon caps it per connection); `memo` is theirs
+    too: what they derive from the connection once instead of on every call
+    (the daemon keeps its `Caller` there). None until they set it.
     """
 
-    __slots__ = ("_link", "gid", "groups", "id", "pid", "subscriptions", "uid")
+    __slots__ = ("_link", "gid", "groups", "id", "memo", "pid", "subscriptions", "uid")
 
     def __init__(self, link: Link, conn_id: int, peer: Peer) -> None:
         self._link = link
@@ -74,6 +76,7 @@ class Connection:
         self.gid = peer.gid
         self.groups = peer.groups
         self.subscriptions = 0
+        self.memo: Any = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} uid={self.uid} gid={self.gid} pid={self.pid}>"
