@@ -125,3 +125,21 @@ def test_line_splitter_shortcut_gives_the_framers_lines(chunks: list[bytes]) -> 
         splitter.feed(chunk)
     assert lines == lines_through_the_framer(chunks, 8)
     assert lines
+
+
+@pytest.mark.parametrize(("buffered", "chunk", "limit", "want"), [
+    (b"", b"heartbeat\n", None, b"heartbeat"),
+    (b"", b"\n", None, b""),
+    (b"", b"", None, None),
+    (b"", b"a\nb\n", None, None),  # two lines: fed as usual
+    (b"", b"heart", None, None),  # no newline yet
+    (b"he", b"artbeat\n", None, None),  # something buffered: it comes first
+    (b"", b"x" * 9 + b"\n", 8, None),  # over the limit: fed, so pop raises
+    (b"", b"x" * 8 + b"\n", 8, b"x" * 8),
+])
+def test_single_takes_only_a_lone_whole_line(buffered: bytes, chunk: bytes,
+                                              limit: int | None, want: bytes | None) -> None:
+    framer = Framer(limit)
+    framer.feed(buffered)
+    assert framer.single(chunk) == want
+    assert framer.pending == len(buffered)  # left as it was either way

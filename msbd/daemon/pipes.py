@@ -69,11 +69,10 @@ class LineSplitter:
 
     def feed(self, chunk: bytes) -> None:
         frames = self._frames
-        if not frames.pending and chunk.find(b"\n") == len(chunk) - 1:
-            # Exactly one whole line and nothing buffered: a heartbeat, almost always
-            # (a thousand a second at scale), delivered without the framer's work.
-            if len(chunk) > 1:
-                self._on_line(chunk[:-1].decode(errors="replace").strip())
+        line = frames.single(chunk)  # a heartbeat, nearly always: a thousand a second
+        if line is not None:
+            if line:
+                self._on_line(line.decode(errors="replace").strip())
             return
         frames.feed(chunk)
         while (raw := frames.pop()) is not None:
