@@ -18,6 +18,7 @@ someone else's, the call acts on nothing of the newcomer's; it gets
 from __future__ import annotations
 
 import codecs
+import inspect
 import os
 import signal as signal_mod
 import time
@@ -69,9 +70,10 @@ from msbd.rpc.methods import (
     WaitSandboxParams,
 )
 from msbd.rpc.openrpc import openrpc_document
-from msbd.rpc.server import CallContext
+from msbd.rpc.server import CallContext, Immediate
 
 Handler = Callable[[Caller, Any, CallContext], Awaitable[Any]]
+Immediately = Callable[[Caller, Any, CallContext], Any]
 
 
 def handler_name(method: str) -> str:
@@ -92,6 +94,32 @@ def parse_signal(value: str | int) -> int:
 _SPEC_ENCODER = msgspec.json.Encoder()
 
 
+def _awaitable(func: Immediately) -> Handler:
+    async def call(caller: Caller, params: Any, ctx: CallContext) -> Any:
+        return func(caller, params, ctx)
+    return call
+
+
+def _inline(method: str, func: Immediately) -> Immediate:
+    """`func` as the server calls a method it answers inline, the caller checked as in
+    `Api.__call__`."""
+    def call(ctx: CallContext, params: Any) -> Any:
+        return func(_caller(ctx, method), params, ctx)
+    return call
+
+
+def _caller(ctx: CallContext, method: str) -> Caller:
+    """Who calls `method` on this call's connection; -32003 if the kernel did not say
+    and the method needs to know."""
+    conn = ctx.connection
+    caller: Caller | None = conn.memo  # the connection's credentials, read at connect
+    if caller is None:
+        caller = conn.memo = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid,
+                                    groups=conn.groups)
+    check_identity(caller, method)
+    return caller
+
+
 class Api:
     def __init__(self, *, settings: Settings, store: Store, supervisor: Supervisor,
                  hub: EventHub, host: HostCheck, started: float) -> None:
@@ -107,14 +135,20 @@ class Api:
         self._discover: dict[str, Any] | None = None
         # Each method's handler is the method of this class named by its verb:
         # `sandbox.create` -> `create` (tests/test_api_table.py checks the pairing).
-        self._table: dict[str, Handler] = {
-            name: getattr(self, handler_name(name)) for name in METHODS}
+        # A handler written as a plain function never suspends: the server answers
+        # it inline (`immediate`, msbd.rpc.calls); a batch still reaches it here.
+        self._table: dict[str, Handler] = {}
+        self.immediate: dict[str, Immediate] = {}
+        for name in METHODS:
+            func = getattr(self, handler_name(name))
+            if inspect.iscoroutinefunction(func):
+                self._table[name] = func
+            else:
+                self._table[name] = _awaitable(func)
+                self.immediate[name] = _inline(name, func)
 
     async def __call__(self, ctx: CallContext, method: str, params: Any) -> Any:
-        conn = ctx.connection
-        caller = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid, groups=conn.groups)
-        check_identity(caller, method)
-        return await self._table[method](caller, params, ctx)
+        return await self._table[method](_caller(ctx, method), params, ctx)
 
     # --- helpers ------------------------------------------------------------------
 
@@ -159,7 +193,7 @@ class Api:
 
     # --- daemon -------------------------------------------------------------------
 
-    async def ping(self, caller: Caller, params: NoParams, ctx: CallContext) -> str:
+    def ping(self, caller: Caller, params: NoParams, ctx: CallContext) -> str:
         return "pong"
 
     async def info(self, caller: Caller, params: NoParams, ctx: CallContext) -> DaemonInfo:
@@ -191,8 +225,7 @@ class Api:
             default_network=s.default_network,
             egress_allowed=admin or s.egress == "everyone")
 
-    async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
-                       ) -> dict[str, Any]:
+    def discover(self, caller: Caller, params: NoParams, ctx: CallContext) -> dict[str, Any]:
         if self._discover is None:
             self._discover = openrpc_document(__version__)
         return self._discover
