@@ -235,14 +235,18 @@ def worker_env() -> dict[str, str]:
 _IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
-def import_times(code: str) -> dict[str, dict[str, int]]:
-    """`python -X importtime -c code`: {top-level module: {itself and each direct import: µs}}.
+def import_times(*args: str) -> dict[str, dict[str, int]]:
+    """`python -X importtime ARGS`: {top-level module: {itself and each direct import: µs}}.
 
     Cumulative microseconds; importtime prints a module after its imports, so
     the direct imports of a top-level module are the depth-2 lines before it.
+    `-m msbd.vm` (the real entry, so its imports are the worker's own) ends with
+    status 2 without its fds, after importing everything.
     """
-    done = subprocess.run([PYTHON, "-X", "importtime", "-c", code], cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([PYTHON, "-X", "importtime", *args], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 2):
+        raise RuntimeError(f"python -X importtime {' '.join(args)}: {done.stderr[-500:]}")
     tops: dict[str, dict[str, int]] = {}
     pending: dict[str, int] = {}
     for line in done.stderr.splitlines():
@@ -460,12 +464,12 @@ def breakdown(report: Report, rootfs: Path, libkrun: Path, probes: int, env: dic
                   note="warm-pool sandbox.run p50 minus a pre-spawned worker's spec -> "
                        "entering: RPC, records, checks, console log, spec hand-off")
     report.figure("breakdown.python_baseline", python_p50 * 1e3, "ms")
-    startup = import_times("pass")
+    startup = import_times("-c", "pass")
     report.figure("imports.startup_us", sum(t[n] for n, t in startup.items()), "us",
                   note="-X importtime of `python -c pass`: site, encodings, .pth files")
-    worker = {n: t for n, t in import_times("import msbd.vm.main").items() if n not in startup}
+    worker = {n: t for n, t in import_times("-m", "msbd.vm").items() if n not in startup}
     report.figure("imports.worker_us", sum(t[n] for n, t in worker.items()), "us",
-                  note="-X importtime, what `import msbd.vm.main` adds (inflated by the "
+                  note="-X importtime, what `python -m msbd.vm` adds (inflated by the "
                        "instrumentation)")
     direct = {k: v for t in worker.values() for k, v in t.items() if k not in worker}
     for name, micros in sorted(direct.items(), key=lambda kv: -kv[1])[:8]:

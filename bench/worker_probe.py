@@ -42,6 +42,8 @@ def after(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def main() -> int:
     mark("interpreter", T_START)
+    # As `python -m msbd.vm` does (msbd/vm/__main__.py) before msgspec is first imported.
+    sys.modules.setdefault("typing_extensions", None)  # type: ignore[arg-type]
     from msbd.vm import fds, krun
     from msbd.vm import main as worker
 

@@ -188,7 +188,8 @@ def test_unknown_caller_is_refused() -> None:
     """A connection without peer credentials owns nothing and may only ping."""
     api = Api(settings=None, store=None, supervisor=SimpleNamespace(log_dir=Path("/nowhere")),
               hub=None, host=None, started=0.0)
-    ctx = SimpleNamespace(connection=SimpleNamespace(uid=-1, gid=-1, pid=0, groups=None))
+    ctx = SimpleNamespace(connection=SimpleNamespace(uid=-1, gid=-1, pid=0, groups=None,
+                                                     memo=None))
     with pytest.raises(PermissionDenied) as caught:
         asyncio.run(api(ctx, "sandbox.list", ListSandboxParams()))
     assert caught.value.code == RpcCode.PERMISSION_DENIED

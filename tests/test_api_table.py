@@ -15,8 +15,8 @@ from msbd.rpc.methods import METHODS
 
 
 def _handlers() -> dict[str, typing.Any]:
-    """Every public coroutine function of `Api`: its handlers."""
-    return {name: func for name, func in inspect.getmembers(Api, inspect.iscoroutinefunction)
+    """Every public function of `Api`: its handlers (a plain one never suspends)."""
+    return {name: func for name, func in inspect.getmembers(Api, inspect.isfunction)
             if not name.startswith("_")}
 
 

@@ -96,3 +96,50 @@ def test_line_splitter_drops_a_line_that_grows_over_its_limit() -> None:
     splitter.feed(b"ering\nerror " + b"x" * 20)  # over the limit unfinished: dropped
     splitter.feed(b"yy\nheartbeat \r\n")  # what follows the cut ends a line of its own
     assert lines == ["heartbeat", "entering", "yy", "heartbeat"]
+
+
+def lines_through_the_framer(chunks: list[bytes], limit: int) -> list[str]:
+    """What LineSplitter gives when every chunk goes through the framer."""
+    out: list[str] = []
+    framer = Framer()
+    for chunk in chunks:
+        framer.feed(chunk)
+        out.extend(frame.decode(errors="replace").strip() for frame in frames_of(framer))
+        if framer.pending > limit:
+            framer.discard()
+    return out
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"heartbeat\n", b"heartbeat\n", b"\n", b" \n", b"error x\n"],  # one whole line each
+    [b"heart", b"beat\n", b"heartbeat\n"],  # a line split, then a whole one after it
+    [b"a\nb\n", b"c\n", b"", b"d", b"\n"],  # several lines in a chunk, an empty chunk
+    [b"x" * 20 + b"\n", b"y" * 20, b"z\n", b"w\n"],  # a whole line over the limit; a cut
+])
+def test_line_splitter_shortcut_gives_the_framers_lines(chunks: list[bytes]) -> None:
+    """A chunk that is exactly one whole line, with nothing buffered, takes a shortcut
+    past the framer; the lines are the framer's all the same."""
+    lines: list[str] = []
+    splitter = LineSplitter(lines.append, limit=8)
+    for chunk in chunks:
+        splitter.feed(chunk)
+    assert lines == lines_through_the_framer(chunks, 8)
+    assert lines
+
+
+@pytest.mark.parametrize(("buffered", "chunk", "limit", "want"), [
+    (b"", b"heartbeat\n", None, b"heartbeat"),
+    (b"", b"\n", None, b""),
+    (b"", b"", None, None),
+    (b"", b"a\nb\n", None, None),  # two lines: fed as usual
+    (b"", b"heart", None, None),  # no newline yet
+    (b"he", b"artbeat\n", None, None),  # something buffered: it comes first
+    (b"", b"x" * 9 + b"\n", 8, None),  # over the limit: fed, so pop raises
+    (b"", b"x" * 8 + b"\n", 8, b"x" * 8),
+])
+def test_single_takes_only_a_lone_whole_line(buffered: bytes, chunk: bytes,
+                                              limit: int | None, want: bytes | None) -> None:
+    framer = Framer(limit)
+    framer.feed(buffered)
+    assert framer.single(chunk) == want
+    assert framer.pending == len(buffered)  # left as it was either way

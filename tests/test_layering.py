@@ -29,15 +29,17 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "msbd.rpc": ("msbd.rpc", "msbd.model", "msbd.network", "msbd.errors", "msbd.config",
                  "msbd.log", "msbd.contract", "msbd.peer"),
     # Inside rpc, the server's modules import downward only:
-    # server -> protocol -> {state, flow, framing, limits} -> handler -> codec.
+    # server -> protocol -> calls -> {state, flow, framing, limits} -> handler -> codec.
     "msbd.rpc.framing": ("msbd.errors",),
     "msbd.rpc.limits": (),
     "msbd.rpc.flow": (),
     "msbd.rpc.handler": ("msbd.rpc.codec", "msbd.model", "msbd.errors", "msbd.peer"),
     "msbd.rpc.state": ("msbd.rpc.handler", "msbd.rpc.limits"),
-    "msbd.rpc.protocol": ("msbd.rpc.codec", "msbd.rpc.flow", "msbd.rpc.framing",
-                          "msbd.rpc.handler", "msbd.rpc.limits", "msbd.rpc.state",
-                          "msbd.peer"),
+    "msbd.rpc.protocol": ("msbd.rpc.calls", "msbd.rpc.codec", "msbd.rpc.flow",
+                          "msbd.rpc.framing", "msbd.rpc.handler", "msbd.rpc.limits",
+                          "msbd.rpc.state", "msbd.peer"),
+    "msbd.rpc.calls": ("msbd.rpc.codec", "msbd.rpc.handler", "msbd.rpc.limits",
+                       "msbd.rpc.state"),
     "msbd.rpc.replies": ("msbd.rpc.codec", "msbd.errors"),
     "msbd.db": ("msbd.db", "msbd.model", "msbd.network", "msbd.errors", "msbd.config",
                 "msbd.log", "msbd.states"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from test_rpc_server import PING_99, Handler, req
 
 from msbd.peer import Peer
+from msbd.rpc.handler import Immediate
 from msbd.rpc.limits import RpcLimits, Stall, close_deadline
 from msbd.rpc.protocol import ServerProtocol
 from msbd.rpc.state import ServerState
@@ -127,9 +128,10 @@ class Client:
 
 @asynccontextmanager
 async def serving(handler: Handler | None = None, limits: RpcLimits | None = None,
+                  immediate: Mapping[str, Immediate] | None = None,
                   ) -> AsyncIterator[tuple[ServerState, Any]]:
     """A server state, and `connect()` to open connections on it; all closed on exit."""
-    state = ServerState(handler or Handler(), limits or RpcLimits())
+    state = ServerState(handler or Handler(), limits or RpcLimits(), immediate)
     async with anyio.create_task_group() as tg:
 
         def connect() -> Client:
@@ -147,8 +149,8 @@ async def serving(handler: Handler | None = None, limits: RpcLimits | None = Non
 
 @asynccontextmanager
 async def one(handler: Handler | None = None, limits: RpcLimits | None = None,
-              ) -> AsyncIterator[Client]:
-    async with serving(handler, limits) as (_, connect):
+              immediate: Mapping[str, Immediate] | None = None) -> AsyncIterator[Client]:
+    async with serving(handler, limits, immediate) as (_, connect):
         yield connect()
 
 

@@ -64,6 +64,21 @@ def test_nothing_is_left_on_disk_and_libkrun_gets_a_proc_self_fd_name(
     assert control.guest_env(10.0, None) == ["MSBD_STOP_GRACE=10"]
 
 
+def test_the_private_directory_is_new_and_only_its_makers(tmp_path: Path) -> None:
+    old = os.umask(0)  # the most permissive umask: the mode must not depend on it
+    try:
+        first = control.private_dir(str(tmp_path))
+        second = control.private_dir(str(tmp_path))
+    finally:
+        os.umask(old)
+    assert first != second
+    for made in (first, second):
+        st = os.lstat(made)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+        assert st.st_uid == os.geteuid()
+        assert Path(made).parent == tmp_path and Path(made).name.startswith("msbd-ctl-")
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(10.0, "10"), (0.5, "0.5"), (0.0, "0"),
                                                (1e-5, "0"), (3599.9994, "3599.999")])
 def test_seconds_are_plain_decimals(seconds: float, text: str) -> None:

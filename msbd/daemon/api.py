@@ -18,6 +18,7 @@ someone else's, the call acts on nothing of the newcomer's; it gets
 from __future__ import annotations
 
 import codecs
+import inspect
 import os
 import signal as signal_mod
 import time
@@ -41,6 +42,7 @@ from msbd.daemon.access import (
 from msbd.daemon.console import log_path, remove_log
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, stream_events
+from msbd.daemon.live import live_cgroups
 from msbd.daemon.netpolicy import admit, check_network
 from msbd.daemon.supervisor import Supervisor
 from msbd.db.store import Store
@@ -48,8 +50,6 @@ from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound,
 from msbd.model import Event, LaunchSpec, SandboxInfo
 from msbd.rpc.methods import (
     METHODS,
-    CgroupsInfo,
-    CgroupTotals,
     DaemonInfo,
     EventParams,
     KillSandboxParams,
@@ -72,9 +72,10 @@ from msbd.rpc.methods import (
     WaitSandboxParams,
 )
 from msbd.rpc.openrpc import openrpc_document
-from msbd.rpc.server import CallContext
+from msbd.rpc.server import CallContext, Immediate
 
 Handler = Callable[[Caller, Any, CallContext], Awaitable[Any]]
+Immediately = Callable[[Caller, Any, CallContext], Any]
 
 
 def handler_name(method: str) -> str:
@@ -95,6 +96,32 @@ def parse_signal(value: str | int) -> int:
 _SPEC_ENCODER = msgspec.json.Encoder()
 
 
+def _awaitable(func: Immediately) -> Handler:
+    async def call(caller: Caller, params: Any, ctx: CallContext) -> Any:
+        return func(caller, params, ctx)
+    return call
+
+
+def _inline(method: str, func: Immediately) -> Immediate:
+    """`func` as the server calls a method it answers inline, the caller checked as in
+    `Api.__call__`."""
+    def call(ctx: CallContext, params: Any) -> Any:
+        return func(_caller(ctx, method), params, ctx)
+    return call
+
+
+def _caller(ctx: CallContext, method: str) -> Caller:
+    """Who calls `method` on this call's connection; -32003 if the kernel did not say
+    and the method needs to know."""
+    conn = ctx.connection
+    caller: Caller | None = conn.memo  # the connection's credentials, read at connect
+    if caller is None:
+        caller = conn.memo = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid,
+                                    groups=conn.groups)
+    check_identity(caller, method)
+    return caller
+
+
 class Api:
     def __init__(self, *, settings: Settings, store: Store, supervisor: Supervisor,
                  hub: EventHub, host: HostCheck, started: float) -> None:
@@ -110,14 +137,20 @@ class Api:
         self._discover: dict[str, Any] | None = None
         # Each method's handler is the method of this class named by its verb:
         # `sandbox.create` -> `create` (tests/test_api_table.py checks the pairing).
-        self._table: dict[str, Handler] = {
-            name: getattr(self, handler_name(name)) for name in METHODS}
+        # A handler written as a plain function never suspends: the server answers
+        # it inline (`immediate`, msbd.rpc.calls); a batch still reaches it here.
+        self._table: dict[str, Handler] = {}
+        self.immediate: dict[str, Immediate] = {}
+        for name in METHODS:
+            func = getattr(self, handler_name(name))
+            if inspect.iscoroutinefunction(func):
+                self._table[name] = func
+            else:
+                self._table[name] = _awaitable(func)
+                self.immediate[name] = _inline(name, func)
 
     async def __call__(self, ctx: CallContext, method: str, params: Any) -> Any:
-        conn = ctx.connection
-        caller = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid, groups=conn.groups)
-        check_identity(caller, method)
-        return await self._table[method](caller, params, ctx)
+        return await self._table[method](_caller(ctx, method), params, ctx)
 
     # --- helpers ------------------------------------------------------------------
 
@@ -162,7 +195,7 @@ class Api:
 
     # --- daemon -------------------------------------------------------------------
 
-    async def ping(self, caller: Caller, params: NoParams, ctx: CallContext) -> str:
+    def ping(self, caller: Caller, params: NoParams, ctx: CallContext) -> str:
         return "pong"
 
     async def info(self, caller: Caller, params: NoParams, ctx: CallContext) -> DaemonInfo:
@@ -193,24 +226,11 @@ class Api:
             timers=timers, unreadable=dict(self._store.unreadable) if admin else None,
             default_network=s.default_network,
             egress_allowed=admin or s.egress == "everyone",
-            cgroups=self._cgroups_info(),
-            cgroup_totals=self._cgroup_totals() if admin else None)
+            cgroups=cgroups.describe(self._sup.cgroups),
+            cgroup_totals=cgroups.totals(self._sup.cgroups, live_cgroups(self._sup.live))
+            if admin else None)
 
-    def _cgroup_totals(self) -> CgroupTotals | None:
-        """Every live run's cgroup figures summed (read while each is unreaped, on the loop
-        that reaps them: each run's cgroup is still there); None with cgroups off."""
-        if not self._sup.cgroups.enabled:
-            return None
-        return cgroups.total([cgroups.usage(live.cgroup) for live in self._sup.live.values()
-                              if live.cgroup is not None and not live.reaped])
-
-    def _cgroups_info(self) -> CgroupsInfo:
-        cg = self._sup.cgroups
-        return CgroupsInfo(enabled=cg.enabled, root=None if cg.root is None else str(cg.root),
-                           controllers=sorted(cg.controllers), reason=cg.reason)
-
-    async def discover(self, caller: Caller, params: NoParams, ctx: CallContext
-                       ) -> dict[str, Any]:
+    def discover(self, caller: Caller, params: NoParams, ctx: CallContext) -> dict[str, Any]:
         if self._discover is None:
             self._discover = openrpc_document(__version__)
         return self._discover
@@ -330,13 +350,11 @@ class Api:
                       ) -> MetricsResult:
         info = await self._visible(caller, params.name)
         pid, usage, cg = self._sup.metrics(info.ref)
-        if cg is None or cg.cpu_usage_usec is None:
-            return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes,
-                                 cpu_seconds=usage.cpu_seconds, uptime=usage.uptime,
-                                 source="proc")
-        return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes,
-                             cpu_seconds=cg.cpu_usage_usec / 1e6, uptime=usage.uptime,
-                             source="cgroup", cgroup=cg)
+        cpu = None if cg is None else cg.cpu_usage_usec  # None: no cgroup, or it is gone
+        return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes, uptime=usage.uptime,
+                             cpu_seconds=usage.cpu_seconds if cpu is None else cpu / 1e6,
+                             source="proc" if cpu is None else "cgroup",
+                             cgroup=None if cpu is None else cg)
 
     # --- events ---------------------------------------------------------------------
 

@@ -193,7 +193,7 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         await tg.start(scheduler.run, supervisor.fire)
         api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,
                   started=started)
-        server = RpcServer(api, limits=limits)
+        server = RpcServer(api, limits=limits, immediate=api.immediate)
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             await tg.start(server.serve, sock)
             log.info("msbd %s serving %s (pid %d, %d runs reconciled)", __version__,

@@ -47,7 +47,7 @@ from typing import Final
 
 import anyio
 
-from msbd.rpc.methods import CgroupTotals, CgroupUsage
+from msbd.rpc.methods import CgroupsInfo, CgroupTotals, CgroupUsage
 
 WANTED: Final = ("memory", "pids", "cpu", "io")
 """Controllers msbd enables for runs when its tree offers them."""
@@ -335,13 +335,23 @@ def usage(path: Path) -> CgroupUsage:
         oom_kills=memory_events.get("oom_kill") if memory_events else None)
 
 
-def total(each: list[CgroupUsage]) -> CgroupTotals:
-    """The field-by-field sum of runs' figures (a field none of them has stays null)."""
+def totals(cg: Cgroups, paths: list[Path]) -> CgroupTotals | None:
+    """The runs' figures summed field by field (a field none of them has stays null);
+    None with cgroups off."""
+    if not cg.enabled:
+        return None
+    each = [usage(path) for path in paths]
     sums: dict[str, int | None] = {}
     for name in CgroupUsage.__struct_fields__:
         present = [v for u in each if (v := getattr(u, name)) is not None]
         sums[name] = sum(present) if present else None
     return CgroupTotals(**sums, runs=len(each))
+
+
+def describe(cg: Cgroups) -> CgroupsInfo:
+    """`cg` as `daemon.info` shows it."""
+    return CgroupsInfo(enabled=cg.enabled, root=None if cg.root is None else str(cg.root),
+                       controllers=sorted(cg.controllers), reason=cg.reason)
 
 
 def populated(path: Path) -> bool:

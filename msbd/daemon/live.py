@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal as signal_mod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,11 @@ class Live:
             return ("ended, but its end is not recorded yet (the database refused the write: "
                     f"{self.write_error or 'unknown error'}; msbd keeps retrying)")
         return str(self.state)
+
+
+def live_cgroups(lives: Mapping[int, Live]) -> list[Path]:
+    """The cgroups of the runs whose worker is not reaped yet (their cgroups still exist)."""
+    return [live.cgroup for live in lives.values() if live.cgroup is not None and not live.reaped]
 
 
 def overlay(live: Live, info: SandboxInfo) -> SandboxInfo:

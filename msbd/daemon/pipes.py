@@ -69,6 +69,11 @@ class LineSplitter:
 
     def feed(self, chunk: bytes) -> None:
         frames = self._frames
+        line = frames.single(chunk)  # a heartbeat, nearly always: a thousand a second
+        if line is not None:
+            if line:
+                self._on_line(line.decode(errors="replace").strip())
+            return
         frames.feed(chunk)
         while (raw := frames.pop()) is not None:
             self._on_line(raw.decode(errors="replace").strip())

@@ -65,6 +65,17 @@ class Framer:
             if nl > start:
                 return bytes(buf[start:nl])
 
+    def single(self, chunk: bytes) -> bytes | None:
+        """`chunk` without its newline if nothing is buffered and `chunk` is exactly one
+        whole line within the limit, leaving the framer as it was (b"" for an empty
+        line, which `pop` skips); else None, and the caller `feed`s it. A shortcut for
+        streams whose every read is one line (a worker's heartbeats)."""
+        end = len(chunk) - 1
+        if (end < 0 or self._pos != len(self._buf) or chunk.find(b"\n") != end
+                or (self._max is not None and end > self._max)):
+            return None
+        return chunk[:end]
+
     def unfinished(self) -> bool:
         """Whether the stream stops inside a frame, with no whole frame before it.
 

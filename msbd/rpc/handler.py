@@ -32,6 +32,9 @@ log = logging.getLogger("msbd.rpc")
 
 Handler = Callable[["CallContext", str, Spec], Awaitable[Any]]
 """`await handler(ctx, method, params)`; the result is encoded with msgspec."""
+Immediate = Callable[["CallContext", Spec], Any]
+"""`immediate(ctx, params)`: one method's handler that never suspends, so the server
+answers it inside the read callback (`msbd.rpc.calls`); same results and errors."""
 Deferred = Callable[[], Awaitable[None]]
 
 INTERNAL_ERROR: Final = MsbdError("internal error")
@@ -58,10 +61,12 @@ class Connection:
     """One client connection as handlers see it: who is calling, and a way to notify.
 
     `subscriptions` is the handlers' own count of the event streams this
-    connection holds (the daemon caps it per connection).
+    connection holds (the daemon caps it per connection); `memo` is theirs
+    too: what they derive from the connection once instead of on every call
+    (the daemon keeps its `Caller` there). None until they set it.
     """
 
-    __slots__ = ("_link", "gid", "groups", "id", "pid", "subscriptions", "uid")
+    __slots__ = ("_link", "gid", "groups", "id", "memo", "pid", "subscriptions", "uid")
 
     def __init__(self, link: Link, conn_id: int, peer: Peer) -> None:
         self._link = link
@@ -71,6 +76,7 @@ class Connection:
         self.gid = peer.gid
         self.groups = peer.groups
         self.subscriptions = 0
+        self.memo: Any = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} uid={self.uid} gid={self.gid} pid={self.pid}>"
@@ -125,12 +131,25 @@ async def answer(handler: Handler, ctx: CallContext, call: Call) -> bytes | None
     try:
         result = await handler(ctx, call.method, call.params)
         return None if call.notification else encode_result(call.id, result)
-    except MsbdError as exc:
+    except Exception as exc:  # noqa: BLE001 - every outcome is a reply (see _failed)
+        return _failed(ctx, call, exc)
+
+
+def answer_now(immediate: Immediate, ctx: CallContext, call: Call) -> bytes | None:
+    """`answer` for a handler that never suspends: the same reply, without awaiting."""
+    try:
+        result = immediate(ctx, call.params)
+        return None if call.notification else encode_result(call.id, result)
+    except Exception as exc:  # noqa: BLE001 - every outcome is a reply (see _failed)
+        return _failed(ctx, call, exc)
+
+
+def _failed(ctx: CallContext, call: Call, exc: Exception) -> bytes | None:
+    if isinstance(exc, MsbdError):
         if call.notification:
             log.debug("connection %d: notification %s failed: %s", ctx.connection.id,
                       call.method, exc)
             return None
         return encode_error(call.id, exc)
-    except Exception:
-        log.error("connection %d: %s raised", ctx.connection.id, call.method, exc_info=True)
-        return None if call.notification else encode_error(call.id, INTERNAL_ERROR)
+    log.error("connection %d: %s raised", ctx.connection.id, call.method, exc_info=exc)
+    return None if call.notification else encode_error(call.id, INTERNAL_ERROR)

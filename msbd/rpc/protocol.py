@@ -9,13 +9,13 @@ round trip short); nothing is read before the task runs.
 
 Frames are split on b"\\n" (`Framer`); a frame over `max_frame_bytes`, whole
 or still growing, is answered with -32600 (id null) and the connection
-closed. Calls run concurrently on worker tasks that stay for the next call
-(cheaper than a new task each) and are answered as they finish (ids match
-them up); a batch is answered with one array line once all its calls are
-done; deferred jobs start once their call's reply is written. Writes are
-whole frames, in the order they are made. While `max_inflight_per_connection`
-calls run, or the client is not reading its replies, the connection is not
-read (`FlowControl`).
+closed. What becomes of a frame once read is `msbd.rpc.calls`: calls run
+concurrently on worker tasks and are answered as they finish (ids match them
+up), a call that never suspends is answered inline, a batch with one array
+line once all its calls are done, and deferred jobs start once their call's
+reply is written. Writes are whole frames, in the order they are made.
+While `max_inflight_per_connection` calls run, or the client is not reading
+its replies, the connection is not read (`FlowControl`).
 
 A watchdog task closes a connection that is idle, stops reading its replies
 or leaves a frame unfinished (`limits.close_deadline`). A connection closed
@@ -41,24 +41,27 @@ import anyio
 import anyio.abc
 
 from msbd.peer import UNKNOWN, Peer, peer_closed
-from msbd.rpc.codec import Batch, Call, Invalid, Item, encode_batch, encode_error, parse_frame
+from msbd.rpc.calls import CallRunner
+from msbd.rpc.codec import Call, Item, encode_error
 from msbd.rpc.flow import FlowControl
 from msbd.rpc.framing import Framer, FrameTooLong
-from msbd.rpc.handler import INTERNAL_ERROR, CallContext, Connection, Deferred, answer
+from msbd.rpc.handler import Connection
 from msbd.rpc.limits import Stall, close_deadline
 from msbd.rpc.state import ServerState
 
 log = logging.getLogger("msbd.rpc")
 
 
-class ServerProtocol(asyncio.Protocol):
-    """One connection's framing, dispatch, flow control and watchdog (internal)."""
+class ServerProtocol(CallRunner, asyncio.Protocol):
+    """One connection's framing, flow control and watchdog; its calls run through
+    `CallRunner` (internal)."""
 
     def __init__(self, state: ServerState, peer: Peer = UNKNOWN) -> None:
         self.state = state
         self.peer = peer
         self.limits = state.limits
         self.handler = state.handler
+        self.immediate = state.immediate
         self.conn_id = next(state.ids)
         self.loop = asyncio.get_running_loop()
         self.frames = Framer(self.limits.max_frame_bytes)
@@ -164,109 +167,6 @@ class ServerProtocol(asyncio.Protocol):
             self.frame_started = self.loop.time()
             self.wake_watchdog(self.limits.frame_timeout, self.frame_started)
         self.update_reading()
-
-    def dispatch(self, line: bytes) -> None:
-        try:
-            frame = parse_frame(line, max_batch=self.limits.max_batch)
-        except Exception:
-            log.error("connection %d: cannot parse a frame", self.conn_id, exc_info=True)
-            self.write(encode_error(None, INTERNAL_ERROR))
-            return
-        if type(frame) is Call:
-            self.start_calls(1)
-            self.launch(frame)
-        elif type(frame) is Invalid:
-            self.write(encode_error(frame.id, frame.error))
-        elif isinstance(frame, Batch):
-            calls = sum(type(item) is Call for item in frame.items)
-            if calls:
-                self.start_calls(calls)
-                self.launch(frame.items)
-            elif frame.items:
-                self.write(encode_batch([_answer_invalid(item) for item in frame.items]))
-
-    def launch(self, job: Call | list[Item]) -> None:
-        """Hand `job` to an idle worker of this connection, or start one."""
-        if self.idle_workers:
-            self.idle_workers.pop().set_result(job)
-        else:
-            assert self.tg is not None
-            self.tg.start_soon(self.worker, job)
-
-    async def worker(self, job: Call | list[Item]) -> None:
-        while True:
-            if isinstance(job, Call):
-                await self.run_call(job)
-            else:
-                await self.run_batch(job)
-            waiter: asyncio.Future[Call | list[Item]] = self.loop.create_future()
-            self.idle_workers.append(waiter)
-            self.after_work()
-            job = await waiter
-
-    def start_calls(self, n: int) -> None:
-        self.inflight += n
-        self.state.calls_started(n)
-
-    # --- running calls ---
-
-    async def run_call(self, call: Call) -> None:
-        assert self.conn is not None
-        ctx = CallContext(self.conn)
-        try:
-            reply = await answer(self.handler, ctx, call)
-        finally:
-            self.calls_done(1)
-        if reply is not None:
-            self.write(reply)
-        self.start_deferred(ctx)
-
-    async def run_batch(self, items: list[Item]) -> None:
-        assert self.conn is not None
-        calls = sum(type(item) is Call for item in items)
-        replies: list[bytes | None] = [None] * len(items)
-        contexts: list[CallContext] = []
-
-        async def run_one(i: int, ctx: CallContext, call: Call) -> None:
-            replies[i] = await answer(self.handler, ctx, call)
-
-        try:
-            async with anyio.create_task_group() as tg:
-                for i, item in enumerate(items):
-                    if type(item) is Call:
-                        contexts.append(ctx := CallContext(self.conn))
-                        tg.start_soon(run_one, i, ctx, item)
-                    else:
-                        replies[i] = _answer_invalid(item)
-        finally:
-            self.calls_done(calls)
-        answered = [r for r in replies if r is not None]
-        if answered:
-            self.write(encode_batch(answered))
-        for ctx in contexts:
-            self.start_deferred(ctx)
-
-    def calls_done(self, n: int) -> None:
-        self.inflight -= n
-        self.state.calls_done(n)
-
-    def start_deferred(self, ctx: CallContext) -> None:
-        if not ctx.deferred or self.closing or self.tg is None:
-            return
-        for job in ctx.deferred:
-            self.busy += 1
-            self.tg.start_soon(self.run_deferred, job)
-
-    async def run_deferred(self, job: Deferred) -> None:
-        try:
-            await job()
-        except anyio.BrokenResourceError:
-            log.debug("connection %d: deferred job stopped: connection closed", self.conn_id)
-        except Exception:
-            log.warning("connection %d: deferred job failed", self.conn_id, exc_info=True)
-        finally:
-            self.busy -= 1
-        self.after_work()
 
     def after_work(self) -> None:
         if not self.inflight and not self.busy:
@@ -386,7 +286,3 @@ class ServerProtocol(asyncio.Protocol):
             with anyio.CancelScope(deadline=deadline):
                 await self.watch_wake.wait()
 
-
-def _answer_invalid(item: Item) -> bytes:
-    assert isinstance(item, Invalid)
-    return encode_error(item.id, item.error)

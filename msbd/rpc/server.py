@@ -32,6 +32,7 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Mapping
 from typing import Final
 
 import anyio
@@ -40,13 +41,13 @@ import anyio.abc
 from msbd.errors import LimitReached
 from msbd.peer import Peer, read_peer
 from msbd.rpc.codec import encode_error
-from msbd.rpc.handler import CallContext, Connection, Deferred, Handler
+from msbd.rpc.handler import CallContext, Connection, Deferred, Handler, Immediate
 from msbd.rpc.limits import RpcLimits
 from msbd.rpc.protocol import ServerProtocol
 from msbd.rpc.state import ServerState
 
-__all__ = ["CallContext", "Connection", "Deferred", "Handler", "RpcLimits", "RpcServer",
-           "serve_rpc"]
+__all__ = ["CallContext", "Connection", "Deferred", "Handler", "Immediate", "RpcLimits",
+           "RpcServer", "serve_rpc"]
 
 log = logging.getLogger("msbd.rpc")
 
@@ -60,10 +61,13 @@ _RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 class RpcServer:
     """A running server: `serve` it, then `close_listener()` or `drain(timeout)`."""
 
-    def __init__(self, handler: Handler, *, limits: RpcLimits | None = None) -> None:
+    def __init__(self, handler: Handler, *, limits: RpcLimits | None = None,
+                 immediate: Mapping[str, Immediate] | None = None) -> None:
+        """`immediate`: methods whose handler never suspends, answered without a task
+        (`msbd.rpc.calls`); every other method goes to `handler`."""
         self.handler = handler
         self.limits = limits if limits is not None else RpcLimits()
-        self._state = ServerState(handler, self.limits)
+        self._state = ServerState(handler, self.limits, immediate)
         self._state.released = self._descriptor_released
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

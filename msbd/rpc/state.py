@@ -1,22 +1,23 @@
 """What the RPC server shares with every connection it admitted: `ServerState`.
 
 One object, made by the server and handed to each connection's protocol,
-holds the handler, the limits, the open connections with the uid each is
-counted against, and the counters the server reads to admit, drain and
-report. A connection counts itself in and out here; neither side reaches
-into the other's attributes. It knows a connection only as a `Member`, so
-it imports no protocol: the server imports both, nothing imports back.
+holds the handler (and the methods answered without suspending), the limits,
+the open connections with the uid each is counted against, and the counters
+the server reads to admit, drain and report. A connection counts itself in
+and out here; neither side reaches into the other's attributes. It knows a
+connection only as a `Member`, so it imports no protocol: the server
+imports both, nothing imports back.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import anyio
 
-from msbd.rpc.handler import Handler
+from msbd.rpc.handler import Handler, Immediate
 from msbd.rpc.limits import RpcLimits
 
 
@@ -30,8 +31,11 @@ class Member(Protocol):
 class ServerState:
     """Shared by the server and every connection it admitted."""
 
-    def __init__(self, handler: Handler, limits: RpcLimits) -> None:
+    def __init__(self, handler: Handler, limits: RpcLimits,
+                 immediate: Mapping[str, Immediate] | None = None) -> None:
         self.handler = handler
+        self.immediate: Mapping[str, Immediate] = immediate or {}
+        """Methods answered inline by a handler that never suspends (`msbd.rpc.calls`)."""
         self.limits = limits
         self.ids = itertools.count(1)
         self.open: dict[Member, int | None] = {}  # admitted, not ended -> uid counted, if any

@@ -51,10 +51,8 @@ syntax) that add to or replace (same id/tag) the spec's disks and mounts:
 
 `python -m msbd.vm doctor [--json] [--libkrun PATH]` checks the host instead.
 This package imports only the stdlib, msgspec, `msbd.model`, `msbd.errors` and
-`msbd.contract`.
+`msbd.contract`. This file itself imports nothing: `python -m msbd.vm` runs it
+before `__main__`, which must get to keep msgspec from importing
+`typing_extensions` before anything imports msgspec.
 """
 
-from __future__ import annotations
-
-# The worker's modules name their exit statuses as `msbd.vm.WorkerExit`.
-from msbd.contract import WorkerExit as WorkerExit

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 from typing import Final
 
 from msbd.errors import MsbdError
@@ -56,15 +55,21 @@ class HostFileRefused(MsbdError):
     """A host file of the spec cannot be opened as the owner, or is not fit for libkrun."""
 
 
-@dataclass(slots=True)
 class HostNames:
-    """What libkrun is given instead of the spec's host paths, and the fds behind them."""
+    """What libkrun is given instead of the spec's host paths, and the fds behind them.
 
-    rootfs: str | None = None
-    root_disk: str | None = None
-    mounts: list[str] = field(default_factory=list)
-    disks: list[str] = field(default_factory=list)
-    fds: list[int] = field(default_factory=list)
+    A plain class: `dataclasses` (and the `inspect` it imports) would cost the
+    worker's start more than everything else in this module.
+    """
+
+    __slots__ = ("disks", "fds", "mounts", "root_disk", "rootfs")
+
+    def __init__(self) -> None:
+        self.rootfs: str | None = None
+        self.root_disk: str | None = None
+        self.mounts: list[str] = []
+        self.disks: list[str] = []
+        self.fds: list[int] = []
 
 
 def become_owner(spec: WorkerSpec) -> None:

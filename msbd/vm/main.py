@@ -1,18 +1,27 @@
-"""The worker's main line: fds → spec → libkrun → owner → host files, channel → enter."""
+"""The worker's main line: fds → spec → libkrun → owner → host files, channel → enter.
+
+Every module the worker imports is paid for by every launch (a pooled worker
+pays before its spec arrives, but a burst of launches is bound by that CPU):
+`argparse` is imported only when there are arguments, which a daemon's launch
+never has; tests/test_vm_imports.py lists what the worker must not load.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
+from msbd.contract import WorkerExit
 from msbd.errors import FdCheckFailed, InvalidParams, KrunError
 from msbd.model import WorkerSpec
 from msbd.network import Network, needs_namespace, port_map_entries, rlimit_entries, tsi_features
-from msbd.vm import WorkerExit, control, fds, guard, hostfiles, krun, portrelay, spec
+from msbd.vm import control, fds, guard, hostfiles, krun, portrelay, spec
 from msbd.vm.status import ENTERING, StatusPipe, error_line, say
+
+if TYPE_CHECKING:
+    import argparse
 
 ROOT_DISK_ID: Final = "root"
 ROOT_DISK_DEVICE: Final = "/dev/vda"  # the first disk added
@@ -28,7 +37,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args)
 
 
+class Options(NamedTuple):
+    """The command line; a daemon's launch has none, so all defaults."""
+
+    spec_file: str | None = None
+    disk: tuple[str, ...] = ()
+    mount: tuple[str, ...] = ()
+    libkrun: str | None = None
+
+
+def _options(argv: Sequence[str]) -> Options:
+    if not argv:
+        return Options()
+    parsed = _parser().parse_args(argv)
+    return Options(parsed.spec_file, tuple(parsed.disk), tuple(parsed.mount), parsed.libkrun)
+
+
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # only for a worker run by hand (see the module's docstring)
+
     p = argparse.ArgumentParser(
         prog="python -m msbd.vm",
         description="msbd's worker: check the inherited fds 96/97/98, read the launch "
@@ -51,12 +78,8 @@ def _fail(status: int, message: str, pipe: StatusPipe | None) -> int:
     return status
 
 
-# What the daemon's launches (no arguments at all) parse to, without building a parser.
-_DAEMON_LAUNCH: dict[str, Any] = {"spec_file": None, "disk": [], "mount": [], "libkrun": None}
-
-
 def run(argv: Sequence[str]) -> int:
-    opts = _parser().parse_args(argv) if argv else argparse.Namespace(**_DAEMON_LAUNCH)
+    opts = _options(argv)
     keep = {*fds.STDIO_FDS, fds.WATCHDOG_FD, fds.STATUS_FD}
     if opts.spec_file is None:
         keep.add(fds.SPEC_FD)
@@ -156,7 +179,7 @@ def run(argv: Sequence[str]) -> int:
     return _fail(WorkerExit.START_RETURNED, str(error), pipe)
 
 
-def _read_spec(opts: argparse.Namespace) -> WorkerSpec:
+def _read_spec(opts: Options) -> WorkerSpec:
     try:
         data = (spec.read_spec_fd(fds.SPEC_FD) if opts.spec_file is None
                 else spec.read_spec_file(opts.spec_file))
