@@ -38,8 +38,8 @@ def test_ping_and_info(daemon: DaemonProc) -> None:
     info = rpc(daemon, "daemon.info")
     assert info["pid"] == daemon.proc.pid  # type: ignore[union-attr]
     assert info["socket"] == str(daemon.socket)
-    assert set(info["counts"]) == {"created", "starting", "running", "stopping", "stopped",
-                                   "failed"}
+    assert set(info["counts"]) == {"created", "starting", "running", "paused", "stopping",
+                                   "stopped", "failed"}
     assert info["limits"]["max_sandboxes"] == 1000
     checks = {c["name"]: c for c in info["checks"]}
     assert set(checks) == {"virtualization", "kvm_device", "kvm_module", "libkrun", "libkrunfw"}
