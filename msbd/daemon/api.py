@@ -284,6 +284,14 @@ class Api:
             info = await self._sup.stop(info.ref, timeout=params.timeout, detail="restarted")
         return await self._sup.start(info, timeout=None)
 
+    async def pause(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
+        info = await self._visible(caller, params.name)
+        return await self._sup.freezer.pause(info.ref, self._sup.live.get(info.id))
+
+    async def resume(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
+        info = await self._visible(caller, params.name)
+        return await self._sup.freezer.resume(info.ref, self._sup.live.get(info.id))
+
     async def wait(self, caller: Caller, params: WaitSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
         info = await self._visible(caller, params.name)

@@ -55,6 +55,7 @@ class Live:
     last_output_line: str = ""
     pending: tuple[State, RunEnd, float] | None = None  # (to, end, when), not yet on disk
     cgroup: Path | None = None  # the run's cgroup (msbd.daemon.cgroups), None if off
+    paused_at: float | None = None  # when a freeze began (msbd.daemon.freezer); None: thawed
     write_error: str | None = None
     running: anyio.Event = field(default_factory=anyio.Event)
     exited: anyio.Event = field(default_factory=anyio.Event)

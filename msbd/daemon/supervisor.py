@@ -15,7 +15,8 @@ with the fd map of `msbd.vm` (or hands the spec to a warm worker of
 `msbd.daemon.pool`) and hands it to a watcher task
 (`msbd.daemon.watcher`) owned by the supervisor's task group, which follows
 it to its recorded end. Stops of every kind, and what the timers decide,
-go through `msbd.daemon.stopping`. A run whose end the database refused
+go through `msbd.daemon.stopping`, pause and resume through `freezer`
+(`msbd.daemon.freezer`). A run whose end the database refused
 stays in memory until it lands (`overlay` shows it to readers), and holds
 nothing of the limits meanwhile.
 """
@@ -44,6 +45,7 @@ from msbd.daemon.cgroups import off as cgroup_off
 from msbd.daemon.cgroups import release as release_cgroup
 from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
 from msbd.daemon.doctor import HostCheck
+from msbd.daemon.freezer import Freezer
 from msbd.daemon.limits import Limits, Usage, share_of
 from msbd.daemon.live import Live, overlay
 from msbd.daemon.netpolicy import with_network
@@ -85,8 +87,10 @@ class Supervisor:
         self._launching: dict[int, anyio.Event] = {}
         self._changed = anyio.Event()
         self._give_up = anyio.Event()  # shutdown: stop retrying refused writes
+        self.freezer = Freezer(settings=settings, store=store, timers=scheduler,
+                               cgroups=self.cgroups)  # pause and resume
         self._stopping = Stopping(settings=settings, store=store, timers=scheduler,
-                                  signaller=signaller)
+                                  signaller=signaller, freezer=self.freezer)
         self._watcher = Watcher(settings=settings, store=store, timers=scheduler,
                                 stopping=self._stopping, on_exit=self._exited,
                                 on_ended=self._ended, give_up=self._give_up)
