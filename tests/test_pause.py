@@ -14,6 +14,8 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,34 @@ def test_daemon_shutdown_stops_paused_sandboxes_properly(
     end = d.call("sandbox.get", {"name": "sd"})
     assert (end["state"], end["run"]["reason"]) == ("stopped", "stop_requested")
     assert end["run"]["exit_code"] == 128 + signal.SIGTERM, "not thawed before the stop"
+
+
+def msbctl(d: DaemonProc, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "msbd.ctl", "--socket", str(d.socket), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_msbctl_pause_resume_and_ls(daemon: DaemonProc, cgdir: Path, busybox_root: Path,
+                                    make_daemon: Callable[..., DaemonProc],
+                                    fakekrun: Path) -> None:
+    info = daemon.call("sandbox.run", spec("web", busybox_root, "exec sleep 600"))
+    done = msbctl(daemon, "pause", "web")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "web: paused\n", "")
+    assert (run_dir(cgdir, info) / "cgroup.freeze").read_text() == "1\n"
+    ls = msbctl(daemon, "ls").stdout.splitlines()
+    assert ls[1].split()[:3] == ["web", "paused", str(info["run"]["pid"])], ls
+    again = msbctl(daemon, "pause", "web")
+    assert (again.returncode, again.stderr) == (
+        1, "msbctl: sandbox 'web' is paused; only a running sandbox can be paused\n")
+    done = msbctl(daemon, "resume", "web")
+    assert (done.returncode, done.stdout) == (0, "web: running\n")
+    assert msbctl(daemon, "ls").stdout.splitlines()[1].split()[1] == "running"
+    off = make_daemon(libkrun=fakekrun, settings={"cgroups": "off"}, name="off")
+    off.call("sandbox.run", spec("web", busybox_root, "exec sleep 600"))
+    refused = msbctl(off, "pause", "web")
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("msbctl: cannot pause sandbox 'web': pause freezes the "
+                                     "run's cgroup, and cgroups are off: "), refused.stderr
 
 
 # --- refusals --------------------------------------------------------------------------
