@@ -8,7 +8,7 @@ through pidfds and replies.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cgroupdir
@@ -17,15 +17,6 @@ from daemonproc import DaemonProc, children_by_parent
 from tenants import sleeper
 
 from msbd.daemon import cgroups
-
-
-@pytest.fixture
-def cgdir() -> Iterator[Path]:
-    path = cgroupdir.make()
-    try:
-        yield path
-    finally:
-        cgroupdir.destroy(path)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import datetime as dt
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,6 @@ from msbd.errors import RemoteError, RpcCode
 INTERVAL, MISSES = 0.2, 2
 BUDGET = INTERVAL * (MISSES + 1)  # no heartbeat for this long: heartbeat_lost
 COUNTER = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.05; done"
-
-
-@pytest.fixture
-def cgdir() -> Iterator[Path]:
-    path = cgroupdir.make()
-    try:
-        yield path
-    finally:
-        cgroupdir.destroy(path)
 
 
 @pytest.fixture
@@ -293,36 +284,32 @@ def test_pause_without_cgroups_is_refused_and_changes_nothing(
     assert "paused" not in seen
 
 
-@pytest.mark.parametrize("how", ["created", "stopped", "paused"])
-def test_pause_of_a_sandbox_that_is_not_running_is_a_conflict(
-        daemon: DaemonProc, busybox_root: Path, how: str) -> None:
+# (method, the state the sandbox is put in, what the refusal says may be acted on)
+WRONG_STATE = [
+    ("sandbox.pause", "created", "a running sandbox can be paused"),
+    ("sandbox.pause", "paused", "a running sandbox can be paused"),
+    ("sandbox.pause", "stopped", "a running sandbox can be paused"),
+    ("sandbox.resume", "created", "a paused sandbox can be resumed"),
+    ("sandbox.resume", "running", "a paused sandbox can be resumed"),
+    ("sandbox.resume", "stopped", "a paused sandbox can be resumed"),
+]
+
+
+@pytest.mark.parametrize(("method", "state", "only"), WRONG_STATE)
+def test_pause_or_resume_in_the_wrong_state_is_a_conflict_naming_it(
+        daemon: DaemonProc, busybox_root: Path, method: str, state: str, only: str) -> None:
     s = spec("nr", busybox_root, "exec sleep 600")
-    if how == "created":
+    if state == "created":
         daemon.call("sandbox.create", s)
     else:
         daemon.call("sandbox.run", s)
-        daemon.call("sandbox.pause" if how == "paused" else "sandbox.stop", {"name": "nr"})
-    err = refusal(daemon, "sandbox.pause", "nr")
+    if state in ("paused", "stopped"):
+        daemon.call("sandbox.pause" if state == "paused" else "sandbox.stop", {"name": "nr"})
+    err = refusal(daemon, method, "nr")
     assert err.rpc_code == RpcCode.CONFLICT
-    assert err.message == f"sandbox 'nr' is {how}; only a running sandbox can be paused"
-    assert err.remote_data == {"sandbox": "nr", "state": how}
-    assert daemon.call("sandbox.get", {"name": "nr"})["state"] == how
-
-
-@pytest.mark.parametrize("how", ["created", "running", "stopped"])
-def test_resume_of_a_sandbox_that_is_not_paused_is_a_conflict(
-        daemon: DaemonProc, busybox_root: Path, how: str) -> None:
-    s = spec("np", busybox_root, "exec sleep 600")
-    if how == "created":
-        daemon.call("sandbox.create", s)
-    else:
-        daemon.call("sandbox.run", s)
-    if how == "stopped":
-        daemon.call("sandbox.stop", {"name": "np"})
-    err = refusal(daemon, "sandbox.resume", "np")
-    assert err.rpc_code == RpcCode.CONFLICT
-    assert err.message == f"sandbox 'np' is {how}; only a paused sandbox can be resumed"
-    assert daemon.call("sandbox.get", {"name": "np"})["state"] == how
+    assert err.message == f"sandbox 'nr' is {state}; only {only}"
+    assert err.remote_data == {"sandbox": "nr", "state": state}
+    assert daemon.call("sandbox.get", {"name": "nr"})["state"] == state
 
 
 def test_concurrent_pause_and_stop_serialise(daemon: DaemonProc, cgdir: Path,
