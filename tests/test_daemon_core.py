@@ -163,7 +163,7 @@ def test_raw_client_gets_spec_errors(daemon: DaemonProc) -> None:
 def test_openrpc_document_lists_every_method(daemon: DaemonProc) -> None:
     doc = rpc(daemon, "rpc.discover")
     names = {m["name"] for m in doc["methods"]}
-    assert "sandbox.create" in names and "rpc.discover" in names and len(names) == 17
+    assert "sandbox.create" in names and "rpc.discover" in names and len(names) == 19
 
 
 def test_live_socket_is_never_stolen(daemon: DaemonProc) -> None:
