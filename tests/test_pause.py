@@ -258,6 +258,26 @@ def test_msbctl_pause_resume_and_ls(daemon: DaemonProc, cgdir: Path, busybox_roo
                                      "run's cgroup, and cgroups are off: "), refused.stderr
 
 
+def test_a_sigkilled_daemon_leaves_no_frozen_worker_behind(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, cgdir: Path,
+        busybox_root: Path) -> None:
+    """A frozen worker cannot see its daemon go (EOF on fd 97): the next daemon ends it
+    (its cgroup is a leftover, emptied with cgroup.kill) and records `daemon_lost`."""
+    d = make_daemon(libkrun=fakekrun, settings={"cgroups": str(cgdir)})
+    info = d.call("sandbox.run", spec("orphan", busybox_root, "exec sleep 600"))
+    here = run_dir(cgdir, info)
+    members = cgroupdir.procs(here)
+    d.call("sandbox.pause", {"name": "orphan"})
+    d.stop(sig=signal.SIGKILL)
+    assert cgroupdir.procs(here) == members, "frozen: nothing ended with the daemon"
+    d.start()
+    cgroupdir.wait_pids_gone(members)
+    assert not here.exists()
+    end = d.call("sandbox.get", {"name": "orphan"})
+    assert (end["state"], end["run"]["reason"]) == ("stopped", "daemon_lost")
+    assert states_of(d, "orphan", "stopped")[-2:] == ["paused", "stopped"]
+
+
 # --- refusals --------------------------------------------------------------------------
 
 def test_pause_without_cgroups_is_refused_and_changes_nothing(
