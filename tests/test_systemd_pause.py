@@ -30,7 +30,9 @@ COUNTER = "i=0; while :; do echo n=$i; i=$((i+1)); sleep 0.2; done"
 def root(guest_root: Path) -> Iterator[Path]:  # noqa: F811
     conf = drop_in("61-test-pause.conf", (
         "[Service]\n"
-        f"Environment=MSBD_HEARTBEAT_INTERVAL={INTERVAL} MSBD_HEARTBEAT_MISSES={MISSES}\n"))
+        f"Environment=MSBD_HEARTBEAT_INTERVAL={INTERVAL} MSBD_HEARTBEAT_MISSES={MISSES}\n"
+        # Under nested TCG a guest's cgroup once took about 34 s to freeze.
+        "Environment=MSBD_FREEZE_TIMEOUT=120\n"))
     try:
         systemctl("restart", "msbd.service")
         yield guest_root

@@ -13,8 +13,18 @@ off).
 The kernel freezes asynchronously. `paused` is recorded (one transaction,
 one event) only once `cgroup.events` says `frozen 1`, and `running` again
 only once it says `frozen 0`; the wait is woken by the file's change
-notification (`EPOLLPRI`), never by polling, and gives up after
-`FREEZE_TIMEOUT` with the run thawed and running as before. The run's
+notification (`EPOLLPRI`), never by polling, and gives up after the
+setting `freeze_timeout` with the run thawed and running as before. A VMM
+freezes in milliseconds on a real machine; under nested TCG a guest's
+cgroup was once measured to take about 34 s, hence a setting.
+
+The kernel never freezes a kernel thread, so a cgroup that holds one is
+never reported frozen. KVM puts a kernel thread of its own
+(`kvm-nx-lpage-recovery-<pid>`) into the VMM's cgroup on some kernels
+(seen on Debian 12's 6.1); newer ones run it as a user worker, which
+freezes. A pause first looks for kernel threads in the run's cgroup and, if
+there are any, answers `NotSupported` naming them rather than waiting out
+`freeze_timeout`. The run's
 `Live.lock` serialises pause, resume and the `stopping` record.
 
 Timers: a frozen worker sends no heartbeats, so the heartbeat deadline is
@@ -53,9 +63,6 @@ from msbd.db.store import Store
 from msbd.errors import Conflict, MsbdError, NotSupported, StoreError, TimedOut
 from msbd.model import SandboxInfo, SandboxRef, State
 
-FREEZE_TIMEOUT: Final = 10.0
-"""How long the kernel may take to report a freeze or a thaw done."""
-
 
 class Freezer:
     """Pause and resume of live runs; owns no run, only the pauses in progress."""
@@ -82,6 +89,13 @@ class Freezer:
             if (live.exited.is_set() or live.requested is not None
                     or live.state not in states.pausable or live.cgroup is None):
                 raise await self._refusal(ref, "paused", live)
+            if stuck := _kernel_threads(live.cgroup):
+                raise NotSupported(
+                    f"cannot pause sandbox {ref.name!r}: its cgroup holds kernel threads "
+                    f"({', '.join(stuck)}), and the cgroup v2 freezer never freezes a kernel "
+                    "thread, so the cgroup would never be frozen (KVM puts its "
+                    "kvm-nx-lpage-recovery thread there on older kernels)",
+                    data={"sandbox": ref.name, "kernel_threads": stuck})
             live.paused_at = self._timers.now()
             self._timers.cancel(ref.id, TimerKind.IDLE)
             self._timers.cancel(ref.id, TimerKind.HEARTBEAT)
@@ -91,8 +105,8 @@ class Freezer:
                 reached = await self._settle(live, live.cgroup, True, interrupt)
                 if not reached:
                     raise TimedOut(f"sandbox {ref.name!r} did not freeze within "
-                                   f"{FREEZE_TIMEOUT:g}s; it was thawed and runs on",
-                                   data={"sandbox": ref.name})
+                                   f"{self._settings.freeze_timeout:g}s (freeze_timeout); "
+                                   "it was thawed and runs on", data={"sandbox": ref.name})
                 with anyio.CancelScope(shield=True):
                     info, _ = await self._store.transition(ref, State.PAUSED, now=time.time())
                 live.state = State.PAUSED
@@ -113,7 +127,8 @@ class Freezer:
                 raise await self._refusal(ref, "resumed", live)
             if not await self._settle(live, live.cgroup, False, anyio.Event()):
                 raise TimedOut(f"sandbox {ref.name!r} did not thaw within "
-                               f"{FREEZE_TIMEOUT:g}s", data={"sandbox": ref.name})
+                               f"{self._settings.freeze_timeout:g}s (freeze_timeout)",
+                               data={"sandbox": ref.name})
             try:
                 with anyio.CancelScope(shield=True):
                     info, _ = await self._store.transition(ref, State.RUNNING, now=time.time())
@@ -140,7 +155,7 @@ class Freezer:
     async def _settle(self, live: Live, path: Path, frozen: bool,
                       interrupt: anyio.Event) -> bool:
         """Write `cgroup.freeze` and wait until `cgroup.events` agrees: True when it does,
-        False after FREEZE_TIMEOUT; `Conflict` if the run ended or a stop came first."""
+        False after `freeze_timeout`; `Conflict` if the run ended or a stop came first."""
         ref = live.ref
         done, failure = False, None
         try:
@@ -148,7 +163,7 @@ class Freezer:
         except OSError as exc:
             failure = exc
         if failure is None:
-            with anyio.move_on_after(FREEZE_TIMEOUT):
+            with anyio.move_on_after(self._settings.freeze_timeout):
                 async with anyio.create_task_group() as tg:
                     async def reached() -> None:
                         nonlocal done, failure
@@ -209,6 +224,23 @@ class Freezer:
         want = "running" if verb == "paused" else "paused"
         return Conflict(f"sandbox {ref.name!r} is {state}; only a {want} sandbox can be {verb}",
                         data={"sandbox": ref.name, "state": state})
+
+
+_PF_KTHREAD: Final = 0x00200000
+
+
+def _kernel_threads(path: Path) -> list[str]:
+    """`comm (pid)` of every kernel thread in the cgroup `path` (flags in /proc/PID/stat)."""
+    found = []
+    for pid in (path / "cgroup.procs").read_text().split():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if int(rest.split()[6]) & _PF_KTHREAD:
+            found.append(f"{comm} ({pid})")
+    return found
 
 
 async def _freezer_state(path: Path, frozen: bool) -> None:
