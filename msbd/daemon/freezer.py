@@ -22,9 +22,11 @@ The kernel never freezes a kernel thread, so a cgroup that holds one is
 never reported frozen. KVM puts a kernel thread of its own
 (`kvm-nx-lpage-recovery-<pid>`) into the VMM's cgroup on some kernels
 (seen on Debian 12's 6.1); newer ones run it as a user worker, which
-freezes. A pause first looks for kernel threads in the run's cgroup and, if
-there are any, answers `NotSupported` naming them rather than waiting out
-`freeze_timeout`. The run's
+freezes. So a pause first moves any kernel thread out of the run's cgroup
+into the leaf `kernel-threads/` beside `runs/` (that thread's little CPU
+time is no longer the run's; it ends with the VM as before), and answers
+`NotSupported` naming a thread the kernel would not let go, rather than
+waiting out `freeze_timeout` for a freeze that cannot happen. The run's
 `Live.lock` serialises pause, resume and the `stopping` record.
 
 Timers: a frozen worker sends no heartbeats, so the heartbeat deadline is
@@ -89,13 +91,12 @@ class Freezer:
             if (live.exited.is_set() or live.requested is not None
                     or live.state not in states.pausable or live.cgroup is None):
                 raise await self._refusal(ref, "paused", live)
-            if stuck := _kernel_threads(live.cgroup):
+            if stuck := self._set_aside(_kernel_threads(live.cgroup)):
                 raise NotSupported(
                     f"cannot pause sandbox {ref.name!r}: its cgroup holds kernel threads "
-                    f"({', '.join(stuck)}), and the cgroup v2 freezer never freezes a kernel "
-                    "thread, so the cgroup would never be frozen (KVM puts its "
-                    "kvm-nx-lpage-recovery thread there on older kernels)",
-                    data={"sandbox": ref.name, "kernel_threads": stuck})
+                    f"({', '.join(stuck)}) that could not be moved out, and the cgroup v2 "
+                    "freezer never freezes a kernel thread, so the cgroup would never be "
+                    "frozen", data={"sandbox": ref.name, "kernel_threads": stuck})
             live.paused_at = self._timers.now()
             self._timers.cancel(ref.id, TimerKind.IDLE)
             self._timers.cancel(ref.id, TimerKind.HEARTBEAT)
@@ -151,6 +152,21 @@ class Freezer:
             interrupt.set()
 
     # --- internals ---------------------------------------------------------------------
+
+    def _set_aside(self, kthreads: list[tuple[int, str]]) -> list[str]:
+        """Move kernel threads out of a run's cgroup into `kernel-threads/` beside `runs/`;
+        the names of those the kernel would not let go."""
+        assert self._cgroups.root is not None
+        aside, stuck = self._cgroups.root / KERNEL_THREADS, []
+        for pid, name in kthreads:
+            try:
+                aside.mkdir(exist_ok=True)
+                cgroups.place(aside, pid)
+            except ProcessLookupError:
+                pass  # gone meanwhile
+            except OSError as exc:
+                stuck.append(f"{name} ({pid}): {exc.strerror}")
+        return stuck
 
     async def _settle(self, live: Live, path: Path, frozen: bool,
                       interrupt: anyio.Event) -> bool:
@@ -227,10 +243,12 @@ class Freezer:
 
 
 _PF_KTHREAD: Final = 0x00200000
+KERNEL_THREADS: Final = "kernel-threads"
+"""The leaf, beside `runs/`, that kernel threads taken out of a run's cgroup go to."""
 
 
-def _kernel_threads(path: Path) -> list[str]:
-    """`comm (pid)` of every kernel thread in the cgroup `path` (flags in /proc/PID/stat)."""
+def _kernel_threads(path: Path) -> list[tuple[int, str]]:
+    """(pid, name) of every kernel thread in the cgroup `path` (flags in /proc/PID/stat)."""
     found = []
     for pid in (path / "cgroup.procs").read_text().split():
         try:
@@ -239,7 +257,7 @@ def _kernel_threads(path: Path) -> list[str]:
             continue  # gone meanwhile
         comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
         if int(rest.split()[6]) & _PF_KTHREAD:
-            found.append(f"{comm} ({pid})")
+            found.append((int(pid), comm))
     return found
 
 
