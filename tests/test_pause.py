@@ -198,8 +198,9 @@ def test_stop_while_paused_thaws_and_stops_gracefully(
 
 def test_sigkill_while_paused(daemon: DaemonProc, cgdir: Path, busybox_root: Path) -> None:
     info = daemon.call("sandbox.run", spec("k", busybox_root, "exec sleep 600"))
-    members = cgroupdir.procs(run_dir(cgdir, info))
     daemon.call("sandbox.pause", {"name": "k"})
+    members = cgroupdir.procs(run_dir(cgdir, info))  # frozen: the workload is there too
+    assert len(members) == 2
     end = daemon.call("sandbox.kill", {"name": "k", "signal": "SIGKILL"})
     assert (end["state"], end["run"]["reason"]) == ("stopped", "killed")
     assert end["run"]["signal"] == signal.SIGKILL
@@ -266,8 +267,8 @@ def test_a_sigkilled_daemon_leaves_no_frozen_worker_behind(
     d = make_daemon(libkrun=fakekrun, settings={"cgroups": str(cgdir)})
     info = d.call("sandbox.run", spec("orphan", busybox_root, "exec sleep 600"))
     here = run_dir(cgdir, info)
-    members = cgroupdir.procs(here)
     d.call("sandbox.pause", {"name": "orphan"})
+    members = cgroupdir.procs(here)  # frozen: no process comes or goes
     d.stop(sig=signal.SIGKILL)
     assert cgroupdir.procs(here) == members, "frozen: nothing ended with the daemon"
     d.start()
