@@ -64,6 +64,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     egress: Literal["admins", "everyone"] = "admins"
     start_timeout: Positive = 30.0
     stop_timeout: Positive = 10.0
+    # how long the kernel may take to freeze or thaw a run's cgroup (msbd.daemon.freezer)
+    freeze_timeout: Positive = 30.0
     heartbeat_interval: Positive = 1.0
     heartbeat_misses: Count = 5
     log_max_bytes: Annotated[int, msgspec.Meta(ge=4096)] = 8 * 1024 * 1024

@@ -135,7 +135,7 @@ def cmd_logs(c: Client, a: argparse.Namespace) -> int:
         params = {"name": a.name, "offset": result["offset"]}
         if not result["data"]:
             state = c.call("sandbox.get", {"name": a.name})["state"]
-            if state not in ("starting", "running", "stopping"):
+            if state not in ("starting", "running", "paused", "stopping"):
                 _print_log(c, params)  # what came between that read and the end
                 return 0
         params["wait"] = 5.0
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     add("touch", _simple("sandbox.touch", lambda a: {}),
         "count as activity (moves the idle deadline)")
+    add("pause", _simple("sandbox.pause", lambda a: {}),
+        "freeze a running sandbox in place (needs cgroups; max_duration keeps counting)")
+    add("resume", _simple("sandbox.resume", lambda a: {}), "thaw a paused sandbox")
     p = add("logs", cmd_logs, "print a sandbox's console output")
     p.add_argument("-n", "--tail", type=int, metavar="LINES", help="only the last LINES lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new output")

@@ -25,6 +25,7 @@ class RpcCode(enum.IntEnum):
     LIMIT_REACHED = -32004
     LAUNCH_FAILED = -32005
     TIMED_OUT = -32006
+    NOT_SUPPORTED = -32007
 
 
 class MsbdError(Exception):
@@ -107,6 +108,14 @@ class LaunchFailed(MsbdError):
 
 class TimedOut(MsbdError):
     code = RpcCode.TIMED_OUT
+
+
+class NotSupported(MsbdError):
+    """The call is valid, but this daemon cannot do it here: a feature the host or the
+    settings do not provide (`sandbox.pause` without cgroups). Not the sandbox's state
+    (that is `Conflict`): asking again will not help until the daemon is set up otherwise."""
+
+    code = RpcCode.NOT_SUPPORTED
 
 
 class ConfigError(MsbdError):

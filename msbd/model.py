@@ -63,12 +63,13 @@ class State(enum.StrEnum):
     CREATED = "created"
     STARTING = "starting"
     RUNNING = "running"
+    PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
 
 
-LIVE_STATES: Final = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+LIVE_STATES: Final = frozenset({State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING})
 
 
 class Reason(enum.StrEnum):

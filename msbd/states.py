@@ -4,23 +4,33 @@ How it works
 ------------
 States: `created` (recorded, never started), `starting` (a worker is spawned
 and has not yet written `entering`), `running` (the worker wrote `entering`
-and is inside libkrun), `stopping` (the daemon asked the run to end: a stop,
-a kill or a timer), `stopped` (the run ended for any reason other than a
-failed launch) and `failed` (the launch never got a VM running: the worker
-gave up before libkrun, or `krun_start_enter` returned right after
-`entering`).
+and is inside libkrun), `paused` (the run's cgroup is frozen: the VMM and
+its guest are stopped in place, holding their memory), `stopping` (the
+daemon asked the run to end: a stop, a kill or a timer), `stopped` (the run
+ended for any reason other than a failed launch) and `failed` (the launch
+never got a VM running: the worker gave up before libkrun, or
+`krun_start_enter` returned right after `entering`).
 
-What moves them: the API (`sandbox.start`, `stop`, `kill`, `remove`), the
-worker's status pipe (`entering`), the timers (idle, max duration, missed
-heartbeats) and the worker's exit seen through its pidfd, which
-`end_reason` turns into one `Reason` and `final_state` into `stopped` or
-`failed`. Daemon restart closes a live run as `daemon_lost` (-> `stopped`).
+What moves them: the API (`sandbox.start`, `stop`, `kill`, `pause`,
+`resume`, `remove`), the worker's status pipe (`entering`), the timers
+(idle, max duration, missed heartbeats) and the worker's exit seen through
+its pidfd, which `end_reason` turns into one `Reason` and `final_state`
+into `stopped` or `failed`. Daemon restart closes a live run as
+`daemon_lost` (-> `stopped`).
+
+`paused` is entered only from `running` and left to `running` (resume),
+`stopping` (a stop, a kill or a timer: the daemon thaws the run first, so
+its worker can act on SIGTERM) or `stopped` (the run ended while frozen:
+SIGKILL and `cgroup.kill` reach frozen processes, and so does the kernel's
+OOM killer). A paused run never `fails`: it got as far as running.
 
 What never happens: a state moving to itself; anything moving back to
 `created`; `stopping` moving to `failed` (once the daemon asked a run to
-end, it ends as `stopped`, whatever the worker did) or back to `running`;
-a live sandbox (`starting`, `running`, `stopping`) being removed without
-being stopped first. Removal is not a transition: the row goes away.
+end, it ends as `stopped`, whatever the worker did) or back to `running`
+or `paused`; `starting` moving to `paused` (there is no guest to freeze
+yet); a live sandbox (`starting`, `running`, `paused`, `stopping`) being
+removed without being stopped first. Removal is not a transition: the row
+goes away.
 
 Pure: no I/O, no clock. This table is the law at run time: the store
 checks every transition against it (`check_transition`) inside the
@@ -47,7 +57,10 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = MappingProxyType({
     _S.STARTING: frozenset({_S.RUNNING, _S.FAILED, _S.STOPPING, _S.STOPPED}),
     # A stop, a kill or a timer; the workload exited by itself or the worker
     # crashed; krun_start_enter returned right after `entering` (launch_failed).
-    _S.RUNNING: frozenset({_S.STOPPING, _S.STOPPED, _S.FAILED}),
+    _S.RUNNING: frozenset({_S.PAUSED, _S.STOPPING, _S.STOPPED, _S.FAILED}),
+    # Resumed; a stop, a kill or a timer (thawed first); ended while frozen (a SIGKILL,
+    # `cgroup.kill`, the OOM killer).
+    _S.PAUSED: frozenset({_S.RUNNING, _S.STOPPING, _S.STOPPED}),
     _S.STOPPING: frozenset({_S.STOPPED}),
     # Starting again is a new run.
     _S.STOPPED: frozenset({_S.STARTING}),
@@ -65,7 +78,14 @@ startable: Final = _SOURCES[State.STARTING]
 
 stoppable: Final = LIVE_STATES
 """States `sandbox.stop` / `kill` accept. `stopping` is included: a second
-stop joins the one in progress (and a kill escalates it)."""
+stop joins the one in progress (and a kill escalates it); `paused` too (the
+run is thawed first)."""
+
+pausable: Final = _SOURCES[State.PAUSED]
+"""States `sandbox.pause` accepts: only `running`."""
+
+resumable: Final = frozenset({State.PAUSED})
+"""States `sandbox.resume` accepts: only `paused`."""
 
 removable: Final = frozenset({State.CREATED, State.STOPPED, State.FAILED})
 """States `sandbox.remove` accepts as they are. With `force`, a live

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cgroupdir
 import pytest
 from daemonproc import FAKEKRUN_DIR, DaemonProc, build_fakekrun, make_busybox_root
 from tenants import SHARED_GID, SOCK_GID, A, B, C, User
@@ -115,6 +116,17 @@ def daemon(make_daemon: Callable[..., DaemonProc]) -> DaemonProc:
 def kdaemon(make_daemon: Callable[..., DaemonProc], fakekrun: Path) -> DaemonProc:
     """A daemon that launches workers with the libkrun test double."""
     return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2})
+
+
+@pytest.fixture
+def cgdir() -> Iterator[Path]:
+    """A fresh cgroup v2 directory on this machine's real hierarchy (tests/cgroupdir.py),
+    emptied and removed after the test."""
+    path = cgroupdir.make()
+    try:
+        yield path
+    finally:
+        cgroupdir.destroy(path)
 
 
 def pytest_configure(config: pytest.Config) -> None:

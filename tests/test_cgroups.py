@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import cgroupdir
@@ -21,15 +21,6 @@ from tenants import sleeper
 from test_ctl import msbctl
 
 from msbd.daemon import cgroups
-
-
-@pytest.fixture
-def cgdir() -> Iterator[Path]:
-    path = cgroupdir.make()
-    try:
-        yield path
-    finally:
-        cgroupdir.destroy(path)
 
 
 @pytest.fixture

@@ -38,8 +38,8 @@ def test_ping_and_info(daemon: DaemonProc) -> None:
     info = rpc(daemon, "daemon.info")
     assert info["pid"] == daemon.proc.pid  # type: ignore[union-attr]
     assert info["socket"] == str(daemon.socket)
-    assert set(info["counts"]) == {"created", "starting", "running", "stopping", "stopped",
-                                   "failed"}
+    assert set(info["counts"]) == {"created", "starting", "running", "paused", "stopping",
+                                   "stopped", "failed"}
     assert info["limits"]["max_sandboxes"] == 1000
     checks = {c["name"]: c for c in info["checks"]}
     assert set(checks) == {"virtualization", "kvm_device", "kvm_module", "libkrun", "libkrunfw"}
@@ -163,7 +163,7 @@ def test_raw_client_gets_spec_errors(daemon: DaemonProc) -> None:
 def test_openrpc_document_lists_every_method(daemon: DaemonProc) -> None:
     doc = rpc(daemon, "rpc.discover")
     names = {m["name"] for m in doc["methods"]}
-    assert "sandbox.create" in names and "rpc.discover" in names and len(names) == 17
+    assert "sandbox.create" in names and "rpc.discover" in names and len(names) == 19
 
 
 def test_live_socket_is_never_stolen(daemon: DaemonProc) -> None:

@@ -34,7 +34,7 @@ def nothing_recorded(d: DaemonProc) -> None:
     """No record, and no event either (a refused create or run writes nothing)."""
     assert d.call("sandbox.list", {})["sandboxes"] == []
     assert d.call("daemon.info")["counts"] == dict.fromkeys(
-        ("created", "starting", "running", "stopping", "stopped", "failed"), 0)
+        ("created", "starting", "running", "paused", "stopping", "stopped", "failed"), 0)
     with d.client() as c:
         assert c.call("events.subscribe", {"since": 0})["seq"] == 0
 

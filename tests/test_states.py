@@ -21,6 +21,10 @@ LEGAL = {
     ("running", "stopping"),
     ("running", "stopped"),
     ("running", "failed"),
+    ("running", "paused"),
+    ("paused", "running"),
+    ("paused", "stopping"),
+    ("paused", "stopped"),
     ("stopping", "stopped"),
     ("stopped", "starting"),
     ("failed", "starting"),
@@ -31,8 +35,8 @@ ALL_PAIRS = list(itertools.product(State, State))
 
 def test_every_state_is_covered() -> None:
     assert {s.value for s in State} == {
-        "created", "starting", "running", "stopping", "stopped", "failed"}
-    assert len(ALL_PAIRS) == 36
+        "created", "starting", "running", "paused", "stopping", "stopped", "failed"}
+    assert len(ALL_PAIRS) == 49
 
 
 @pytest.mark.parametrize(("src", "dst"), ALL_PAIRS, ids=[f"{s}->{d}" for s, d in ALL_PAIRS])
@@ -60,9 +64,10 @@ def test_conflict_without_a_name() -> None:
 @pytest.mark.parametrize(("dst", "expected"), [
     (State.CREATED, set()),
     (State.STARTING, {"created", "stopped", "failed"}),
-    (State.RUNNING, {"starting"}),
-    (State.STOPPING, {"starting", "running"}),
-    (State.STOPPED, {"starting", "running", "stopping"}),
+    (State.RUNNING, {"starting", "paused"}),
+    (State.PAUSED, {"running"}),
+    (State.STOPPING, {"starting", "running", "paused"}),
+    (State.STOPPED, {"starting", "running", "paused", "stopping"}),
     (State.FAILED, {"starting", "running"}),
 ])
 def test_sources(dst: State, expected: set[str]) -> None:
@@ -79,7 +84,9 @@ def test_nothing_moves_to_itself_or_back_to_created() -> None:
 
 def test_action_sets() -> None:
     assert {s.value for s in states.startable} == {"created", "stopped", "failed"}
-    assert {s.value for s in states.stoppable} == {"starting", "running", "stopping"}
+    assert {s.value for s in states.stoppable} == {"starting", "running", "paused", "stopping"}
+    assert {s.value for s in states.pausable} == {"running"}
+    assert {s.value for s in states.resumable} == {"paused"}
     assert {s.value for s in states.removable} == {"created", "stopped", "failed"}
     # A live sandbox is never removed as it is; each startable state may start.
     assert not (states.removable & LIVE_STATES)
@@ -218,5 +225,10 @@ def test_final_state_is_reachable_from_where_the_reason_can_arise() -> None:
         reason = states.end_reason(requested=None, exit_code=status["exit_code"],
                                    signal=status["signal"], entered=entered, worker_error=error)
         assert states.can_transition(src, states.final_state(reason)), (src, reason)
+    # A run that ends while frozen (SIGKILL, cgroup.kill) and was not asked to end.
+    for status in (_KILL9, _exit(137)):
+        reason = states.end_reason(requested=None, exit_code=status["exit_code"],
+                                   signal=status["signal"], entered=True)
+        assert states.can_transition(State.PAUSED, states.final_state(reason)), reason
     for src in LIVE_STATES:  # reconciliation after a daemon restart
         assert states.can_transition(src, states.final_state(Reason.DAEMON_LOST))

@@ -414,7 +414,8 @@ async def test_concurrent_transitions_all_land_with_gap_free_seqs(store: Store) 
         assert [e.state for e in mine] == [State.CREATED, State.STARTING, State.RUNNING]
         assert mine[1].run_id == mine[2].run_id is not None
     assert await store.counts_by_state() == {
-        "created": 0, "starting": 0, "running": 50, "stopping": 0, "stopped": 0, "failed": 0}
+        "created": 0, "starting": 0, "running": 50, "paused": 0,
+        "stopping": 0, "stopped": 0, "failed": 0}
     runs = await store.live_runs()
     assert sorted((r.ref, r.pid) for r in runs) == [
         (ref, 10_000 + i) for i, ref in enumerate(refs)]
@@ -490,7 +491,8 @@ async def test_live_runs_and_counts(store: Store) -> None:
     assert {r.state for r in live} <= LIVE_STATES
     assert idle.ref not in {r.ref for r in live}
     assert await store.counts_by_state() == {
-        "created": 1, "starting": 1, "running": 0, "stopping": 1, "stopped": 1, "failed": 0}
+        "created": 1, "starting": 1, "running": 0, "paused": 0,
+        "stopping": 1, "stopped": 1, "failed": 0}
 
 
 async def test_set_run_process_records_the_pid_without_an_event(store: Store) -> None:

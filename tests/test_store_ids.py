@@ -167,7 +167,8 @@ async def test_max_owned_is_counted_per_owner(store: Store) -> None:
     made = await create(store, "m3", uid=1000, now=T0 + 6, max_owned=3)
     assert made.owner_uid == 1000
     assert await store.counts_by_state(1000) == {
-        "created": 2, "starting": 0, "running": 1, "stopping": 0, "stopped": 0, "failed": 0}
+        "created": 2, "starting": 0, "running": 1, "paused": 0,
+        "stopping": 0, "stopped": 0, "failed": 0}
 
 
 async def test_max_owned_holds_under_concurrent_creates(store: Store) -> None:

@@ -175,7 +175,7 @@ async def test_counts_skip_a_row_whose_state_is_unknown(db_path: Path) -> None:
     await corrupt(db_path, "state")
     async with open_store(db_path) as store:
         assert await store.counts_by_state() == {
-            "created": 3, "starting": 0, "running": 0, "stopping": 0, "stopped": 0,
+            "created": 3, "starting": 0, "running": 0, "paused": 0, "stopping": 0, "stopped": 0,
             "failed": 0}
         assert (await store.counts_by_state(1))["created"] == 2
 

@@ -17,7 +17,6 @@ someone else's, the call acts on nothing of the newcomer's; it gets
 
 from __future__ import annotations
 
-import codecs
 import inspect
 import os
 import signal as signal_mod
@@ -39,7 +38,7 @@ from msbd.daemon.access import (
     may_see,
     owner_caller,
 )
-from msbd.daemon.console import log_path, remove_log
+from msbd.daemon.console import log_path, remove_log, text_page
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, stream_events
 from msbd.daemon.live import live_cgroups
@@ -322,6 +321,14 @@ class Api:
             info = await self._sup.stop(info.ref, timeout=params.timeout, detail="restarted")
         return await self._sup.start(info, timeout=None)
 
+    async def pause(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
+        info = await self._visible(caller, params.name)
+        return await self._sup.freezer.pause(info.ref, self._sup.live.get(info.id))
+
+    async def resume(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
+        info = await self._visible(caller, params.name)
+        return await self._sup.freezer.resume(info.ref, self._sup.live.get(info.id))
+
     async def wait(self, caller: Caller, params: WaitSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
         info = await self._visible(caller, params.name)
@@ -337,14 +344,8 @@ class Api:
         info = await self._visible(caller, params.name)
         chunk = await self._sup.logs(info.ref, offset=params.offset, tail=params.tail,
                                      limit=params.limit, wait=params.wait)
-        # Never split a UTF-8 sequence: hold an incomplete tail back for the next call,
-        # unless a page ended inside the only character it has (a reader must move on).
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        text = decoder.decode(chunk.data, final=False)
-        held = len(decoder.getstate()[0])
-        if held and not text and chunk.more:
-            text, held = chunk.data.decode("utf-8", "replace"), 0
-        return LogsResult(data=text, offset=chunk.offset - held, more=chunk.more)
+        text, offset = text_page(chunk)
+        return LogsResult(data=text, offset=offset, more=chunk.more)
 
     async def metrics(self, caller: Caller, params: NameParams, ctx: CallContext
                       ) -> MetricsResult:

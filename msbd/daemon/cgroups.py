@@ -221,6 +221,12 @@ def kill(path: Path) -> None:
         _write(path / "cgroup.kill", "1")
 
 
+def freeze(path: Path, frozen: bool) -> None:
+    """Ask the kernel to freeze (or thaw) every process in `path`: `cgroup.freeze`.
+    It does so asynchronously; `cgroup.events` says `frozen 1` once it is done."""
+    _write(path / "cgroup.freeze", "1" if frozen else "0")
+
+
 def remove(path: Path) -> bool:
     """Remove an empty run cgroup: True when it is gone, False while processes remain."""
     try:

@@ -11,7 +11,8 @@ created, so a follower's offset stays valid across rotation: `<id>.log`
 holds bytes from `base` on, `<id>.log.1` the bytes just before `base`, and
 `<id>.log.base` remembers `base` across daemon restarts. Writes are small
 appends done inline (page cache); reads run in a worker thread (`read_log`
-is plain blocking code, the caller decides where it runs).
+is plain blocking code; `read_following` runs it in a thread and long-polls
+for a live run's next output).
 
 A read costs at most `limit` bytes of memory and of I/O whatever the log's
 size: pages from an offset are `pread`s, and a tail is found by reading
@@ -22,11 +23,15 @@ which stalls the event loop just as surely.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,3 +241,32 @@ def _newline_back(block: bytes, k: int, at: int) -> int:
         else:
             hi = mid
     return lo
+
+
+def text_page(chunk: LogChunk) -> tuple[str, int]:
+    """A chunk as text, and the offset to continue from.
+
+    Never splits a UTF-8 sequence: an incomplete tail is held back for the next
+    call, unless a page ended inside the only character it has (a reader must
+    move on).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    text = decoder.decode(chunk.data, final=False)
+    held = len(decoder.getstate()[0])
+    if held and not text and chunk.more:
+        text, held = chunk.data.decode("utf-8", "replace"), 0
+    return text, chunk.offset - held
+
+
+async def read_following(path: Path, *, offset: int | None, tail: int | None, limit: int,
+                         wait: float | None, output: anyio.Event | None) -> LogChunk:
+    """`read_log` off the event loop; with nothing new to read yet, wait up to `wait`
+    seconds for `output` (the run's next console output; None: the run ended) and read
+    once more. A `tail` read never waits."""
+    read = functools.partial(read_log, path, offset=offset, tail=tail, limit=limit)
+    chunk = await anyio.to_thread.run_sync(read)
+    if chunk.data or not wait or tail is not None or output is None:
+        return chunk
+    with anyio.move_on_after(wait):
+        await output.wait()
+    return await anyio.to_thread.run_sync(read)

@@ -57,6 +57,7 @@ class Live:
     pending: tuple[State, RunEnd, float] | None = None  # (to, end, when), not yet on disk
     cgroup: Path | None = None  # the run's cgroup (msbd.daemon.cgroups), None if off
     oom: str | None = None  # set at the end when the cgroup counted an OOM kill: the words
+    paused_at: float | None = None  # when a freeze began (msbd.daemon.freezer); None: thawed
     write_error: str | None = None
     running: anyio.Event = field(default_factory=anyio.Event)
     exited: anyio.Event = field(default_factory=anyio.Event)

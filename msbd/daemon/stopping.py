@@ -1,9 +1,10 @@
 """How a run is asked to end: the signals, the grace, the timers that decide, the record.
 
 Every stop (a call, a kill, a timer) goes through `ask`: the first reason
-asked sticks, the worker gets SIGTERM (it asks its guest to stop over the
-control channel: the guest's init SIGTERMs its processes, SIGKILLs what is
-left after the grace and reports the exit code) and a KILL_GRACE deadline is
+asked sticks, a paused run is thawed (`msbd.daemon.freezer`), the worker
+gets SIGTERM (it asks its guest to stop over the control channel: the
+guest's init SIGTERMs its processes, SIGKILLs what is left after the grace
+and reports the exit code) and a KILL_GRACE deadline is
 set after the grace and `KILL_MARGIN`; when that falls, the worker's whole
 process group gets SIGKILL. Signals go out at once, with no await, so a burst of a
 thousand due deadlines is a thousand signals in a row; the `stopping` record
@@ -28,6 +29,7 @@ import anyio
 
 from msbd.config import Settings
 from msbd.daemon import cgroups
+from msbd.daemon.freezer import Freezer
 from msbd.daemon.live import Live
 from msbd.daemon.signaller import Signaller
 from msbd.daemon.timers import (
@@ -58,12 +60,16 @@ NON_FATAL_SIGNALS = frozenset({signal_mod.SIGSTOP, signal_mod.SIGCONT, signal_mo
 of them passes it on and counts as activity, it does not stop the run."""
 
 
+_RECORDS_STOPPING = frozenset({State.STARTING, State.RUNNING, State.PAUSED})
+
+
 class Stopping:
     """The stop and signal policy, over the shared timers; owns no run."""
 
     def __init__(self, *, settings: Settings, store: Store, timers: Scheduler,
-                 signaller: Signaller | None) -> None:
+                 signaller: Signaller | None, freezer: Freezer) -> None:
         self._settings = settings
+        self._freezer = freezer
         self._store = store
         self._timers = timers
         self._signaller = signaller
@@ -76,6 +82,7 @@ class Stopping:
         """
         if live.exited.is_set():
             return False
+        self._freezer.thaw_for_stop(live)  # a frozen worker cannot act on SIGTERM
         if live.requested is None:
             live.requested = reason
             live.stop_detail = detail
@@ -93,7 +100,7 @@ class Stopping:
     async def record(self, live: Live, reason: Reason) -> None:
         """Record `stopping`, unless the run is past it; a refused write is only logged."""
         async with live.lock:
-            if live.exited.is_set() or live.state not in (State.STARTING, State.RUNNING):
+            if live.exited.is_set() or live.state not in _RECORDS_STOPPING:
                 return
             with anyio.CancelScope(shield=True):
                 try:
@@ -146,6 +153,8 @@ class Stopping:
     def due(self, live: Live, kind: TimerKind, now: float) -> Reason | None:
         """The reason `kind` ends `live` now, or None (re-armed, or the grace SIGKILL sent)."""
         key = live.ref.id
+        if live.paused_at is not None and kind in (TimerKind.IDLE, TimerKind.HEARTBEAT):
+            return None  # frozen: no beats, no idleness (resume sets both afresh)
         match kind:
             case TimerKind.IDLE:
                 deadline = idle_deadline(live.last_activity, live.spec.idle_timeout)

@@ -15,7 +15,8 @@ with the fd map of `msbd.vm` (or hands the spec to a warm worker of
 `msbd.daemon.pool`) and hands it to a watcher task
 (`msbd.daemon.watcher`) owned by the supervisor's task group, which follows
 it to its recorded end. Stops of every kind, and what the timers decide,
-go through `msbd.daemon.stopping`. A run whose end the database refused
+go through `msbd.daemon.stopping`, pause and resume through `freezer`
+(`msbd.daemon.freezer`). A run whose end the database refused
 stays in memory until it lands (`overlay` shows it to readers), and holds
 nothing of the limits meanwhile.
 """
@@ -23,7 +24,6 @@ nothing of the limits meanwhile.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal as signal_mod
@@ -43,8 +43,9 @@ from msbd.daemon.cgroups import Cgroups
 from msbd.daemon.cgroups import off as cgroup_off
 from msbd.daemon.cgroups import release as release_cgroup
 from msbd.daemon.cgroups import usage as cgroup_usage
-from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_log
+from msbd.daemon.console import ConsoleLog, LogChunk, log_path, read_following
 from msbd.daemon.doctor import HostCheck
+from msbd.daemon.freezer import Freezer
 from msbd.daemon.limits import Limits, Usage, share_of
 from msbd.daemon.live import Live, overlay
 from msbd.daemon.netpolicy import with_network
@@ -87,8 +88,10 @@ class Supervisor:
         self._launching: dict[int, anyio.Event] = {}
         self._changed = anyio.Event()
         self._give_up = anyio.Event()  # shutdown: stop retrying refused writes
+        self.freezer = Freezer(settings=settings, store=store, timers=scheduler,
+                               cgroups=self.cgroups)  # pause and resume
         self._stopping = Stopping(settings=settings, store=store, timers=scheduler,
-                                  signaller=signaller)
+                                  signaller=signaller, freezer=self.freezer)
         self._watcher = Watcher(settings=settings, store=store, timers=scheduler,
                                 stopping=self._stopping, on_exit=self._exited,
                                 on_ended=self._ended, give_up=self._give_up)
@@ -364,16 +367,10 @@ class Supervisor:
 
     async def logs(self, ref: SandboxRef, *, offset: int | None, tail: int | None, limit: int,
                    wait: float | None) -> LogChunk:
-        path = log_path(self.log_dir, ref.id)
-        read = functools.partial(read_log, path, offset=offset, tail=tail, limit=limit)
-        chunk = await anyio.to_thread.run_sync(read)
         live = self.live.get(ref.id)
-        if chunk.data or not wait or tail is not None or live is None or live.exited.is_set():
-            return chunk
-        output = live.output
-        with anyio.move_on_after(wait):
-            await output.wait()
-        return await anyio.to_thread.run_sync(read)
+        output = live.output if live is not None and not live.exited.is_set() else None
+        return await read_following(log_path(self.log_dir, ref.id), offset=offset, tail=tail,
+                                    limit=limit, wait=wait, output=output)
 
     def metrics(self, ref: SandboxRef) -> tuple[int, procfs.Usage, CgroupUsage | None]:
         """(pid, usage, cgroup usage or None without cgroups) of the running worker. Read

@@ -235,6 +235,9 @@ class Scheduler:
         if deadline < self._waiting_for and self._changed is not None:
             self._changed.set()
 
+    def cancel(self, key: Key, kind: TimerKind) -> None:
+        self._deadlines.cancel(key, kind)
+
     def cancel_all(self, key: Key) -> None:
         self._deadlines.cancel_all(key)
 

@@ -6,7 +6,7 @@ run invariant), open or close the run, set the state, append one event.
 `end_runs` applies the same checks and statements to many sandboxes at once
 (restart reconciliation), set-based.
 
-The run invariant: a sandbox in a live state (starting, running, stopping)
+The run invariant: a sandbox in a live state (starting, running, paused, stopping)
 has an open current run, and one in any other state has none. A move the
 table allows but the record cannot take (a damaged row, a caller's bug) is a
 `StoreError`; a move the table forbids is a `Conflict`.
@@ -82,7 +82,7 @@ def _check(ref: SandboxRef, current: Mapping[int, Row], to: State, *, start_run:
     `current` maps sandbox ids to their `_CURRENT` rows. `NotFound` if `ref` is
     not there; `Conflict` if the state table forbids the move; `StoreError`
     (a caller's bug, or a damaged record) if the move would break the run
-    invariant: a sandbox in a live state (starting, running, stopping) has an
+    invariant: a sandbox in a live state (starting, running, paused, stopping) has an
     open current run, and one in any other state has none.
     """
     if ref.id not in current:
@@ -148,7 +148,7 @@ class Runs(Session):
 
         Invariant, checked before anything is written (`StoreError` if broken,
         a caller's bug): a sandbox in a live state (starting, running,
-        stopping) has an open current run, and one in any other state has none.
+        paused, stopping) has an open current run, and one in any other state has none.
         """
         async with self._write() as db:
             return await self._transition(db, ref, to, now=now, end=end, detail=detail)
@@ -225,7 +225,7 @@ class Runs(Session):
                 raise NotFound(ref.name)
 
     async def live_runs(self) -> list[LiveRun]:
-        """Current runs of sandboxes in starting, running or stopping, by run id."""
+        """Current runs of sandboxes in a live state, by run id."""
         rows = await self._fetch(_LIVE_SELECT, _LIVE_VALUES)
         return [LiveRun(ref=SandboxRef(sandbox_id, name), run_id=run_id, state=STATES[state],
                         pid=pid, proc_start=proc_start, boot_id=boot_id,
