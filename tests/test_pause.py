@@ -197,7 +197,9 @@ def test_stop_while_paused_thaws_and_stops_gracefully(
 
 
 def test_sigkill_while_paused(daemon: DaemonProc, cgdir: Path, busybox_root: Path) -> None:
-    info = daemon.call("sandbox.run", spec("k", busybox_root, "exec sleep 600"))
+    info = daemon.call("sandbox.run", spec("k", busybox_root, "echo up; exec sleep 600"))
+    # The test double forks the workload after `entering`: pause once it has started.
+    assert next_line(daemon, "k", 0)[0] == "up"
     daemon.call("sandbox.pause", {"name": "k"})
     members = cgroupdir.procs(run_dir(cgdir, info))  # frozen: the workload is there too
     assert len(members) == 2
