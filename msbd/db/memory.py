@@ -20,8 +20,7 @@ and kept with it (`json`): a list reply is then those bytes joined.
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 import msgspec
@@ -41,9 +40,9 @@ from msbd.errors import NotFound
 from msbd.model import LaunchSpec, Owner, SandboxInfo, SandboxRef, State
 
 # The columns of `SANDBOX_COLUMNS`, then the owner's gid and groups.
-_OWNER: Final = ", s.owner_gid, s.owner_groups"
-_FULL: Final = "SELECT" + SANDBOX_COLUMNS.format(spec="s.spec") + _OWNER + SANDBOX_FROM
-_BRIEF: Final = "SELECT" + SANDBOX_COLUMNS.format(spec="NULL") + _OWNER + SANDBOX_FROM
+OWNER_COLUMNS: Final = ", s.owner_gid, s.owner_groups"
+FULL_SELECT: Final = "SELECT" + SANDBOX_COLUMNS.format(spec="s.spec") + OWNER_COLUMNS + SANDBOX_FROM
+BRIEF_SELECT: Final = "SELECT" + SANDBOX_COLUMNS.format(spec="NULL") + OWNER_COLUMNS + SANDBOX_FROM
 
 
 class Entry:
@@ -62,7 +61,7 @@ class Entry:
     )
 
     def __init__(self, row: Row, *, full: SandboxInfo | Unreadable | None = None) -> None:
-        """From a `_FULL` or `_BRIEF` row; `full` is the record with its spec, if known
+        """From a `FULL_SELECT` or `BRIEF_SELECT` row; `full` is the record with its spec, if known
         already (a spec never changes), else decoded from the row's spec."""
         (self.id, self.name, self.state, uid, _, _, created_at, updated_at) = row[:8]
         self.created_at: float = created_at
@@ -121,32 +120,6 @@ class Entry:
 
 Staged = dict[int, Entry | None]
 """What a group of changes did to the records: id -> the new entry, or None (removed)."""
-
-
-def read_entries(conn: sqlite3.Connection, ids: Iterable[int],
-                 known: Callable[[int], Entry | None]) -> Staged:
-    """The entries of `ids` as `conn` sees them now (on the database thread, inside the
-    change's transaction); a spec is taken from the `known` entry, not decoded again."""
-    ids = list(ids)
-    old = {i: known(i) for i in ids}
-    carried = all(e is not None for e in old.values())
-    params: tuple[object, ...]
-    if len(ids) == 1:
-        where, params = "WHERE s.id = ?", (ids[0],)
-    else:
-        where, params = "WHERE s.id IN (SELECT value FROM json_each(?))", (
-            ENCODER.encode(ids).decode(),)
-    rows = conn.execute((_BRIEF if carried else _FULL) + where, params).fetchall()
-    out: Staged = dict.fromkeys(ids)
-    for row in rows:
-        entry = old[row[0]]
-        out[row[0]] = Entry(row, full=None if entry is None else entry.full)
-    return out
-
-
-def load(conn: sqlite3.Connection) -> list[Entry]:
-    """Every record in the file, by id (on the database thread, at open)."""
-    return [Entry(row) for row in conn.execute(_FULL + "ORDER BY s.id")]
 
 
 class Records:

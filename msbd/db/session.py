@@ -52,8 +52,8 @@ import aiosqlite
 import anyio
 import msgspec
 
-from msbd.db.memory import Entry, Records, Staged, read_entries
-from msbd.db.records import INSERT_EVENT, Row, event_values
+from msbd.db.memory import BRIEF_SELECT, FULL_SELECT, Entry, Records, Staged
+from msbd.db.records import ENCODER, INSERT_EVENT, Row, event_values
 from msbd.errors import StoreError
 from msbd.model import Event
 
@@ -66,6 +66,39 @@ Connection = sqlite3.Connection
 
 OnEvent = Callable[[Event, int], None]
 """Called with each committed event and its sandbox's owner uid, in `seq` order."""
+
+
+def _read_entries(conn: sqlite3.Connection, ids: Iterable[int],
+                 known: Callable[[int], Entry | None]) -> Staged:
+    """The entries of `ids` as `conn` sees them now (on the database thread, inside the
+    change's transaction); a spec is taken from the `known` entry, not decoded again."""
+    ids = list(ids)
+    old = {i: known(i) for i in ids}
+    carried = all(e is not None for e in old.values())
+    params: tuple[object, ...]
+    if len(ids) == 1:
+        where, params = "WHERE s.id = ?", (ids[0],)
+    else:
+        where, params = "WHERE s.id IN (SELECT value FROM json_each(?))", (
+            ENCODER.encode(ids).decode(),)
+    rows = conn.execute((BRIEF_SELECT if carried else FULL_SELECT) + where, params).fetchall()
+    out: Staged = dict.fromkeys(ids)
+    for row in rows:
+        entry = old[row[0]]
+        out[row[0]] = Entry(row, full=None if entry is None else entry.full)
+    return out
+
+
+def _load(conn: sqlite3.Connection) -> list[Entry]:
+    return [Entry(row) for row in conn.execute(FULL_SELECT + "ORDER BY s.id")]
+
+
+async def load_records(db: aiosqlite.Connection) -> Records:
+    """Every record in the file (at open), in one hop."""
+    try:
+        return Records(await hop(db, _load))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the records: {exc}") from exc
 
 
 class _Group:
@@ -94,7 +127,7 @@ class Draft:
 
     def reread(self, db: Connection, ids: Iterable[int]) -> Staged:
         """The records of `ids` as this change left them, kept for after the COMMIT."""
-        entries = read_entries(db, ids, self._known)
+        entries = _read_entries(db, ids, self._known)
         self.staged.update(entries)
         return entries
 

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
 
-from msbd.db.memory import Entry, Records, load
+from msbd.db.memory import Entry
 from msbd.db.opening import connect
 from msbd.db.records import ENCODER, EVENT_SELECT, STATES, Unreadable, event_row, utc
 from msbd.db.runs import LiveRun, RunEnd, Runs
-from msbd.db.session import Connection, Draft, OnEvent, hop
-from msbd.errors import Conflict, LimitReached, NotFound, StoreError
+from msbd.db.session import Connection, Draft, OnEvent, load_records
+from msbd.errors import Conflict, LimitReached, NotFound
 from msbd.model import Event, LaunchSpec, Owner, SandboxInfo, SandboxRef, State
 
 __all__ = ["LiveRun", "OnEvent", "RunEnd", "Store", "open_store"]
@@ -250,12 +249,7 @@ async def open_store(path: Path, *, on_event: OnEvent | None = None) -> AsyncIte
     """
     db = await connect(path)
     try:
-        try:
-            entries = await hop(db, load)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read the database {path}: {exc}",
-                             data={"path": str(path)}) from exc
-        yield Store(db, Records(entries), on_event)
+        yield Store(db, await load_records(db), on_event)
     finally:
         with anyio.CancelScope(shield=True):
             await db.close()
