@@ -1,0 +1,63 @@
+"""The records in memory follow the file, never run ahead of it.
+
+A commit that fails (here: the state directory's file system is full, a
+small tmpfs of its own, so the WAL cannot grow at COMMIT) must leave every
+record in memory as it was, and what memory answers next must be what the
+file holds, as a fresh open reads it. Needs root (mount).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from storekit import T0, create, sql
+from test_full_disk import fill
+
+from msbd.db.store import open_store
+from msbd.errors import StoreError
+from msbd.model import State
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
+
+
+@pytest.fixture
+def small_dir(tmp_path: Path) -> Iterator[Path]:
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "msbd-test-mem",
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+async def test_a_failed_commit_leaves_memory_as_the_file_is(small_dir: Path) -> None:
+    db_path = small_dir / "state" / "msbd.db"
+    async with open_store(db_path) as store:
+        made = [await create(store, f"s{i}", uid=1) for i in range(3)]
+        before = await store.list_sandboxes()
+        counts = await store.counts_by_state()
+        fill(small_dir / "ballast")
+        commits = store.commits
+        with pytest.raises(StoreError, match="database write failed"):
+            # The statements fit in SQLite's page cache; writing the WAL at COMMIT fails
+            # (seen in the traceback when this test was written: `_commit`, disk full).
+            await store.begin_run(made[0].ref, now=T0 + 1)
+        assert store.commits == commits
+        assert await store.list_sandboxes() == before
+        assert await store.get(made[0].ref) == made[0]
+        assert await store.counts_by_state() == counts
+        assert sql(db_path, "SELECT state FROM sandboxes ORDER BY id") == [("created",)] * 3
+        (small_dir / "ballast").unlink()
+        # The store goes on: the same change now lands, in memory and in the file.
+        info, _ = await store.begin_run(made[0].ref, now=T0 + 2)
+        assert info.state is State.STARTING
+        assert await store.get(made[0].ref) == info
+        after = await store.list_sandboxes()
+    async with open_store(db_path) as reopened:
+        assert await reopened.list_sandboxes() == after
