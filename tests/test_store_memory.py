@@ -13,15 +13,30 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
-from storekit import T0, create, sql
+from storekit import T0, create, sql, start
 from test_full_disk import fill
 
-from msbd.db.store import open_store
+from msbd.db.store import Store, open_store
 from msbd.errors import StoreError
-from msbd.model import State
+from msbd.model import SandboxInfo, State
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs")
+
+
+async def test_the_json_kept_with_a_record_is_the_record_encoded(store: Store) -> None:
+    """`sandbox.list` sends these bytes as they are (msgspec.Raw): they must be exactly
+    what encoding the record gives, with and without its spec, after every change."""
+    made = await create(store, "j", uid=1, team="a")
+    await start(store, made.ref, T0 + 1)
+    for entry in store.entries():
+        for with_spec in (True, False):
+            info = entry.info(with_spec=with_spec)
+            assert entry.json(with_spec=with_spec) == msgspec.json.encode(info)
+            assert msgspec.json.decode(entry.json(with_spec=with_spec),
+                                       type=SandboxInfo) == info
+    assert (await store.get(made.ref)).state is State.RUNNING
 
 
 @pytest.fixture
@@ -36,6 +51,7 @@ def small_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+@needs_root
 async def test_a_failed_commit_leaves_memory_as_the_file_is(small_dir: Path) -> None:
     db_path = small_dir / "state" / "msbd.db"
     async with open_store(db_path) as store:
