@@ -9,13 +9,12 @@ file holds, as a fresh open reads it. Needs root (mount).
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import pytest
-from storekit import T0, create, sql, start
+from storekit import T0, create, sql, start, tmpfs
 from test_full_disk import fill
 
 from msbd.db.store import Store, open_store
@@ -43,12 +42,8 @@ async def test_the_json_kept_with_a_record_is_the_record_encoded(store: Store) -
 def small_dir(tmp_path: Path) -> Iterator[Path]:
     where = tmp_path / "small"
     where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "msbd-test-mem",
-                    str(where)], check=True)
-    try:
+    with tmpfs(where, "1m"):
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @needs_root
