@@ -6,9 +6,11 @@ imported without looking unused); plain helpers live here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +75,14 @@ def sql(path: Path, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any,
             return conn.execute(query, params).fetchall()
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted on the existing directory `where` (root only)."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "msbd-test",
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from daemonproc import DaemonProc
+from storekit import tmpfs
 
 from msbd.errors import RemoteError, RpcCode
 
@@ -29,12 +29,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a
 def small_state(sock_dir: Path) -> Iterator[Path]:
     state = sock_dir / "d" / "state"
     state.mkdir(parents=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "msbd-test-full",
-                    str(state)], check=True)
-    try:
+    with tmpfs(state, "2m"):
         yield state
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def fill(path: Path) -> None:

@@ -22,7 +22,7 @@ import os
 import signal as signal_mod
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import msgspec
@@ -44,6 +44,7 @@ from msbd.daemon.events import EventHub, stream_events
 from msbd.daemon.live import live_cgroups
 from msbd.daemon.netpolicy import admit, check_network
 from msbd.daemon.supervisor import Supervisor
+from msbd.db.memory import Entry
 from msbd.db.store import Store
 from msbd.errors import Conflict, InvalidParams, Lagged, LimitReached, NotFound, PortInUse
 from msbd.model import Event, LaunchSpec, SandboxInfo
@@ -153,12 +154,23 @@ class Api:
 
     # --- helpers ------------------------------------------------------------------
 
-    async def _visible(self, caller: Caller, name: str, *, lenient: bool = False
-                       ) -> SandboxInfo:
-        info = await self._store.get_sandbox(name, lenient=lenient)
+    def _seen(self, caller: Caller, name: str, *, lenient: bool = False) -> SandboxInfo:
+        """From memory, as it really is (`overlay`); `NotFound` if the caller may not see it."""
+        info = self._store.lookup(name, lenient=lenient)
         if not may_see(caller, info, self._daemon_uid):
             raise NotFound(name)
         return self._sup.overlay(info)
+
+    async def _visible(self, caller: Caller, name: str, *, lenient: bool = False
+                       ) -> SandboxInfo:
+        return self._seen(caller, name, lenient=lenient)
+
+    def _listed(self, entry: Entry, with_spec: bool) -> msgspec.Raw:
+        """A list entry: its record's kept JSON, sent as it is, unless `overlay` changes it."""
+        info = entry.info(with_spec=with_spec)
+        shown = self._sup.overlay(info)
+        return msgspec.Raw(entry.json(with_spec=with_spec) if shown is info
+                           else _SPEC_ENCODER.encode(shown))
 
     async def _check_paths(self, spec: LaunchSpec, caller: Caller) -> None:
         await anyio.to_thread.run_sync(
@@ -212,7 +224,7 @@ class Api:
             uptime=time.monotonic() - self._started, socket=s.socket, state_dir=s.state_dir,
             libkrun=libkrun, libkrun_problem=None if libkrun else self._sup.missing_libkrun(),
             checks=report.checks,
-            counts=await self._store.counts_by_state(self._owner_filter(caller)),
+            counts=self._store.counts(self._owner_filter(caller)),
             limits=LimitsInfo(
                 max_sandboxes=s.max_sandboxes, max_vcpus=s.max_vcpus,
                 max_memory_mib=s.max_memory_mib,
@@ -247,18 +259,19 @@ class Api:
         await anyio.to_thread.run_sync(remove_log, log_path(self._log_dir, info.id))
         return info
 
-    async def get(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
-        return await self._visible(caller, params.name)
+    def get(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
+        return self._seen(caller, params.name)
 
-    async def list(self, caller: Caller, params: ListSandboxParams, ctx: CallContext
-                   ) -> SandboxList:
+    def list(self, caller: Caller, params: ListSandboxParams, ctx: CallContext
+             ) -> SandboxList:
         after = int(params.cursor) if params.cursor is not None else 0
-        items = await self._store.list_sandboxes(
+        entries = self._store.entries(
             state=params.state, label=params.label_pair(), owner_uid=self._owner_filter(caller),
             after=after, limit=params.limit + 1, with_spec=params.spec)
-        more = len(items) > params.limit
-        items = [self._sup.overlay(info) for info in items[:params.limit]]
-        return SandboxList(sandboxes=items, next=str(items[-1].id) if more else None)
+        more = len(entries) > params.limit
+        entries = entries[:params.limit]
+        items = cast(list[SandboxInfo], [self._listed(e, params.spec) for e in entries])
+        return SandboxList(sandboxes=items, next=str(entries[-1].id) if more else None)
 
     async def remove(self, caller: Caller, params: RemoveSandboxParams, ctx: CallContext
                      ) -> SandboxInfo:

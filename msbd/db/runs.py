@@ -1,8 +1,10 @@
 """Runs and the state transitions that open and close them, as the state table allows.
 
-A transition is one transaction: read the sandbox's state and current run
-(`_CURRENT`), check the move (`_check`: the table of `msbd.states`, then the
-run invariant), open or close the run, set the state, append one event.
+A transition is one change (`session._change`): read the sandbox's state and
+current run (`_CURRENT`), check the move (`_check`: the table of
+`msbd.states`, then the run invariant), open or close the run, set the
+state, append one event, read the record back for memory; all of it one
+plain function on the database thread, one hop from the event loop.
 `end_runs` applies the same checks and statements to many sandboxes at once
 (restart reconciliation), set-based.
 
@@ -15,22 +17,14 @@ table allows but the record cannot take (a damaged row, a caller's bug) is a
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import msgspec
 
-from msbd.db.records import (
-    ENCODER,
-    INSERT_EVENT,
-    STATES,
-    Row,
-    Unreadable,
-    event_values,
-    owner_row,
-    utc,
-)
-from msbd.db.session import Connection, Session
+from msbd.db.records import ENCODER, STATES, Row, Unreadable, utc
+from msbd.db.session import Connection, Draft, Session
 from msbd.errors import NotFound, StoreError
 from msbd.model import LIVE_STATES, Event, Owner, Reason, SandboxInfo, SandboxRef, State
 from msbd.states import check_transition
@@ -119,6 +113,55 @@ def _event(ref: SandboxRef, to: State, *, now: float, run_id: int | None,
                                    detail=end.detail if detail is None else detail)
 
 
+def _transition(db: Connection, draft: Draft, ref: SandboxRef, to: State, *, now: float,
+                start_run: bool = False, end: RunEnd | None = None,
+                detail: str | None = None) -> tuple[SandboxInfo, Owner, Event]:
+    """A transition's statements, on the database thread; the record as it left it."""
+    rows = db.execute(_CURRENT + "s.id = ?", (ref.id,)).fetchall()
+    owner_uid, run_id = _check(ref, {row[0]: row for row in rows}, to, start_run=start_run,
+                               end=end)
+    if start_run:
+        run_id = db.execute("INSERT INTO runs (sandbox_id, started_at) VALUES (?, ?)",
+                            (ref.id, now)).lastrowid
+    if end is not None:
+        db.execute(_END_RUN, end.values(now, run_id))
+    db.execute(_SET_STATE, (to.value, now, run_id, ref.id))
+    event = draft.append(db, now, owner_uid, _event(ref, to, now=now, run_id=run_id, end=end,
+                                                    detail=detail))
+    entry = draft.reread(db, [ref.id])[ref.id]
+    assert entry is not None
+    return entry.info(), entry.owner, event
+
+
+def _end_runs(db: Connection, draft: Draft, todo: list[tuple[SandboxRef, RunEnd]], *,
+              now: float) -> list[Event]:
+    """`end_runs`' statements, on the database thread."""
+    to = State.STOPPED
+    wanted = ENCODER.encode([ref.id for ref, _ in todo]).decode()
+    rows = db.execute(_CURRENT + "s.id IN (SELECT value FROM json_each(?))",
+                      (wanted,)).fetchall()
+    current = {row[0]: row for row in rows}
+    checked = [(ref, end, *_check(ref, current, to, end=end)) for ref, end in todo]
+    db.executemany(_END_RUN, [end.values(now, run_id) for _, end, _, run_id in checked])
+    db.executemany(_SET_STATE, [(to.value, now, run_id, ref.id)
+                                for ref, _, _, run_id in checked])
+    events = [draft.append(db, now, owner_uid, _event(ref, to, now=now, run_id=run_id,
+                                                      end=end))
+              for ref, end, owner_uid, run_id in checked]
+    draft.reread(db, [ref.id for ref, _ in todo])
+    return events
+
+
+def _set_process(db: Connection, draft: Draft, ref: SandboxRef, run_id: int, *, pid: int,
+                 proc_start: int | None, boot_id: str | None) -> None:
+    cursor = db.execute("UPDATE runs SET pid = ?, proc_start = ?, boot_id = ?"
+                        " WHERE id = ? AND sandbox_id = ?",
+                        (pid, proc_start, boot_id, run_id, ref.id))
+    if cursor.rowcount != 1:
+        raise NotFound(ref.name)
+    draft.reread(db, [ref.id])
+
+
 class Runs(Session):
     """Run records and transitions, over the session's connection."""
 
@@ -129,13 +172,9 @@ class Runs(Session):
         Returns the record as read inside that same transaction, with its
         owner: what gets launched is exactly what this transaction saw.
         """
-        async with self._write() as db:
-            info, _ = await self._transition(db, ref, State.STARTING, now=now, start_run=True)
-            rows = await db.execute_fetchall(
-                "SELECT owner_uid, owner_gid, owner_groups FROM sandboxes WHERE id = ?",
-                (ref.id,))
-            uid, gid, groups = next(iter(rows))
-        return info, owner_row(uid, gid, groups)
+        info, owner, _ = await self._change(functools.partial(
+            _transition, ref=ref, to=State.STARTING, now=now, start_run=True))
+        return info, owner
 
     async def transition(self, ref: SandboxRef, to: State, *, now: float,
                          end: RunEnd | None = None, detail: str | None = None,
@@ -150,27 +189,9 @@ class Runs(Session):
         a caller's bug): a sandbox in a live state (starting, running,
         paused, stopping) has an open current run, and one in any other state has none.
         """
-        async with self._write() as db:
-            return await self._transition(db, ref, to, now=now, end=end, detail=detail)
-
-    async def _transition(self, db: Connection, ref: SandboxRef, to: State, *,
-                          now: float, start_run: bool = False, end: RunEnd | None = None,
-                          detail: str | None = None) -> tuple[SandboxInfo, Event]:
-        """`transition`'s work, inside the caller's transaction."""
-        rows = await db.execute_fetchall(_CURRENT + "s.id = ?", (ref.id,))
-        current = {row[0]: row for row in rows}
-        owner_uid, run_id = _check(ref, current, to, start_run=start_run, end=end)
-        if start_run:
-            cursor = await db.execute(
-                "INSERT INTO runs (sandbox_id, started_at) VALUES (?, ?)", (ref.id, now))
-            run_id = cursor.lastrowid
-        if end is not None:
-            await db.execute(_END_RUN, end.values(now, run_id))
-        await db.execute(_SET_STATE, (to.value, now, run_id, ref.id))
-        event = await self._append(db, now, owner_uid,
-                                   _event(ref, to, now=now, run_id=run_id, end=end,
-                                          detail=detail))
-        return await self._select(db, ref), event
+        info, _, event = await self._change(functools.partial(
+            _transition, ref=ref, to=to, now=now, end=end, detail=detail))
+        return info, event
 
     async def end_runs(self, ends: Iterable[tuple[SandboxRef, RunEnd]], *,
                        now: float) -> list[Event]:
@@ -178,36 +199,13 @@ class Runs(Session):
 
         All in one transaction (restart reconciliation: all or nothing), one
         event each; the same checks and statements as `transition`, but
-        set-based (a few statements for any number of runs), so reconciling a
-        thousand runs costs milliseconds, not a thousand round trips to the
-        database thread.
+        set-based (a few statements for any number of runs), in one hop to
+        the database thread.
         """
         todo = list(ends)
         if not todo:
             return []
-        to = State.STOPPED
-        wanted = ENCODER.encode([ref.id for ref, _ in todo]).decode()
-        async with self._write() as db:
-            rows = await db.execute_fetchall(
-                _CURRENT + "s.id IN (SELECT value FROM json_each(?))", (wanted,))
-            current = {row[0]: row for row in rows}
-            checked = [(ref, end, *_check(ref, current, to, end=end)) for ref, end in todo]
-            await db.executemany(_END_RUN, [end.values(now, run_id)
-                                            for _, end, _, run_id in checked])
-            await db.executemany(_SET_STATE, [(to.value, now, run_id, ref.id)
-                                              for ref, _, _, run_id in checked])
-            events = [_event(ref, to, now=now, run_id=run_id, end=end)
-                      for ref, end, _, run_id in checked]
-            owners = [owner_uid for _, _, owner_uid, _ in checked]
-            before = await db.execute_fetchall(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'events'")
-            first = (next(iter(before))[0] if before else 0) + 1
-            await db.executemany(INSERT_EVENT, [event_values(e, owner, now)
-                                                for e, owner in zip(events, owners, strict=True)])
-            # One writer inside BEGIN IMMEDIATE: AUTOINCREMENT gave consecutive numbers.
-            events = [msgspec.structs.replace(e, seq=first + i) for i, e in enumerate(events)]
-            self._appended.extend(zip(events, owners, strict=True))
-        return events
+        return await self._change(functools.partial(_end_runs, todo=todo, now=now))
 
     async def set_run_process(self, ref: SandboxRef, run_id: int, *, pid: int,
                               proc_start: int | None, boot_id: str | None) -> None:
@@ -217,12 +215,8 @@ class Runs(Session):
         worker died at once); its record still gets the pid. `NotFound` if the
         sandbox (or that run of it) is gone.
         """
-        async with self._write() as db:
-            cursor = await db.execute(
-                "UPDATE runs SET pid = ?, proc_start = ?, boot_id = ?"
-                " WHERE id = ? AND sandbox_id = ?", (pid, proc_start, boot_id, run_id, ref.id))
-            if cursor.rowcount != 1:
-                raise NotFound(ref.name)
+        await self._change(functools.partial(_set_process, ref=ref, run_id=run_id, pid=pid,
+                                             proc_start=proc_start, boot_id=boot_id))
 
     async def live_runs(self) -> list[LiveRun]:
         """Current runs of sandboxes in a live state, by run id."""

@@ -1,16 +1,22 @@
 """The store's one database connection: its lock, its transactions, its error edge.
 
 The only user of aiosqlite and sqlite3 (with `opening`, which makes the
-connection). One aiosqlite connection (one thread) in WAL mode is shared by
-all the daemon's tasks; `runs` and `store` build every read and write on the
-three primitives here: `_fetch` (one statement), `_write` (one change) and
-`_append` (an event, inside a change).
+connection, and `memory`, which reads records back). One aiosqlite
+connection (one thread) in WAL mode is shared by all the daemon's tasks;
+`runs` and `store` build every write on `_change` (one change) and every
+read of the events log on `_fetch` (one statement). Records are read from
+memory (`memory.Records`, loaded at open), never from the file.
 
-Concurrency: all statements on one connection share its transaction, so a read
-made while another task is inside one would see uncommitted rows (and a write
-would join it). A fair `anyio.Lock` therefore serialises every operation,
-reads included; each holds it for one statement (reads) or a handful (a
-change's body).
+One hop per change: a change's body is a plain function that runs on the
+connection's own thread (aiosqlite's, through `_hop`), statements, checks
+and the record read back all in one call, with its savepoint around it.
+Each `await` of a statement used to be a future, a queue put, a thread
+wake-up and a task step on the event loop; under a burst of stops those
+round trips, seven per transition, were most of the loop's time.
+
+Concurrency: all statements on one connection share its transaction, so a
+change made while another is open would join it. A fair `anyio.Lock`
+therefore serialises every operation.
 
 Group commit: changes that queue up together share one transaction and one
 fsync. Each change runs as a savepoint of the open transaction (an error
@@ -18,9 +24,12 @@ undoes that change only); its caller then queues for the lock once more, and
 the first caller of a group back at the lock commits every change made since
 the group began. Under a burst of N changes that is one COMMIT instead of N,
 and every caller is still answered only after the COMMIT that holds its
-change. A read commits an open group first, so it never sees an uncommitted
-row. A failed COMMIT rolls the whole group back and every member gets the
-error.
+change. A read of the events log commits an open group first. A failed
+COMMIT rolls the whole group back and every member gets the error.
+
+Memory: what each change did to the records (`memory.Staged`) waits with the
+group and goes into `records` only after its COMMIT; a failed COMMIT drops
+it, so memory never holds a change the file does not.
 
 Cancellation: a change's body and its commit run in shielded scopes (bounded
 by `busy_timeout`): a cancelled caller never leaves the shared connection
@@ -36,25 +45,60 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
 import msgspec
 
-from msbd.db.records import INSERT_EVENT, SANDBOX_SELECT, Row, Unreadable, event_values, sandbox_row
-from msbd.errors import NotFound, StoreError
-from msbd.model import Event, SandboxInfo, SandboxRef
+from msbd.db.memory import BRIEF_SELECT, FULL_SELECT, Entry, Records, Staged
+from msbd.db.records import ENCODER, INSERT_EVENT, Row, event_values
+from msbd.errors import StoreError
+from msbd.model import Event
+
+T = TypeVar("T")
 
 log = logging.getLogger("msbd.store")
 
-Connection = aiosqlite.Connection
-"""The connection a transaction's statements run on (what `_write` yields)."""
+Connection = sqlite3.Connection
+"""The connection a change's body runs its statements on (on the database thread)."""
 
 OnEvent = Callable[[Event, int], None]
 """Called with each committed event and its sandbox's owner uid, in `seq` order."""
+
+
+def _read_entries(conn: sqlite3.Connection, ids: Iterable[int],
+                 known: Callable[[int], Entry | None]) -> Staged:
+    """The entries of `ids` as `conn` sees them now (on the database thread, inside the
+    change's transaction); a spec is taken from the `known` entry, not decoded again."""
+    ids = list(ids)
+    old = {i: known(i) for i in ids}
+    carried = all(e is not None for e in old.values())
+    params: tuple[object, ...]
+    if len(ids) == 1:
+        where, params = "WHERE s.id = ?", (ids[0],)
+    else:
+        where, params = "WHERE s.id IN (SELECT value FROM json_each(?))", (
+            ENCODER.encode(ids).decode(),)
+    rows = conn.execute((BRIEF_SELECT if carried else FULL_SELECT) + where, params).fetchall()
+    out: Staged = dict.fromkeys(ids)
+    for row in rows:
+        entry = old[row[0]]
+        out[row[0]] = Entry(row, full=None if entry is None else entry.full)
+    return out
+
+
+def _load(conn: sqlite3.Connection) -> list[Entry]:
+    return [Entry(row) for row in conn.execute(FULL_SELECT + "ORDER BY s.id")]
+
+
+async def load_records(db: aiosqlite.Connection) -> Records:
+    """Every record in the file (at open), in one hop."""
+    try:
+        return Records(await hop(db, _load))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the records: {exc}") from exc
 
 
 class _Group:
@@ -65,68 +109,123 @@ class _Group:
         self.error: sqlite3.Error | None = None
 
 
+class Draft:
+    """What one change did, gathered by its body on the database thread."""
+
+    def __init__(self, known: Callable[[int], Entry | None]) -> None:
+        self._known = known
+        self.events: list[tuple[Event, int]] = []
+        self.staged: Staged = {}
+
+    def append(self, db: Connection, now: float, owner_uid: int, event: Event) -> Event:
+        """Insert `event` (its `seq` is ignored); return it with the `seq` it was given."""
+        cursor = db.execute(INSERT_EVENT, event_values(event, owner_uid, now))
+        assert cursor.lastrowid is not None
+        event = msgspec.structs.replace(event, seq=cursor.lastrowid)
+        self.events.append((event, owner_uid))
+        return event
+
+    def reread(self, db: Connection, ids: Iterable[int]) -> Staged:
+        """The records of `ids` as this change left them, kept for after the COMMIT."""
+        entries = _read_entries(db, ids, self._known)
+        self.staged.update(entries)
+        return entries
+
+    def drop(self, sandbox_id: int) -> None:
+        self.staged[sandbox_id] = None
+
+
+Body = Callable[[Connection, Draft], T]
+"""A change: its statements, on the database thread, inside the group's transaction."""
+
+
+class _Failed:
+    """A change's body raised (its savepoint is rolled back already)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _bracket(db: Connection, body: Body[T], draft: Draft, first: bool) -> T | _Failed:
+    """`body` in the group's transaction: the first change opens it, a later one is a
+    savepoint of it. On the database thread; an error of the bracket's own statements
+    raises (the transaction is then in doubt), the body's comes back as `_Failed`."""
+    db.execute("BEGIN IMMEDIATE" if first else "SAVEPOINT change")
+    try:
+        result = body(db, draft)
+    except Exception as exc:  # noqa: BLE001 (any error undoes the change; the caller raises it)
+        if first:  # nothing else in it, and nobody will come back to commit it
+            db.rollback()
+        else:
+            db.execute("ROLLBACK TO change")
+            db.execute("RELEASE change")
+        return _Failed(exc)
+    if not first:
+        db.execute("RELEASE change")
+    return result
+
+
+async def hop(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(connection, *args)` on the database thread, in one round trip. (aiosqlite has
+    no public call for this; `_execute` is what its own methods queue through.)"""
+    run: Callable[..., Awaitable[T]] = db._execute
+    return await run(fn, db._conn, *args)
+
+
 class Session:
     """The connection, its lock and transactions; `Store` is what callers use."""
 
-    def __init__(self, db: Connection, on_event: OnEvent | None = None) -> None:
+    def __init__(self, db: aiosqlite.Connection, records: Records,
+                 on_event: OnEvent | None = None) -> None:
         self._db = db
         self._lock = anyio.Lock()
         self._on_event = on_event
         self._appended: list[tuple[Event, int]] = []  # by the group under way
+        self._staged: Staged = {}  # what the group under way did to the records
         self._group: _Group | None = None  # the open transaction's changes, if any
+        self.records = records
+        """Every sandbox's record as the last COMMIT left it."""
         self.commits = 0
         """COMMITs so far (each holds one group of changes)."""
         self.unreadable: dict[str, str] = {}
         """Sandboxes whose rows lists and counts skipped: name -> the problem."""
 
-    async def _append(self, db: Connection, now: float, owner_uid: int,
-                      event: Event) -> Event:
-        """Insert `event` (its `seq` is ignored); return it with the `seq` it was given."""
-        cursor = await db.execute(INSERT_EVENT, event_values(event, owner_uid, now))
-        assert cursor.lastrowid is not None
-        event = msgspec.structs.replace(event, seq=cursor.lastrowid)
-        self._appended.append((event, owner_uid))
-        return event
+    def _latest(self, sandbox_id: int) -> Entry | None:
+        """The record as the group under way left it (the committed one if untouched)."""
+        if sandbox_id in self._staged:
+            return self._staged[sandbox_id]
+        return self.records.by_id.get(sandbox_id)
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[Connection]:
+    async def _change(self, body: Body[T]) -> T:
         """One change, committed with whatever others queued with it (group commit).
 
-        The body runs in a savepoint of the group's transaction (the first change of a
+        `body` runs in one hop in a savepoint of the group's transaction (the first change of a
         group needs none: it is the whole transaction so far): an error rolls back this
         change only and raises. The caller resumes once the COMMIT holding its change
         is done: after the body it queues for the lock again (the lock is fair), and
         the first member of a group to come back commits the group.
         """
-        db = self._db
+        draft = Draft(self._latest)
         async with self._lock:
             with anyio.CancelScope(shield=True):
-                if self._group is None:
-                    await self._execute("BEGIN IMMEDIATE")
-                    self._group = _Group()
-                group = self._group
-                mark = len(self._appended)
-                joined = group.members > 0
-                if joined:
-                    await self._execute("SAVEPOINT change")
+                first = self._group is None
                 try:
-                    yield db
-                    if joined:
-                        await self._execute("RELEASE change")
-                except BaseException as exc:
-                    del self._appended[mark:]
-                    if joined:
-                        await self._execute("ROLLBACK TO change")
-                        await self._execute("RELEASE change")
-                    else:  # nothing else in it, and nobody will come back to commit it
-                        self._group = None
-                        try:
-                            await self._db.rollback()
-                        except sqlite3.Error as rollback_exc:
-                            log.error("database rollback failed: %s", rollback_exc)
-                    if isinstance(exc, sqlite3.Error):
-                        raise StoreError(f"database write failed: {exc}") from exc
-                    raise
+                    outcome = await hop(self._db, _bracket, body, draft, first)
+                except sqlite3.Error as exc:
+                    await self._abort(exc)
+                    raise StoreError(f"database write failed: {exc}") from exc
+                if isinstance(outcome, _Failed):
+                    if isinstance(outcome.exc, sqlite3.Error):
+                        raise StoreError(f"database write failed: {outcome.exc}"
+                                         ) from outcome.exc
+                    raise outcome.exc
+                result: T = outcome
+                if first:
+                    self._group = _Group()
+                assert self._group is not None
+                group: _Group = self._group
+                self._appended += draft.events
+                self._staged.update(draft.staged)
                 group.members += 1
         with anyio.CancelScope(shield=True):
             async with self._lock:
@@ -134,19 +233,14 @@ class Session:
                     await self._commit()
         if group.error is not None:
             raise StoreError(f"database write failed: {group.error}") from group.error
-
-    async def _execute(self, sql: str) -> None:
-        try:
-            await self._db.execute(sql)
-        except sqlite3.Error as exc:
-            await self._abort(exc)
-            raise StoreError(f"database write failed: {exc}") from exc
+        return result
 
     async def _commit(self) -> None:
         """COMMIT the open group (under the lock); then publish its events, in seq order."""
         group, self._group = self._group, None
         assert group is not None
         events, self._appended = self._appended, []
+        staged, self._staged = self._staged, {}
         try:
             await self._db.commit()
         except sqlite3.Error as exc:
@@ -154,6 +248,7 @@ class Session:
             await self._abort(exc)
             return
         self.commits += 1
+        self.records.apply(staged)
         if self._on_event is not None:
             for event, owner_uid in events:
                 self._on_event(event, owner_uid)
@@ -163,6 +258,7 @@ class Session:
         members get the error."""
         group, self._group = self._group, None
         self._appended.clear()
+        self._staged.clear()
         if group is not None:
             group.error = exc
         try:
@@ -181,22 +277,3 @@ class Session:
                 return list(await self._db.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
                 raise StoreError(f"database read failed: {exc}") from exc
-
-    def _readable(self, rows: Iterable[Row]) -> list[SandboxInfo]:
-        """Decode rows, skipping (and reporting once) the ones that cannot be read."""
-        out: list[SandboxInfo] = []
-        for row in rows:
-            try:
-                out.append(sandbox_row(row))
-            except Unreadable as exc:
-                if exc.name not in self.unreadable:
-                    log.error("skipping an unreadable record: %s", exc)
-                self.unreadable[exc.name] = exc.message
-        return out
-
-    @staticmethod
-    async def _select(db: Connection, ref: SandboxRef) -> SandboxInfo:
-        for row in await db.execute_fetchall(SANDBOX_SELECT + "WHERE s.id = ?", (ref.id,)):
-            return sandbox_row(row)
-        raise NotFound(ref.name)
-
