@@ -4,7 +4,7 @@ The server has already decoded and checked the params against the method
 table (`msbd.rpc.methods`); a handler gets typed params and the caller, and
 returns a result struct or raises an `MsbdError`, which the server turns into
 the error reply. Who may do what is `msbd.daemon.access`: every handler that
-names a sandbox looks it up through `_visible`, so a sandbox the caller does
+names a sandbox looks it up through `_seen`, so a sandbox the caller does
 not own is not found, and every launch checks the spec's host paths as the
 caller first.
 
@@ -161,10 +161,6 @@ class Api:
             raise NotFound(name)
         return self._sup.overlay(info)
 
-    async def _visible(self, caller: Caller, name: str, *, lenient: bool = False
-                       ) -> SandboxInfo:
-        return self._seen(caller, name, lenient=lenient)
-
     def _listed(self, entry: Entry, with_spec: bool) -> msgspec.Raw:
         """A list entry: its record's kept JSON, sent as it is, unless `overlay` changes it."""
         info = entry.info(with_spec=with_spec)
@@ -225,15 +221,8 @@ class Api:
             libkrun=libkrun, libkrun_problem=None if libkrun else self._sup.missing_libkrun(),
             checks=report.checks,
             counts=self._store.counts(self._owner_filter(caller)),
-            limits=LimitsInfo(
-                max_sandboxes=s.max_sandboxes, max_vcpus=s.max_vcpus,
-                max_memory_mib=s.max_memory_mib,
-                max_sandboxes_per_user=s.max_sandboxes_per_user,
-                max_live_sandboxes_per_user=s.max_live_sandboxes_per_user,
-                max_memory_mib_per_user=s.max_memory_mib_per_user,
-                max_connections_per_user=s.max_connections_per_user,
-                max_subscriptions_per_connection=s.max_subscriptions_per_connection,
-                max_spec_bytes=s.max_spec_bytes),
+            # Every field of LimitsInfo is the setting of that name.
+            limits=LimitsInfo(**{f: getattr(s, f) for f in LimitsInfo.__struct_fields__}),
             timers=timers, unreadable=dict(self._store.unreadable) if admin else None,
             default_network=s.default_network,
             egress_allowed=admin or s.egress == "everyone",
@@ -275,7 +264,7 @@ class Api:
 
     async def remove(self, caller: Caller, params: RemoveSandboxParams, ctx: CallContext
                      ) -> SandboxInfo:
-        info = await self._visible(caller, params.name, lenient=True)  # even if unreadable
+        info = self._seen(caller, params.name, lenient=True)  # even if unreadable
         ref = info.ref
         if self._sup.busy(ref) or info.state not in states.removable:
             if not params.force:
@@ -310,24 +299,24 @@ class Api:
 
     async def start(self, caller: Caller, params: StartSandboxParams, ctx: CallContext
                     ) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         await self._check_launch(info, caller)
         return await self._sup.start(info, timeout=params.timeout)
 
     async def stop(self, caller: Caller, params: StopSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         return await self._sup.stop(info.ref, timeout=params.timeout)
 
     async def kill(self, caller: Caller, params: KillSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
         sig = parse_signal(params.signal)
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         return await self._sup.kill(info.ref, sig)
 
     async def restart(self, caller: Caller, params: RestartSandboxParams, ctx: CallContext
                       ) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         # Checked before the stop: a restart the caller may not make leaves the run alone.
         await self._check_launch(info, caller)
         if self._sup.busy(info.ref):
@@ -335,26 +324,26 @@ class Api:
         return await self._sup.start(info, timeout=None)
 
     async def pause(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         return await self._sup.freezer.pause(info.ref, self._sup.live.get(info.id))
 
     async def resume(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         return await self._sup.freezer.resume(info.ref, self._sup.live.get(info.id))
 
     async def wait(self, caller: Caller, params: WaitSandboxParams, ctx: CallContext
                    ) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         return await self._sup.wait(info.ref, timeout=params.timeout)
 
     async def touch(self, caller: Caller, params: NameParams, ctx: CallContext) -> SandboxInfo:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         self._sup.touch(info.ref)
         return info
 
     async def logs(self, caller: Caller, params: LogsSandboxParams, ctx: CallContext
                    ) -> LogsResult:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         chunk = await self._sup.logs(info.ref, offset=params.offset, tail=params.tail,
                                      limit=params.limit, wait=params.wait)
         text, offset = text_page(chunk)
@@ -362,7 +351,7 @@ class Api:
 
     async def metrics(self, caller: Caller, params: NameParams, ctx: CallContext
                       ) -> MetricsResult:
-        info = await self._visible(caller, params.name)
+        info = self._seen(caller, params.name)
         pid, usage, cg = self._sup.metrics(info.ref)
         cpu = None if cg is None else cg.cpu_usage_usec  # None: no cgroup, or it is gone
         return MetricsResult(pid=pid, rss_bytes=usage.rss_bytes, uptime=usage.uptime,
