@@ -16,7 +16,11 @@ import os
 import select
 from pathlib import Path
 
+from daemonproc import wait_pids_gone
+
 from msbd.daemon import cgroups
+
+__all__ = ["destroy", "make", "procs", "v2_root", "wait_pids_gone"]
 
 _serial = itertools.count()
 
@@ -36,20 +40,6 @@ def make() -> Path:
 
 def procs(path: Path) -> set[int]:
     return {int(p) for p in (path / "cgroup.procs").read_text().split()}
-
-
-def wait_pids_gone(pids: set[int], timeout: float = 30.0) -> None:
-    """Until every one of `pids` has ended (through pidfds, which work for any process)."""
-    fds = []
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            fds.append(os.pidfd_open(pid))
-    try:
-        for fd in fds:
-            assert select.select([fd], [], [], timeout)[0], "a process did not end"
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def destroy(path: Path) -> None:

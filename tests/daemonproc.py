@@ -169,6 +169,20 @@ class DaemonProc:
             return c.call(method, params)
 
 
+def wait_pids_gone(pids: set[int], timeout: float = 30.0) -> None:
+    """Until every one of `pids` has ended (through pidfds, which work for any process)."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds.append(os.pidfd_open(pid))
+    try:
+        for fd in fds:
+            assert select.select([fd], [], [], timeout)[0], "a process did not end"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def children_by_parent() -> dict[int, list[int]]:
     """{ppid: [pid, ...]} of every process, from /proc (not every kernel has a
     `children` file)."""

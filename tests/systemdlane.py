@@ -77,6 +77,16 @@ def wait_for(fact: Callable[[], bool], what: str, timeout: float = WAIT) -> None
         time.sleep(0.1)  # the fact is systemd's state, polled; noqa: sleep-ok
 
 
+def wait_restarted(old_pid: int, restarts: int) -> None:
+    """Until systemd restarted msbd once more than `restarts` times and it is active
+    again with a main pid other than `old_pid`."""
+    def restarted() -> bool:
+        props = show("msbd.service", "NRestarts", "ActiveState", "MainPID")
+        return (int(props["NRestarts"]) == restarts + 1 and props["ActiveState"] == "active"
+                and int(props["MainPID"]) not in (0, old_pid))
+    wait_for(restarted, "systemd to restart msbd after the watchdog fired")
+
+
 def wait_exit(pid: int, timeout: float = WAIT) -> None:
     """Until process `pid` (not our child) is gone: its pidfd becomes readable."""
     try:

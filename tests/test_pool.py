@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemonproc import DaemonProc
+from daemonproc import DaemonProc, wait_pids_gone
 from tenants import SHARED_GID, A, B, ok, sleeper
 
 from msbd.contract import WorkerExit
@@ -35,22 +35,6 @@ def status_ids(pid: int) -> dict[str, list[int]]:
         if key in ("Uid", "Gid", "Groups"):
             out[key] = [int(v) for v in value.split()]
     return out
-
-
-def wait_gone(pids: set[int]) -> None:
-    """Until every one of `pids` has ended (its pidfd readable), or fail."""
-    fds = []
-    for pid in pids:
-        try:
-            fds.append(os.pidfd_open(pid))
-        except ProcessLookupError:
-            continue  # already reaped
-    try:
-        for fd in fds:
-            assert select.select([fd], [], [], WAIT)[0], "a process did not end"
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def pipe_holders(inode: int) -> dict[int, list[int]]:
@@ -133,7 +117,7 @@ def test_a_killed_pool_worker_is_never_handed_out(pooled: DaemonProc,
     killed = pooled.children()
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
-    wait_gone(killed)
+    wait_pids_gone(killed)
     info = pooled.call("sandbox.run", sleeper("after-kill", busybox_root))
     assert info["state"] == "running"
     assert info["run"]["pid"] not in killed
@@ -147,7 +131,7 @@ def test_an_idle_worker_is_recycled(make_daemon: Callable[..., DaemonProc], fake
     d = make_daemon(libkrun=fakekrun, settings={"worker_pool_idle": 0.5})
     first = d.children()
     assert len(first) == 2
-    wait_gone(first)  # nothing took them: they idled out
+    wait_pids_gone(first)  # nothing took them: they idled out
     info = d.call("sandbox.run", sleeper("late", busybox_root))
     assert info["state"] == "running" and info["run"]["pid"] not in first
 

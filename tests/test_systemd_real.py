@@ -32,6 +32,7 @@ from systemdlane import (
     systemctl,
     wait_exit,
     wait_for,
+    wait_restarted,
     why_no_systemd,
 )
 
@@ -174,11 +175,7 @@ def test_watchdog_kills_and_restarts_a_stopped_daemon(short_watchdog: float) -> 
     os.kill(pid, signal.SIGSTOP)
     wait_exit(pid)
 
-    def restarted() -> bool:
-        props = show("msbd.service", "NRestarts", "ActiveState", "MainPID")
-        return (int(props["NRestarts"]) == restarts + 1 and props["ActiveState"] == "active"
-                and int(props["MainPID"]) not in (0, pid))
-    wait_for(restarted, "systemd to restart msbd after the watchdog fired")
+    wait_restarted(pid, restarts)
     log = journal("msbd.service")
     assert "Watchdog timeout" in log, log
     assert "status=6/ABRT" in log, log  # WatchdogSignal= default: SIGABRT

@@ -32,6 +32,7 @@ from systemdlane import (
     systemctl,
     wait_exit,
     wait_for,
+    wait_restarted,
 )
 
 pytestmark = pytest.mark.systemd
@@ -107,11 +108,7 @@ def test_a_watchdog_abort_takes_the_guests_down_as_the_readme_says(guest_root: P
         for i in infos.values():
             wait_exit(i["run"]["pid"], timeout=30)
 
-        def restarted() -> bool:
-            props = show("msbd.service", "NRestarts", "ActiveState", "MainPID")
-            return (int(props["NRestarts"]) == restarts + 1 and props["ActiveState"] == "active"
-                    and int(props["MainPID"]) not in (0, daemon))
-        wait_for(restarted, "systemd to restart msbd after the watchdog fired")
+        wait_restarted(daemon, restarts)
         log = journal("msbd.service")
         assert "Watchdog timeout" in log and "status=6/ABRT" in log, log
         for name, info in infos.items():
