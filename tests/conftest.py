@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -116,6 +117,18 @@ def daemon(make_daemon: Callable[..., DaemonProc]) -> DaemonProc:
 def kdaemon(make_daemon: Callable[..., DaemonProc], fakekrun: Path) -> DaemonProc:
     """A daemon that launches workers with the libkrun test double."""
     return make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2})
+
+
+@pytest.fixture
+def gated_python(tmp_path: Path) -> Path:
+    """A `worker_python` that holds every worker before its interpreter starts, at a FIFO
+    nobody writes: a launch stays `starting` until its worker is stopped or killed."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    held = tmp_path / "worker-python"
+    held.write_text(f"#!/bin/sh\nread _ < {gate}\nexec {sys.executable} \"$@\"\n")
+    held.chmod(0o755)
+    return held
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -209,16 +208,11 @@ def test_two_runs_racing_for_one_port_start_one_and_record_one(
 
 def test_a_run_stopped_while_starting_keeps_its_record(
         make_daemon: Callable[..., DaemonProc], fakekrun: Path, tmp_path: Path,
-        make_root: Callable[..., Path]) -> None:
+        make_root: Callable[..., Path], gated_python: Path) -> None:
     """`sandbox.run` forgets a sandbox only when it could not start at all (no room, a
     host port taken); one stopped while starting is a record with a run, and stays."""
-    gate = tmp_path / "gate"
-    os.mkfifo(gate)
-    held = tmp_path / "worker-python"  # the worker's interpreter, held at the gate
-    held.write_text(f"#!/bin/sh\nread _ < {gate}\nexec {sys.executable} \"$@\"\n")
-    held.chmod(0o755)
     d = make_daemon(libkrun=fakekrun, settings={"worker_pool": 0,
-                                                "worker_python": str(held)})
+                                                "worker_python": str(gated_python)})
     root = make_root("r", ROOT)
     outcome: dict[str, Any] = {}
 

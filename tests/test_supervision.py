@@ -300,7 +300,11 @@ def test_two_starts_one_wins(kdaemon: DaemonProc, busybox_root: Path) -> None:
     assert run_info(kdaemon, "race")["state"] == "running"
 
 
-def test_stop_during_starting_is_honoured(kdaemon: DaemonProc, busybox_root: Path) -> None:
+def test_stop_during_starting_is_honoured(make_daemon: Any, fakekrun: Path,
+                                          busybox_root: Path, gated_python: Path) -> None:
+    # The worker is held before its interpreter starts: the stop comes while `starting`.
+    kdaemon = make_daemon(libkrun=fakekrun, settings={"worker_pool": 0,
+                                                      "worker_python": str(gated_python)})
     kdaemon.call("sandbox.create", spec("early", busybox_root, "exec sleep 600"))
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         started = pool.submit(kdaemon.call, "sandbox.start", {"name": "early"})
