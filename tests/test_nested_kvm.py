@@ -149,7 +149,15 @@ def test_lane_timeout_stops_the_guest(tmp_path: Path) -> None:
     out, err = p.communicate(timeout=600)
     assert p.returncode == 124
     assert out == b"before\n"
-    assert "CMD still running after --timeout 3 s; stopped the guest" in err.decode()
+    text = err.decode()
+    assert "CMD still running after --timeout 3 s; asking the guest what its processes " \
+        "are doing" in text
+    # Before it is stopped, the guest says what each process waits on: here the job's sleep.
+    [job] = [ln for ln in text.splitlines() if ln.startswith("--- ") and "sleep 600" in ln]
+    assert job.split()[2] == "S", job
+    assert text.index("nested-kvm: diag: done") < text.index("stopped the guest")
+    [kept] = (tmp_path / "runs").iterdir()  # with the kernel's own dump on the console
+    assert "Show Blocked State" in (kept / "console.log").read_text(errors="replace")
     assert leftover_processes(tmp_path) == []
 
 

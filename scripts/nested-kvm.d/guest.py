@@ -38,6 +38,9 @@ EXIT_LANE = 125
 POWEROFF_GRACE = 30.0
 KILL_GRACE = 5.0
 CONSOLE_TAIL = 40  # lines of console shown when the guest failed
+DIAG_WAIT = 30.0  # how long a guest stuck past --timeout gets to say what it is doing
+DIAG_DONE = b"nested-kvm: diag: done"  # stage2's last line of the dump
+DIAG_TAIL = 400  # lines of console shown then (the kernel's backtraces)
 PR_SET_PDEATHSIG = 1
 
 
@@ -130,6 +133,8 @@ class Guest:
             else:
                 deadline = boot_deadline if cmd_deadline is None else cmd_deadline
             if now >= deadline:
+                if answered is None and cmd_deadline is not None:
+                    self.diagnose(sel)
                 return self.expired(answered is not None, cmd_deadline is not None)
             exited = self.pump(sel, min(deadline - now, 3600.0))
         self.proc.wait()
@@ -154,6 +159,24 @@ class Guest:
             for name in ("console.out", "stdout.out", "stderr.out"):
                 self.drain(self.fifos[name])
         return exited
+
+    def diagnose(self, sel: selectors.BaseSelector) -> None:
+        """CMD outlived --timeout: ask the guest (stage2) to dump its processes' states and
+        kernel stacks (stderr) and the kernel's backtraces (console), and relay them."""
+        self.say(f"CMD still running after --timeout {self.opts.timeout:g} s; asking the "
+                 "guest what its processes are doing")
+        os.write(self.fifos["stdout.in"], b"diag\n")
+        until = time.monotonic() + DIAG_WAIT
+        while (left := until - time.monotonic()) > 0:
+            if self.pump(sel, left):
+                break
+            if DIAG_DONE in self.err.recent:  # the console's backtraces may trail it a little
+                self.pump(sel, min(left, 2.0))
+                break
+        if DIAG_DONE not in self.err.recent:
+            self.say(f"the guest did not answer within {DIAG_WAIT:g} s: its kernel or its "
+                     "init is stuck")
+        self.show_console(DIAG_TAIL)
 
     def drain(self, fd: int) -> None:
         while True:
@@ -185,8 +208,7 @@ class Guest:
                      "stopped it")
             return self.out.status if self.out.status is not None else EXIT_LANE
         if running:
-            self.say(f"CMD still running after --timeout {self.opts.timeout:g} s; "
-                     "stopped the guest")
+            self.say("stopped the guest")
             return EXIT_TIMEOUT
         self.say(f"CMD had not started after --boot-timeout {self.opts.boot_timeout:g} s; "
                  "stopped the guest")
@@ -210,10 +232,10 @@ class Guest:
         self.show_console()
         return EXIT_LANE
 
-    def show_console(self) -> None:
+    def show_console(self, count: int = CONSOLE_TAIL) -> None:
         if self.opts.verbose:
             return  # it is on stderr already
-        lines = self.console_tail.decode(errors="replace").splitlines()[-CONSOLE_TAIL:]
+        lines = self.console_tail.decode(errors="replace").splitlines()[-count:]
         if not lines:
             self.say("the guest printed nothing on its console")
             return

@@ -23,6 +23,7 @@ class Stream:
         self.started = False
         self.status: int | None = None
         self.ended = False
+        self.recent = b""  # the last bytes written through, for a caller looking for a line
 
     def feed(self, data: bytes) -> None:
         buf = self.pending + data
@@ -62,6 +63,7 @@ class Stream:
         self.pending = b""
 
     def write(self, data: bytes) -> None:
+        self.recent = (self.recent + data)[-256:]
         view = memoryview(data)
         while view and not self.broken:
             try:
