@@ -1,5 +1,6 @@
-"""Group commit: changes queued together share one COMMIT, and each caller is answered
-only once its change is on disk; one change's error undoes that change alone.
+"""Group commit: changes queued together share one hop to the database thread and one
+COMMIT, and each caller is answered only once its change is on disk; one change's error
+undoes that change alone.
 
 A real database file; what is on disk is read through a second sqlite3
 connection the moment the callers have their answers.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import threading
 from pathlib import Path
 
 import anyio
@@ -32,7 +34,7 @@ async def test_a_burst_of_changes_shares_few_commits_and_each_answer_is_durable(
     published: list[Event] = []
     async with open_store(db_path, on_event=lambda e, _uid: published.append(e)) as store:
         refs = [(await create(store, f"s{i}")).ref for i in range(BURST)]
-        before = store.commits
+        before, hops_before = store.commits, store.hops
         answered: list[int] = []
 
         async def begin(ref: SandboxRef) -> None:
@@ -45,9 +47,11 @@ async def test_a_burst_of_changes_shares_few_commits_and_each_answer_is_durable(
         async with anyio.create_task_group() as tg:
             for ref in refs:
                 tg.start_soon(begin, ref)
-        commits = store.commits - before
+        commits, hops = store.commits - before, store.hops - hops_before
     assert sorted(answered) == sorted(r.id for r in refs)
     assert 1 <= commits <= BURST // 10, f"{commits} commits for {BURST} changes"
+    # The changes that queued while one hop ran went to the database thread together.
+    assert 1 <= hops <= BURST // 10, f"{hops} hops for {BURST} changes"
     seqs = [e.seq for e in published]
     assert seqs == sorted(seqs) and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     assert [e.state for e in published[-BURST:]] == [State.STARTING] * BURST
@@ -109,3 +113,34 @@ async def test_a_lone_change_commits_alone(store: Store, n: int) -> None:
     for ref in refs:
         await store.begin_run(ref, now=T0 + 1)
     assert store.commits - before == n
+
+
+async def test_a_change_cancelled_while_it_waits_in_the_queue_writes_nothing(
+        store: Store, db_path: Path) -> None:
+    held, waiting = (await create(store, "held")).ref, (await create(store, "waiting")).ref
+    go = threading.Event()
+
+    def slow(db: sqlite3.Connection, _draft: object) -> None:
+        go.wait(30)  # on the database thread: the lock stays held meanwhile
+
+    async def hold() -> None:
+        await store._change(slow)
+        await store.begin_run(held, now=T0 + 1)
+
+    hops = store.hops
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        while store.hops == hops or store._queue:  # the slow change is on its way
+            await anyio.lowlevel.checkpoint()
+        with anyio.CancelScope() as scope:
+            async def cancel_once_queued() -> None:
+                while not store._queue:
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+            tg.start_soon(cancel_once_queued)
+            await store.begin_run(waiting, now=T0 + 1)
+        go.set()
+    assert scope.cancelled_caught
+    states = dict(on_disk(db_path, "SELECT name, state FROM sandboxes"))  # type: ignore[arg-type]
+    assert states == {"held": "starting", "waiting": "created"}
+    assert (await store.get(waiting)).state is State.CREATED

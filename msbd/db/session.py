@@ -7,12 +7,15 @@ connection (one thread) in WAL mode is shared by all the daemon's tasks;
 read of the events log on `_fetch` (one statement). Records are read from
 memory (`memory.Records`, loaded at open), never from the file.
 
-One hop per change: a change's body is a plain function that runs on the
-connection's own thread (aiosqlite's, through `_hop`), statements, checks
-and the record read back all in one call, with its savepoint around it.
-Each `await` of a statement used to be a future, a queue put, a thread
-wake-up and a task step on the event loop; under a burst of stops those
-round trips, seven per transition, were most of the loop's time.
+One hop for many changes: a change's body is a plain function that runs on
+the connection's own thread (aiosqlite's, through `hop`), statements, checks
+and the record read back all in one call, with its savepoint around it. A
+change first joins a queue; whoever holds the lock next takes the whole queue
+to the database thread in one hop (`_run_queued`). Each `await` of a
+statement used to be a future, a queue put, a thread wake-up and a task step
+on the event loop; under a burst of stops those round trips, seven per
+transition, were most of the loop's time, and one hop per change still left
+one per stop. Now a burst of N changes costs a handful of hops.
 
 Concurrency: all statements on one connection share its transaction, so a
 change made while another is open would join it. A fair `anyio.Lock`
@@ -33,7 +36,8 @@ it, so memory never holds a change the file does not.
 
 Cancellation: a change's body and its commit run in shielded scopes (bounded
 by `busy_timeout`): a cancelled caller never leaves the shared connection
-inside a half-done transaction, though its change may have landed. sqlite3
+inside a half-done transaction, though its change may have landed. A caller
+cancelled while its change still waits in the queue takes it out again. sqlite3
 errors become `StoreError` here, once.
 
 Events: the events a group appended are handed to `on_event` after its
@@ -146,23 +150,51 @@ class _Failed:
         self.exc = exc
 
 
-def _bracket(db: Connection, body: Body[T], draft: Draft, first: bool) -> T | _Failed:
-    """`body` in the group's transaction: the first change opens it, a later one is a
-    savepoint of it. On the database thread; an error of the bracket's own statements
-    raises (the transaction is then in doubt), the body's comes back as `_Failed`."""
-    db.execute("BEGIN IMMEDIATE" if first else "SAVEPOINT change")
-    try:
-        result = body(db, draft)
-    except Exception as exc:  # noqa: BLE001 (any error undoes the change; the caller raises it)
-        if first:  # nothing else in it, and nobody will come back to commit it
-            db.rollback()
-        else:
+class _Pending:
+    """One change queued for a hop: its body, then what became of it."""
+
+    __slots__ = ("body", "draft", "group", "outcome", "ran")
+
+    def __init__(self, body: Body[Any]) -> None:
+        self.body = body
+        self.ran = False  # a hop ran it (with or without success)
+        self.outcome: Any = None  # the body's result, or `_Failed`
+        self.draft: Draft | None = None  # set if its change was kept
+        self.group: _Group | None = None  # the group whose COMMIT holds it
+
+
+def _run_queued(db: Connection, queued: list[_Pending], begin: bool,
+                latest: Callable[[int], Entry | None]) -> bool:
+    """Each queued body in turn, each in a savepoint of the group's transaction (opened here
+    when `begin`). On the database thread. A body's error undoes that change only and is
+    kept as `_Failed`; an error of the savepoints' own statements raises (the transaction
+    is then in doubt). Returns whether any change was kept; when none was and the
+    transaction was opened here, it is rolled back (nobody would come back to commit it)."""
+    staged: Staged = {}  # what earlier bodies of this hop did: later ones read it
+
+    def known(sandbox_id: int) -> Entry | None:
+        return staged[sandbox_id] if sandbox_id in staged else latest(sandbox_id)
+
+    if begin:
+        db.execute("BEGIN IMMEDIATE")
+    kept = False
+    for change in queued:
+        draft = Draft(known)
+        db.execute("SAVEPOINT change")
+        try:
+            change.outcome = change.body(db, draft)
+        except Exception as exc:  # noqa: BLE001 (any error undoes the change; its caller raises it)
             db.execute("ROLLBACK TO change")
             db.execute("RELEASE change")
-        return _Failed(exc)
-    if not first:
+            change.outcome = _Failed(exc)
+            continue
         db.execute("RELEASE change")
-    return result
+        change.draft = draft
+        staged.update(draft.staged)
+        kept = True
+    if begin and not kept:
+        db.rollback()
+    return kept
 
 
 async def hop(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
@@ -183,10 +215,13 @@ class Session:
         self._appended: list[tuple[Event, int]] = []  # by the group under way
         self._staged: Staged = {}  # what the group under way did to the records
         self._group: _Group | None = None  # the open transaction's changes, if any
+        self._queue: list[_Pending] = []  # changes waiting for the next hop
         self.records = records
         """Every sandbox's record as the last COMMIT left it."""
         self.commits = 0
         """COMMITs so far (each holds one group of changes)."""
+        self.hops = 0
+        """Trips to the database thread that ran changes (each runs every change queued)."""
         self.unreadable: dict[str, str] = {}
         """Sandboxes whose rows lists and counts skipped: name -> the problem."""
 
@@ -199,41 +234,71 @@ class Session:
     async def _change(self, body: Body[T]) -> T:
         """One change, committed with whatever others queued with it (group commit).
 
-        `body` runs in one hop in a savepoint of the group's transaction (the first change of a
-        group needs none: it is the whole transaction so far): an error rolls back this
-        change only and raises. The caller resumes once the COMMIT holding its change
-        is done: after the body it queues for the lock again (the lock is fair), and
-        the first member of a group to come back commits the group.
+        The change queues, then its caller waits for the lock; whoever holds the lock next
+        runs every queued body in one hop (`_run_queued`), so a burst of N changes is a few
+        hops, not N. A body's error rolls back that change only and raises in its caller.
+        The caller resumes once the COMMIT holding its change is done: after the hop it
+        queues for the lock again (the lock is fair), and the first member of a group to
+        come back commits the group. A caller cancelled before its body ran leaves nothing
+        behind; once it ran, its commit is waited for all the same.
         """
-        draft = Draft(self._latest)
-        async with self._lock:
-            with anyio.CancelScope(shield=True):
-                first = self._group is None
-                try:
-                    outcome = await hop(self._db, _bracket, body, draft, first)
-                except sqlite3.Error as exc:
-                    await self._abort(exc)
-                    raise StoreError(f"database write failed: {exc}") from exc
-                if isinstance(outcome, _Failed):
-                    if isinstance(outcome.exc, sqlite3.Error):
-                        raise StoreError(f"database write failed: {outcome.exc}"
-                                         ) from outcome.exc
-                    raise outcome.exc
-                result: T = outcome
-                if first:
-                    self._group = _Group()
-                assert self._group is not None
-                group: _Group = self._group
-                self._appended += draft.events
-                self._staged.update(draft.staged)
-                group.members += 1
-        with anyio.CancelScope(shield=True):
+        me = _Pending(body)
+        self._queue.append(me)
+        try:
             async with self._lock:
-                if self._group is group:
-                    await self._commit()
+                if not me.ran:
+                    with anyio.CancelScope(shield=True):
+                        await self._run_queue()
+        except BaseException:
+            if not me.ran:
+                self._queue.remove(me)
+                raise
+            with anyio.CancelScope(shield=True):
+                await self._commit_group(me.group)
+            raise
+        outcome = me.outcome
+        if isinstance(outcome, _Failed):
+            if isinstance(outcome.exc, sqlite3.Error):
+                raise StoreError(f"database write failed: {outcome.exc}") from outcome.exc
+            raise outcome.exc
+        group = me.group
+        assert group is not None
+        with anyio.CancelScope(shield=True):
+            await self._commit_group(group)
         if group.error is not None:
             raise StoreError(f"database write failed: {group.error}") from group.error
+        result: T = outcome
         return result
+
+    async def _run_queue(self) -> None:
+        """Run every queued change in one hop (under the lock), into the open group."""
+        queued, self._queue = self._queue, []
+        first = self._group is None
+        self.hops += 1
+        try:
+            kept = await hop(self._db, _run_queued, queued, first, self._latest)
+        except sqlite3.Error as exc:
+            await self._abort(exc)
+            for change in queued:
+                change.ran = True
+                change.outcome = _Failed(exc)
+            return
+        if kept and first:
+            self._group = _Group()
+        for change in queued:
+            change.ran = True
+            if change.draft is not None:
+                assert self._group is not None
+                change.group = self._group
+                self._group.members += 1
+                self._appended += change.draft.events
+                self._staged.update(change.draft.staged)
+
+    async def _commit_group(self, group: _Group | None) -> None:
+        """Commit `group` unless another member did already (or it failed)."""
+        async with self._lock:
+            if group is not None and self._group is group:
+                await self._commit()
 
     async def _commit(self) -> None:
         """COMMIT the open group (under the lock); then publish its events, in seq order."""
