@@ -97,8 +97,16 @@ class ServerProtocol(CallRunner, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.frames.feed(data)
         self.last_active = self.loop.time()
+        if self.may_read() and (line := self.frames.single(data)):
+            # One whole frame and nothing buffered (a client that waits for each reply):
+            # dispatched straight from the chunk, never copied into the framer.
+            self.dispatch(line)
+            if not self.closing:
+                self.frame_started = None
+                self.update_reading()
+            return
+        self.frames.feed(data)
         self.process()
 
     def eof_received(self) -> bool:
