@@ -52,6 +52,7 @@ from bench.common import (
     sandbox_spec,
     scratch,
 )
+from bench.control import floor_server
 
 INFLIGHT = 8
 WORKER_BUDGET_MIB = 16  # a worker (~15 MB RSS, much of it shared) plus its `sleep`
@@ -224,14 +225,30 @@ def run(*, sandboxes: int = 1000, launch_rate: float | None = None, window: floa
         # One page of every record (1000 at most per page), specs left out as by default.
         list_frame = request("sandbox.list", {"limit": min(n, 1000)})
         with msbd.client() as c:
-            reply_bytes = len(c.exchange(list_frame))
+            reply = c.exchange(list_frame)
             for _ in range(20):
                 t = time.monotonic()
                 c.exchange(list_frame)
                 list_lat.append(time.monotonic() - t)
             since = c.call("events.subscribe")["seq"]
-        report.figure("scale.list_reply_bytes", reply_bytes, "B")
+        report.figure("scale.list_reply_bytes", len(reply), "B")
         report.latency(f"scale.list_{n}", Summary.of(list_lat))
+        # The floor, right after: the same reply re-encoded from Python objects on every
+        # call by a bare uvloop + msgspec server (bench.echo_server), same socket kind.
+        results_file = base / "floor-results.json"
+        results_file.write_bytes(msgspec.json.encode(
+            {"sandbox.list": msgspec.json.decode(reply)["result"]}))
+        floor_lat: list[float] = []
+        with floor_server(base, results_file), LineClient(base / "floor.sock") as c:
+            if len(c.exchange(list_frame)) != len(reply):
+                raise RuntimeError("the floor's list reply is not the daemon's size")
+            for _ in range(20):
+                t = time.monotonic()
+                c.exchange(list_frame)
+                floor_lat.append(time.monotonic() - t)
+        report.latency(f"scale.list_{n}.floor", Summary.of(floor_lat))
+        report.ratio(f"scale.list_{n}_p50_vs_floor", Summary.of(list_lat).p50,
+                     Summary.of(floor_lat).p50, target="<= 3")
         # Console output would move a sandbox's idle deadline: there must be none
         # (checked before the deadlines: a worker logs its shutdown there).
         talkative = [p for p in (msbd.state_dir / "logs").glob("*") if p.stat().st_size]
