@@ -18,7 +18,7 @@ import pytest
 from storekit import T0, create
 
 from msbd.db.store import Store, open_store
-from msbd.errors import Conflict
+from msbd.errors import Conflict, StoreError
 from msbd.model import Event, SandboxRef, State
 
 BURST = 200
@@ -144,3 +144,22 @@ async def test_a_change_cancelled_while_it_waits_in_the_queue_writes_nothing(
     states = dict(on_disk(db_path, "SELECT name, state FROM sandboxes"))  # type: ignore[arg-type]
     assert states == {"held": "starting", "waiting": "created"}
     assert (await store.get(waiting)).state is State.CREATED
+
+
+async def test_a_trip_that_fails_as_a_whole_fails_every_change_in_it(db_path: Path) -> None:
+    async with open_store(db_path) as store:
+        refs = [(await create(store, f"f{i}")).ref for i in range(10)]
+        await store._db.close()  # the connection is gone: the trip itself fails
+        outcomes: list[str] = []
+
+        async def begin(ref: SandboxRef) -> None:
+            try:
+                await store.begin_run(ref, now=T0 + 1)
+            except StoreError:
+                outcomes.append("refused")
+
+        with anyio.fail_after(30):  # nobody is left waiting for a trip that never comes
+            async with anyio.create_task_group() as tg:
+                for ref in refs:
+                    tg.start_soon(begin, ref)
+    assert outcomes == ["refused"] * 10

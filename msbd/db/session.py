@@ -110,7 +110,7 @@ class _Group:
 
     def __init__(self) -> None:
         self.members = 0
-        self.error: sqlite3.Error | None = None
+        self.error: Exception | None = None
 
 
 class Draft:
@@ -251,7 +251,8 @@ class Session:
                         await self._run_queue()
         except BaseException:
             if not me.ran:
-                self._queue.remove(me)
+                if me in self._queue:  # else a hop took it and failed as a whole
+                    self._queue.remove(me)
                 raise
             with anyio.CancelScope(shield=True):
                 await self._commit_group(me.group)
@@ -277,11 +278,11 @@ class Session:
         self.hops += 1
         try:
             kept = await hop(self._db, _run_queued, queued, first, self._latest)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # noqa: BLE001 (sqlite's, or the connection gone: all fail)
             await self._abort(exc)
             for change in queued:
                 change.ran = True
-                change.outcome = _Failed(exc)
+                change.outcome = _Failed(StoreError(f"database write failed: {exc}"))
             return
         if kept and first:
             self._group = _Group()
@@ -318,7 +319,7 @@ class Session:
             for event, owner_uid in events:
                 self._on_event(event, owner_uid)
 
-    async def _abort(self, exc: sqlite3.Error) -> None:
+    async def _abort(self, exc: Exception) -> None:
         """Roll back the open group after `exc`: every change in it is lost and its
         members get the error."""
         group, self._group = self._group, None
@@ -328,7 +329,7 @@ class Session:
             group.error = exc
         try:
             await self._db.rollback()
-        except sqlite3.Error as rollback_exc:
+        except Exception as rollback_exc:  # noqa: BLE001 (sqlite's, or the connection gone)
             log.error("database rollback failed: %s", rollback_exc)
 
     async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
