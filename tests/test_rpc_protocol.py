@@ -376,6 +376,28 @@ async def test_the_inflight_limit_shuts_the_read_gate() -> None:
         assert c.transport.reading and state.inflight == 0
 
 
+async def test_a_frame_read_alone_waits_at_the_shut_gate_too() -> None:
+    # One whole frame per read takes the shortcut past the framer: the gate still holds it.
+    handler = Handler()
+    async with serving(handler, RpcLimits(max_inflight_per_connection=2)) as (state, connect):
+        c = connect()
+        c.send(req("daemon.ping", 99) + b"\n")
+        assert await c.line() == PING_99  # the connection's task runs: reads go straight on
+        for n in "abc":
+            c.send(req("sandbox.wait", n, {"name": n}) + b"\n")
+        await handler.gate("a")[0].wait()
+        await handler.gate("b")[0].wait()
+        assert not handler.gate("c")[0].is_set()
+        assert not c.transport.reading and state.inflight == 2
+        handler.gate("b")[1].set()
+        assert (await c.line())["id"] == "b"
+        await handler.gate("c")[0].wait()
+        handler.gate("a")[1].set()
+        handler.gate("c")[1].set()
+        assert {(await c.line())["id"], (await c.line())["id"]} == {"a", "c"}
+        assert c.transport.reading and state.inflight == 0
+
+
 async def test_a_client_not_reading_stops_the_reading_and_holds_notifications() -> None:
     async with one() as c:
         assert (await c.call("daemon.ping"))["result"] == "pong"
