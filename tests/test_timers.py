@@ -476,3 +476,34 @@ def test_a_thousand_deadlines_under_uvloop() -> None:
     result = anyio.run(_thousand_deadlines, backend="asyncio",
                        backend_options={"use_uvloop": True})
     _check_thousand(*result)
+
+
+def test_waits_under_uvloop_do_not_spin_between_milliseconds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's clock counts whole milliseconds, and anyio re-arms a cancel scope's deadline
+    that falls between two ticks on every loop iteration until the clock passes it. The
+    scheduler waits for whole milliseconds, so each wait arms its deadline about once."""
+    from anyio._backends import _asyncio as backend
+
+    armed = 0
+    original = backend.CancelScope._timeout
+
+    def counting(self: backend.CancelScope) -> None:
+        nonlocal armed
+        armed += 1
+        original(self)
+
+    monkeypatch.setattr(backend.CancelScope, "_timeout", counting)
+
+    async def main() -> list[str]:
+        sched, rec = Scheduler(), Recorder(20)
+        async with running(sched, rec):
+            t0 = time.monotonic()
+            for i in range(20):  # none on a millisecond boundary
+                sched.set(f"s{i}", IDLE, t0 + 0.005 + i * 0.00137)
+            await rec.wait()
+        return [n for n, _, _ in rec.fired]
+
+    fired = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+    assert fired == [f"s{i}" for i in range(20)]
+    assert armed <= 4 * 20, f"{armed} deadline checks for 20 waits"
