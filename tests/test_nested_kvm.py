@@ -145,12 +145,13 @@ def test_lane_runs_cmd_as_root_with_nested_kvm(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_lane_timeout_stops_the_guest(tmp_path: Path) -> None:
-    p = lane(tmp_path, "--timeout", "3", "--", "sh", "-c", "echo before; exec sleep 600")
+    # 7 s: the lane's kicks (at the start and after 5 s) come first; stage2 ignores them.
+    p = lane(tmp_path, "--timeout", "7", "--", "sh", "-c", "echo before; exec sleep 600")
     out, err = p.communicate(timeout=600)
     assert p.returncode == 124
     assert out == b"before\n"
     text = err.decode()
-    assert "CMD still running after --timeout 3 s; asking the guest what its processes " \
+    assert "CMD still running after --timeout 7 s; asking the guest what its processes " \
         "are doing" in text
     # Before it is stopped, the guest says what each process waits on: here the job's sleep.
     [job] = [ln for ln in text.splitlines() if ln.startswith("--- ") and "sleep 600" in ln]

@@ -17,6 +17,7 @@ and sits in its own process group, so a terminal's Ctrl-C reaches only us.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -38,6 +39,7 @@ EXIT_LANE = 125
 POWEROFF_GRACE = 30.0
 KILL_GRACE = 5.0
 CONSOLE_TAIL = 40  # lines of console shown when the guest failed
+KICK_INTERVAL = 5.0  # while CMD runs, a line to the guest on its stdout port this often
 DIAG_WAIT = 30.0  # how long a guest stuck past --timeout gets to say what it is doing
 DIAG_DONE = b"nested-kvm: diag: done"  # stage2's last line of the dump
 DIAG_TAIL = 400  # lines of console shown then (the kernel's backtraces)
@@ -114,6 +116,7 @@ class Guest:
         boot_deadline = self.t0 + self.opts.boot_timeout
         cmd_deadline: float | None = None
         answered: float | None = None
+        next_kick = 0.0
         exited = False
         while not exited:
             if self.caught:
@@ -136,6 +139,14 @@ class Guest:
                 if answered is None and cmd_deadline is not None:
                     self.diagnose(sel)
                 return self.expired(answered is not None, cmd_deadline is not None)
+            if cmd_deadline is not None and answered is None:
+                # Seen once: CMD's exit marker sat in QEMU's stdout port until something
+                # came the other way on that port, and the run hung until --timeout. A
+                # line to the guest every few seconds (stage2 ignores it) moves it on.
+                if now >= next_kick:
+                    self.send(b"kick\n")
+                    next_kick = now + KICK_INTERVAL
+                deadline = min(deadline, next_kick)
             exited = self.pump(sel, min(deadline - now, 3600.0))
         self.proc.wait()
         self.out.flush()
@@ -165,7 +176,7 @@ class Guest:
         kernel stacks (stderr) and the kernel's backtraces (console), and relay them."""
         self.say(f"CMD still running after --timeout {self.opts.timeout:g} s; asking the "
                  "guest what its processes are doing")
-        os.write(self.fifos["stdout.in"], b"diag\n")
+        self.send(b"diag\n")
         until = time.monotonic() + DIAG_WAIT
         while (left := until - time.monotonic()) > 0:
             if self.pump(sel, left):
@@ -177,6 +188,11 @@ class Guest:
             self.say(f"the guest did not answer within {DIAG_WAIT:g} s: its kernel or its "
                      "init is stuck")
         self.show_console(DIAG_TAIL)
+
+    def send(self, line: bytes) -> None:
+        """A line to the guest's stage2 on the stdout port (dropped if QEMU is not reading)."""
+        with contextlib.suppress(BlockingIOError):
+            os.write(self.fifos["stdout.in"], line)
 
     def drain(self, fd: int) -> None:
         while True:
