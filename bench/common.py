@@ -203,6 +203,21 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime of `pid`: the CPU of every child it has reaped, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    """The children of `pid`, from every one of its threads."""
+    found: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            found += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return found
+
+
 @contextlib.contextmanager
 def scratch(prefix: str) -> Iterator[Path]:
     """A short temp dir (Unix socket paths must stay under 108 bytes), removed after."""
