@@ -50,6 +50,15 @@ WATCHDOG_FD: Final = 97
 STATUS_FD: Final = 98
 STDIO_FDS: Final = (0, 1, 2)
 
+# --- the fork server -------------------------------------------------------------------
+# `python -m msbd.vm zygote` (msbd.vm.zygote) has a SOCK_SEQPACKET socket on this fd.
+# A request is the datagram FORK_REQUEST carrying, by SCM_RIGHTS, the child's ends
+# of one new worker's pipes in the order of FORK_FDS; the reply is `pid <n>` (the
+# new worker, by then a child of the daemon) or `error <text>`. EOF ends the server.
+FORK_SERVER_FD: Final = 3
+FORK_REQUEST: Final = b"fork"
+FORK_FDS: Final = (SPEC_FD, STATUS_FD, 1, WATCHDOG_FD)  # where each passed fd goes (1: and 2)
+
 
 # --- the status pipe -----------------------------------------------------------------
 
