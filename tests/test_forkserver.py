@@ -244,7 +244,7 @@ def test_the_daemon_forks_its_workers(pooled: DaemonProc, busybox_root: Path) ->
     before = fd_table(zygote)
     idle = pooled.children()
     assert len(idle) == 2
-    # Two launches take the pool, two more find it empty: all four are forked.
+    # The pool's workers are forked, and so are its refills.
     pids = [pooled.call("sandbox.run", sleeper(f"f{i}", busybox_root))["run"]["pid"]
             for i in range(4)]
     assert set(pids[:2]) == idle
@@ -255,6 +255,20 @@ def test_the_daemon_forks_its_workers(pooled: DaemonProc, busybox_root: Path) ->
     # Once the pool is full again, no request is in flight: the zygote is back as it was.
     until(lambda: sum(map(waiting_for_spec, pooled.children() - set(pids))) == 2,
           "the pool refilled")
+    assert fd_table(zygote) == before, "the zygote kept a worker's fd"
+
+
+def test_a_launch_that_finds_no_idle_worker_gets_a_forked_one(
+        make_daemon: Callable[..., DaemonProc], fakekrun: Path, busybox_root: Path) -> None:
+    """With no pool, every launch takes the path of a burst that emptied it: a worker
+    forked for it, its spec written into its pipe (never a memfd through the zygote)."""
+    d = make_daemon(libkrun=fakekrun, settings={"worker_pool": 0})
+    [zygote] = d.zygotes()
+    before = fd_table(zygote)
+    assert d.children() == set()
+    for i in range(2):
+        pid = d.call("sandbox.run", sleeper(f"n{i}", busybox_root))["run"]["pid"]
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0zygote\0"), "spawned"
     assert fd_table(zygote) == before, "the zygote kept a worker's fd"
 
 
