@@ -203,6 +203,12 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_cpu_with_reaped(pid: int) -> float:
+    """utime + stime of `pid` and of the children it has reaped (cutime + cstime), s."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
 @contextlib.contextmanager
 def scratch(prefix: str) -> Iterator[Path]:
     """A short temp dir (Unix socket paths must stay under 108 bytes), removed after."""

@@ -34,10 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from msbd.vm import doctor
 
         return doctor.main(args[1:])
-    if args == ["zygote"]:
-        from msbd.vm import zygote
-
-        return zygote.serve()
     return run(args)
 
 
