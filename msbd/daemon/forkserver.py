@@ -35,13 +35,12 @@ import logging
 import os
 import signal
 import socket
-import sys
 
 import anyio
 import anyio.abc
 
 from msbd.config import Settings
-from msbd.contract import FORK_REQUEST, FORK_SERVER_FD
+from msbd.contract import FORK_REQUEST, FORK_SERVER_FD, parse_fork_reply
 from msbd.daemon import reaper
 from msbd.daemon.spawn import Worker, WorkerEnds, spawn_placed, worker_environ
 from msbd.log import ctx
@@ -105,7 +104,7 @@ class ForkServer:
         try:
             null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                err = sys.stderr.fileno() if _is_open(2) else null
+                err = 2 if _is_open(2) else null  # the daemon's stderr: its log
                 pid = spawn_placed(self._argv, self._env,
                                    {0: null, 1: err, 2: err, FORK_SERVER_FD: theirs.fileno()})
             finally:
@@ -183,7 +182,7 @@ class ForkServer:
 
     async def _ask(self, zygote: _Zygote, fds: tuple[int, ...]) -> int | None:
         """Send one request and read its answer: the new worker's pid, or None (logged; a
-        zygote that broke the protocol is killed, and `serve` starts another)."""
+        zygote that failed a request is killed, and `serve` starts another)."""
         try:
             with anyio.fail_after(self._timeout):
                 while True:
@@ -203,14 +202,10 @@ class ForkServer:
             log.warning("the fork server did not answer: %s", exc, extra=ctx(pid=zygote.pid))
             zygote.kill()
             return None
-        word, _, rest = answer.partition(b" ")
-        if word == b"pid" and rest.isdigit():
-            return int(rest)
-        if word == b"error":
-            log.warning("the fork server could not fork a worker: %s",
-                        rest.decode(errors="replace"), extra=ctx(pid=zygote.pid))
-            return None
-        log.warning("the fork server answered %r; ending it", answer[:64] or "nothing",
+        reply = parse_fork_reply(answer) if answer else "it ended"
+        if isinstance(reply, int):
+            return reply
+        log.warning("the fork server could not fork a worker: %s; ending it", reply,
                     extra=ctx(pid=zygote.pid))
         zygote.kill()
         return None

@@ -11,7 +11,7 @@ A request (`contract.FORK_REQUEST`) carries, by SCM_RIGHTS, the child's ends
 of one worker's pipes: the read end of its (empty) spec pipe, the status and
 console write ends, the watchdog read end. The zygote forks B; B forks C,
 writes C's pid on a pipe to the zygote and exits at once; the zygote reaps B
-and only then answers `pid <C>`. When B exits, C is reparented to the
+and only then answers with C's pid (`contract.fork_reply`). When B exits, C is reparented to the
 nearest subreaper above it, the daemon (which made itself one, and is the
 zygote's parent): by the time the daemon reads the answer C is its child,
 so its pidfd and `waitid` work on C as on a spawned worker, and nobody but
@@ -54,7 +54,7 @@ import socket
 import sys
 from typing import Final
 
-from msbd.contract import FORK_FDS, FORK_REQUEST, FORK_SERVER_FD, STDIO_FDS
+from msbd.contract import FORK_FDS, FORK_REQUEST, FORK_SERVER_FD, STDIO_FDS, fork_reply
 from msbd.vm import fds as worker_fds
 from msbd.vm import main as worker_main
 from msbd.vm.status import say
@@ -80,7 +80,7 @@ def serve(control_fd: int = FORK_SERVER_FD) -> int:
                 return 0  # EOF: the daemon is gone
             try:
                 if msg != FORK_REQUEST or len(passed) != len(FORK_FDS):
-                    reply = f"error bad request ({len(msg)} bytes, {len(passed)} fds)".encode()
+                    reply = fork_reply(None, f"bad request ({len(msg)} bytes, {len(passed)} fds)")
                 else:
                     reply = _fork(sock, passed)
             finally:
@@ -90,7 +90,7 @@ def serve(control_fd: int = FORK_SERVER_FD) -> int:
 
 
 def _fork(sock: socket.socket, passed: list[int]) -> bytes:
-    """Fork B, which forks the worker C and exits; reap B; `pid <C>` or `error <text>`."""
+    """Fork B, which forks the worker C and exits; reap B; the answer for C."""
     report_r, report_w = os.pipe()  # close-on-exec, like every fd opened here
     sys.stdout.flush()
     sys.stderr.flush()
@@ -99,7 +99,7 @@ def _fork(sock: socket.socket, passed: list[int]) -> bytes:
     except OSError as exc:
         os.close(report_r)
         os.close(report_w)
-        return f"error cannot fork: {exc.strerror}".encode()
+        return fork_reply(None, f"cannot fork: {exc.strerror}")
     if b == 0:
         _middle(sock, passed, report_r, report_w)
     os.close(report_w)
@@ -111,8 +111,8 @@ def _fork(sock: socket.socket, passed: list[int]) -> bytes:
         os.close(report_r)
         os.waitpid(b, 0)  # B has exited: C is the daemon's child from here on
     if not answer.isdigit():
-        return b"error the intermediate process ended without forking the worker"
-    return b"pid " + answer
+        return fork_reply(None, "the intermediate process ended without forking the worker")
+    return fork_reply(int(answer))
 
 
 def _middle(sock: socket.socket, passed: list[int], report_r: int, report_w: int) -> None:
