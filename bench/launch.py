@@ -5,7 +5,9 @@
   libkrun would start a VM). Sequential, then 8 calls in flight (8
   connections). Sandboxes are stopped and removed after each series, untimed.
   With the default warm pool (`worker_pool` = 2) and without (`worker_pool` =
-  0, a worker spawned per launch); and "warm": each launch timed only once
+  0, a worker started per launch), both with the fork server (the default),
+  and with the pool but without the fork server (`msbd_spawn`: every worker
+  spawned as a new interpreter, as before the fork server); and "warm": each launch timed only once
   the pool's workers are blocked reading their spec (a launch finding the
   pool warm, as one does that is not part of a burst), each right after a
   bare interpreter spawn timed the same way ("python_paired": the warm
@@ -373,16 +375,17 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
         cpu_per_launch: dict[str, float] = {}
         zygote_per_launch: dict[str, float] = {}
         forked_ready: dict[int, float] = {}
-        for label, pool in (("msbd", POOL), ("msbd_nopool", 0)):
+        for label, pool, forks in (("msbd", POOL, True), ("msbd_nopool", 0, True),
+                                   ("msbd_spawn", POOL, False)):
             msbd = Msbd(base / label, libkrun=libkrun,
                         settings={"max_sandboxes": 100_000, "max_vcpus": 100_000,
-                                  "worker_pool": pool}).start()
+                                  "worker_pool": pool, "worker_fork_server": forks}).start()
             with msbd.client() as c:  # warm-up: thread pool, lazy imports
                 c.call("sandbox.run", sandbox_spec("warm", rootfs))
                 c.call("sandbox.stop", {"name": "warm"})
                 c.call("sandbox.remove", {"name": "warm"})
             try:
-                if pool:
+                if label == "msbd":
                     paired: list[float] = []
                     latencies, wall, cpu, zcpu = _msbd_series(
                         msbd, rootfs, "w", count, 1, warm=pool, paired=paired,
@@ -456,6 +459,8 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
                              rate["supervisord"], target=">= 2")
                 report.ratio(f"launch.{mode}.msbd_nopool_rate_vs_supervisord",
                              rate["msbd_nopool"], rate["supervisord"])
+                report.ratio(f"launch.{mode}.msbd_spawn_rate_vs_supervisord",
+                             rate["msbd_spawn"], rate["supervisord"])
         seq_p50 = {name: Summary.of(lat).p50 for name, (lat, _) in series["seq"].items()}
         breakdown(report, rootfs, libkrun, probes, env, python_p50=seq_p50["python"],
                   warm_p50=seq_p50["msbd_warm"], handed_p50=seq_p50["prespawned"])
