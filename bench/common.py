@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,14 @@ def proc_cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` (all its threads), seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_runtime_seconds(pid: int) -> float:
+    """CPU time of `pid` (all its threads), seconds, to the nanosecond: its process CPU
+    clock (Linux encodes one as `(~pid << 3) | 2`, CPUCLOCK_SCHED), finer than utime +
+    stime, which count whole clock ticks (10 ms here; /proc/<pid>/schedstat reads 0 on
+    this kernel)."""
+    return time.clock_gettime(((~pid) << 3) | 2)
 
 
 def proc_cpu_with_reaped(pid: int) -> float:

@@ -58,6 +58,7 @@ from bench.common import (
     need_fakekrun,
     proc_cpu_seconds,
     proc_cpu_with_reaped,
+    proc_runtime_seconds,
     sandbox_spec,
     scratch,
     waiting_for_spec,
@@ -287,7 +288,8 @@ def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: in
     `warm`: before each (sequential) launch, wait until that many pool workers are warm.
     `paired`: right before each launch, time a bare interpreter spawn into it too (so a
     ratio of the two compares launches made under the same load of a shared machine).
-    `ready_cpu`: {pid: CPU s} of each warm pool worker seen waiting for its spec.
+    `ready_cpu`: {pid: CPU s} of each warm pool worker seen waiting for its spec (its CPU
+    clock: a forked worker's is far below a clock tick).
     """
     local = threading.local()
 
@@ -300,7 +302,7 @@ def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: in
             if ready_cpu is not None:
                 for pid in msbd.children():
                     if pid not in ready_cpu and waiting_for_spec(pid):
-                        ready_cpu[pid] = proc_cpu_seconds(pid)
+                        ready_cpu[pid] = proc_runtime_seconds(pid)
         if paired is not None:
             paired.extend(spawn_until_line([PYTHON, "-c", LINE_CODE], 1, 1)[0])
         t0 = time.monotonic()
