@@ -322,3 +322,20 @@ def test_an_orphan_left_by_a_workload_is_reaped(pooled: DaemonProc, tmp_path: Pa
     until(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan reaped")
     assert not [pid for pid in pooled.all_children() if not is_zygote(pid)
                 and Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"]
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_the_zygote_ends_with_its_daemon(pooled: DaemonProc, how: str) -> None:
+    """Stopped, the daemon ends it; killed, the zygote reads EOF on its socket and exits."""
+    assert pooled.proc is not None
+    [zygote] = pooled.zygotes()
+    fd = os.pidfd_open(zygote)
+    try:
+        if how == "stopped":
+            assert pooled.stop() == 0
+        else:
+            pooled.proc.kill()
+            pooled.proc.wait(WAIT)
+        assert select.select([fd], [], [], WAIT)[0], "the zygote outlived its daemon"
+    finally:
+        os.close(fd)

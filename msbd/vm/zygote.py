@@ -74,8 +74,8 @@ def serve(control_fd: int = FORK_SERVER_FD) -> int:
         while True:
             try:
                 msg, passed, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, len(FORK_FDS))
-            except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-                continue
+            except ConnectionResetError:
+                return 0  # the daemon is gone
             if not msg:
                 return 0  # EOF: the daemon is gone
             try:
@@ -86,7 +86,10 @@ def serve(control_fd: int = FORK_SERVER_FD) -> int:
             finally:
                 for fd in passed:
                     os.close(fd)
-            sock.sendall(reply)
+            try:
+                sock.sendall(reply)
+            except (BrokenPipeError, ConnectionResetError):
+                return 0  # the daemon is gone
 
 
 def _fork(sock: socket.socket, passed: list[int]) -> bytes:
