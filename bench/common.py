@@ -33,8 +33,9 @@ from daemonproc import (  # noqa: E402
     DaemonProc,
     build_fakekrun,
     children_by_parent,
+    is_zygote,  # noqa: F401 (for bench/vm_launch.py)
     make_busybox_root,
-    waiting_for_spec,  # noqa: F401 (for bench/launch.py)
+    waiting_for_spec,  # noqa: F401 (for bench/launch.py, bench/vm_launch.py)
 )
 
 PYTHON = sys.executable
