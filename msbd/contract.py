@@ -52,10 +52,12 @@ STDIO_FDS: Final = (0, 1, 2)
 
 # --- the fork server -------------------------------------------------------------------
 # `python -m msbd.vm zygote` (msbd.vm.zygote) has a SOCK_SEQPACKET socket on this fd.
+# Once its imports are done the server sends FORK_READY; no request comes before it.
 # A request is the datagram FORK_REQUEST carrying, by SCM_RIGHTS, the child's ends
 # of one new worker's pipes in the order of FORK_FDS; the reply is `pid <n>` (the
 # new worker, by then a child of the daemon) or `failed <text>`. EOF ends the server.
 FORK_SERVER_FD: Final = 3
+FORK_READY: Final = b"ready"
 FORK_REQUEST: Final = b"fork"
 FORK_FDS: Final = (SPEC_FD, STATUS_FD, 1, WATCHDOG_FD)  # where each passed fd goes (1: and 2)
 _FORKED, _FORK_FAILED = b"pid", b"failed"

@@ -100,6 +100,8 @@ async def serving() -> AsyncIterator[ForkServer]:
 
 
 async def forked(server: ForkServer) -> Worker:
+    with anyio.fail_after(WAIT):
+        await server.wait_ready()
     worker = await server.fork()
     assert worker is not None, "the fork server did not fork"
     return worker
@@ -199,6 +201,22 @@ async def _replaced(forkserver: ForkServer) -> None:
         await end_worker(worker)
 
 
+async def test_a_zygote_that_never_gets_ready_delays_nothing(subreaper: None,
+                                                             gated_python: Path) -> None:
+    """Held before its interpreter starts, the zygote never says it is ready: `fork`
+    answers None at once (the caller spawns), and serving ends it all the same."""
+    server = ForkServer(Settings(worker_python=str(gated_python)))
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        held = server.pid
+        assert held is not None
+        with anyio.fail_after(5):
+            assert await server.fork() is None
+        assert not server.up
+        tg.cancel_scope.cancel()
+    wait_pids_gone({held})
+
+
 # --- the orphan reaper, on its own ------------------------------------------------------
 
 
@@ -244,23 +262,26 @@ def pooled(make_daemon: Callable[..., DaemonProc], fakekrun: Path) -> DaemonProc
 
 
 def test_the_daemon_forks_its_workers(pooled: DaemonProc, busybox_root: Path) -> None:
+    """The pool's first workers may be spawned (the daemon waits for no zygote); once
+    the zygote is ready, every refill is forked."""
     assert pooled.proc is not None
-    zygotes = pooled.zygotes()
-    assert len(zygotes) == 1
-    zygote = zygotes[0]
+    zygote = pooled.wait_fork_server()
     before = fd_table(zygote)
     idle = pooled.children()
     assert len(idle) == 2
-    # The pool's workers are forked, and so are its refills.
+    first = [pooled.call("sandbox.run", sleeper(f"f{i}", busybox_root))["run"]["pid"]
+             for i in range(2)]
+    assert set(first) == idle
+    until(lambda: sum(map(waiting_for_spec, pooled.children() - set(first))) == 2,
+          "the pool refilled")
     pids = [pooled.call("sandbox.run", sleeper(f"f{i}", busybox_root))["run"]["pid"]
-            for i in range(4)]
-    assert set(pids[:2]) == idle
+            for i in range(2, 4)]
     for pid in pids:
         assert parent_of(pid) == pooled.proc.pid
         assert Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0zygote\0"), "spawned"
         assert not os.path.lexists(f"/proc/{pid}/fd/96"), "the spec fd outlived its read"
     # Once the pool is full again, no request is in flight: the zygote is back as it was.
-    until(lambda: sum(map(waiting_for_spec, pooled.children() - set(pids))) == 2,
+    until(lambda: sum(map(waiting_for_spec, pooled.children() - set(first + pids))) == 2,
           "the pool refilled")
     assert fd_table(zygote) == before, "the zygote kept a worker's fd"
 
@@ -270,13 +291,12 @@ def test_a_launch_that_finds_no_idle_worker_gets_a_forked_one(
     """With no pool, every launch takes the path of a burst that emptied it: a worker
     forked for it, its spec written into its pipe (never a memfd through the zygote)."""
     d = make_daemon(libkrun=fakekrun, settings={"worker_pool": 0})
-    [zygote] = d.zygotes()
+    zygote = d.wait_fork_server()
+    before = fd_table(zygote)
     assert d.children() == set()
-    before: dict[str, tuple[str, str]] = {}
     for i in range(3):
         pid = d.call("sandbox.run", sleeper(f"n{i}", busybox_root))["run"]["pid"]
         assert Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0zygote\0"), "spawned"
-        before = before or fd_table(zygote)  # after its first answer: done starting
     assert fd_table(zygote) == before, "the zygote kept a worker's fd"
 
 
@@ -289,14 +309,14 @@ def test_without_the_fork_server_workers_are_spawned(
 
 
 def test_the_pool_outlives_its_zygote(pooled: DaemonProc, busybox_root: Path) -> None:
-    [first] = pooled.zygotes()
+    first = pooled.wait_fork_server()
     os.kill(first, signal.SIGKILL)
     wait_pids_gone({first})
     # The pool's two, then launches while the zygote is restarted: none is lost.
     for i in range(4):
         info = pooled.call("sandbox.run", sleeper(f"z{i}", busybox_root))
         assert info["state"] == "running", info
-    until(lambda: bool(set(pooled.zygotes()) - {first}), "a new zygote")
+    assert pooled.wait_fork_server() != first, "no new zygote"
     assert "the fork server ended" in pooled.stderr()
     info = pooled.call("sandbox.run", sleeper("after", busybox_root))
     assert info["state"] == "running"

@@ -12,7 +12,11 @@ spec pipe whose write end only the daemon holds, and the daemon as its parent
 The zygote is spawned like a worker (`spawn_placed`: posix_spawn, a new
 session, default signal dispositions, the worker environment) with /dev/null
 on 0, the daemon's stderr on 1 and 2, and its end of a SOCK_SEQPACKET
-socketpair on `contract.FORK_SERVER_FD`. Requests go one at a time (a lock),
+socketpair on `contract.FORK_SERVER_FD`. It is used once it said it is
+ready (its imports take a fraction of a second; a worker wanted before
+then, as the pool's first ones at the daemon's start, is spawned: nothing
+waits for the zygote, and one that never gets ready delays nothing).
+Requests go one at a time (a lock),
 each a datagram carrying the child's ends of one worker's pipes; the answer
 names the worker's pid, by then the daemon's child. It never gets a spec:
 specs go into the worker's own pipe afterwards (`msbd.daemon.pool`), so the
@@ -40,7 +44,7 @@ import anyio
 import anyio.abc
 
 from msbd.config import Settings
-from msbd.contract import FORK_REQUEST, FORK_SERVER_FD, parse_fork_reply
+from msbd.contract import FORK_READY, FORK_REQUEST, FORK_SERVER_FD, parse_fork_reply
 from msbd.daemon import reaper
 from msbd.daemon.spawn import Worker, WorkerEnds, spawn_placed, worker_environ
 from msbd.log import ctx
@@ -56,6 +60,7 @@ class _Zygote:
     def __init__(self, pid: int, pidfd: int, sock: socket.socket) -> None:
         self.pid, self.pidfd, self.sock = pid, pidfd, sock
         self.started = anyio.current_time()
+        self.ready = False  # it said FORK_READY: its imports are done
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -72,11 +77,22 @@ class ForkServer:
         self._zygote: _Zygote | None = None
         self._lock = anyio.Lock()
         self._failures = 0
+        self._readied = anyio.Event()  # set (and replaced) when a zygote becomes ready
 
     @property
     def pid(self) -> int | None:
-        """The running zygote's pid (None: none now)."""
+        """The running zygote's pid (None: none now), ready or not."""
         return None if self._zygote is None else self._zygote.pid
+
+    @property
+    def up(self) -> bool:
+        """Whether a zygote is ready for requests (else `fork` says None at once)."""
+        return self._zygote is not None and self._zygote.ready
+
+    async def wait_ready(self) -> None:
+        """Until a zygote is ready (for tests and benchmarks: nothing else waits for it)."""
+        while not self.up:
+            await self._readied.wait()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -89,6 +105,7 @@ class ForkServer:
                     task_status.started()
                     started = True
                 if zygote is not None:
+                    await self._until_ready(zygote)
                     await anyio.wait_readable(zygote.pidfd)
                     async with self._lock:  # a request in flight reads its EOF first
                         self._lost(zygote)
@@ -124,6 +141,28 @@ class ForkServer:
         log.debug("fork server started", extra=ctx(pid=pid))
         return self._zygote
 
+    async def _until_ready(self, zygote: _Zygote) -> None:
+        """Read the zygote's FORK_READY; return early if it ends or says anything else
+        (then it is killed). Launches meanwhile spawn their workers: none waits."""
+        while True:
+            try:
+                said = zygote.sock.recv(64)
+                break
+            except BlockingIOError:
+                await anyio.wait_readable(zygote.sock)
+            except OSError:
+                said = b""
+                break
+        if said == FORK_READY:
+            zygote.ready = True
+            self._readied.set()
+            self._readied = anyio.Event()
+            log.debug("fork server ready", extra=ctx(pid=zygote.pid))
+        elif said:
+            log.warning("the fork server said %r instead of being ready; ending it", said[:64],
+                        extra=ctx(pid=zygote.pid))
+            zygote.kill()
+
     def _lost(self, zygote: _Zygote) -> None:
         """The zygote ended: reap it, count a young death as a failure."""
         info = _reap(zygote)
@@ -151,8 +190,8 @@ class ForkServer:
 
     async def fork(self) -> Worker | None:
         """A new worker waiting for its spec on a pipe (`Worker.spec_w`), forked by the
-        zygote; None when there is no zygote or it failed (then spawn one instead)."""
-        if self._zygote is None:
+        zygote; None when no zygote is ready or it failed (then spawn one instead)."""
+        if not self.up:
             return None
         try:
             ends = WorkerEnds.open(None)
@@ -170,7 +209,7 @@ class ForkServer:
     async def _request(self, ends: WorkerEnds) -> Worker | None:
         async with self._lock:
             zygote = self._zygote
-            if zygote is None:
+            if zygote is None or not zygote.ready:
                 ends.close_parent()
                 return None
             with reaper.forking():  # until the worker is claimed

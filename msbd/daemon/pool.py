@@ -190,7 +190,7 @@ class WorkerPool:
                 continue
             self._failures = 0
             return worker
-        if cgroup is None and (self._forkserver is None or self._forkserver.pid is None):
+        if cgroup is None and (self._forkserver is None or not self._forkserver.up):
             return spawn_worker(self._argv, self._env, spec)
         worker = await self._new()
         await _place(worker, cgroup)

@@ -7,7 +7,9 @@ millisecond. `python -m msbd.vm zygote` runs it, with a SOCK_SEQPACKET socket
 on `contract.FORK_SERVER_FD` and otherwise the fds of a worker spawned
 without its spec (the daemon, `msbd.daemon.forkserver`, starts it so).
 
-A request (`contract.FORK_REQUEST`) carries, by SCM_RIGHTS, the child's ends
+Once its imports are done it says `contract.FORK_READY`; the daemon sends
+no request before (a worker is spawned meanwhile). A request
+(`contract.FORK_REQUEST`) carries, by SCM_RIGHTS, the child's ends
 of one worker's pipes: the read end of its (empty) spec pipe, the status and
 console write ends, the watchdog read end. The zygote forks B; B forks C,
 writes C's pid on a pipe to the zygote and exits at once; the zygote reaps B
@@ -54,7 +56,14 @@ import socket
 import sys
 from typing import Final
 
-from msbd.contract import FORK_FDS, FORK_REQUEST, FORK_SERVER_FD, STDIO_FDS, fork_reply
+from msbd.contract import (
+    FORK_FDS,
+    FORK_READY,
+    FORK_REQUEST,
+    FORK_SERVER_FD,
+    STDIO_FDS,
+    fork_reply,
+)
 from msbd.vm import fds as worker_fds
 from msbd.vm import main as worker_main
 from msbd.vm.status import say
@@ -71,6 +80,10 @@ def serve(control_fd: int = FORK_SERVER_FD) -> int:
         say(f"zygote: fd {control_fd} is not the fork server's socket: {exc}")
         return 2
     with sock:
+        try:
+            sock.sendall(FORK_READY)  # imports done: requests may come
+        except (BrokenPipeError, ConnectionResetError):
+            return 0  # the daemon is gone
         while True:
             try:
                 msg, passed, _flags, _addr = socket.recv_fds(sock, _MAX_MESSAGE, len(FORK_FDS))
