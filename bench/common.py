@@ -213,10 +213,19 @@ def proc_runtime_seconds(pid: int) -> float:
     return time.clock_gettime(((~pid) << 3) | 2)
 
 
-def proc_cpu_with_reaped(pid: int) -> float:
-    """utime + stime of `pid` and of the children it has reaped (cutime + cstime), s."""
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime of `pid`: the CPU of every child it has reaped, seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
+def children(pid: int) -> list[int]:
+    """The children of `pid`, from every one of its threads."""
+    found: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            found += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    return found
 
 
 @contextlib.contextmanager

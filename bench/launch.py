@@ -57,8 +57,8 @@ from bench.common import (
     make_rootfs,
     need_fakekrun,
     proc_cpu_seconds,
-    proc_cpu_with_reaped,
     proc_runtime_seconds,
+    reaped_children_cpu_seconds,
     sandbox_spec,
     scratch,
     waiting_for_spec,
@@ -275,7 +275,8 @@ def import_times(*args: str) -> dict[str, dict[str, int]]:
 
 def _zygote_cpu(msbd: Msbd) -> float:
     """CPU seconds of the daemon's fork server and its reaped children (0: none)."""
-    return sum(proc_cpu_with_reaped(pid) for pid in msbd.zygotes())
+    return sum(proc_cpu_seconds(pid) + reaped_children_cpu_seconds(pid)
+               for pid in msbd.zygotes())
 
 
 def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: int,

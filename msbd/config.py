@@ -87,6 +87,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     cgroup_pids_max: Count = 512
     # cap a run at `vcpus` CPUs with cpu.max (else runs share the CPU by weight)
     cgroup_cpu_max: bool = False
+    # the event loop's thread at SCHED_FIFO 1, reset for every thread and child
+    # (msbd.daemon.priority); false: normal priority
+    realtime_loop: bool = True
 
     @property
     def db_path(self) -> Path:

@@ -507,3 +507,33 @@ def test_waits_under_uvloop_do_not_spin_between_milliseconds(
     fired = anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
     assert fired == [f"s{i}" for i in range(20)]
     assert armed <= 4 * 20, f"{armed} deadline checks for 20 waits"
+
+
+async def test_a_long_run_of_due_deadlines_does_not_starve_the_loop() -> None:
+    """Deadlines that keep falling due while `fire` works (a burst of stops) must not keep
+    the scheduler from ever yielding: the loop's other tasks (reaping, records, calls) get
+    their turn between batches, not after the whole burst."""
+    n = 200
+    sched, rec = Scheduler(), Recorder(n)
+    other_ran_after: list[int] = []
+
+    async def other() -> None:
+        other_ran_after.append(len(rec.fired))
+
+    async with anyio.create_task_group() as tg:
+        def slow_fire(name: str, kind: TimerKind) -> None:
+            if not rec.fired:
+                tg.start_soon(other)  # ready to run from the first fire on
+            start = time.monotonic()
+            while time.monotonic() - start < 0.001:  # a fire's work: about 1 ms of CPU
+                pass
+            rec(name, kind)
+
+        t0 = time.monotonic()
+        async with running(sched, slow_fire):
+            # 0.5 ms apart: each batch ends with the next deadline already due.
+            for i in range(n):
+                sched.set(f"s{i:03d}", IDLE, t0 + 0.01 + i * 0.0005)
+            await rec.wait()
+    assert len(rec.fired) == n
+    assert other_ran_after and other_ran_after[0] < n // 2, other_ran_after

@@ -34,7 +34,7 @@ import msgspec
 
 from msbd import __version__
 from msbd.config import Settings
-from msbd.daemon import activation, cgroups, reaper, systemd
+from msbd.daemon import activation, cgroups, gcpolicy, priority, reaper, systemd
 from msbd.daemon.api import Api
 from msbd.daemon.console import remove_orphans
 from msbd.daemon.doctor import HostCheck
@@ -42,7 +42,6 @@ from msbd.daemon.events import EventHub
 from msbd.daemon.forkserver import ForkServer
 from msbd.daemon.pool import WorkerPool
 from msbd.daemon.reconcile import reconcile
-from msbd.daemon.signaller import Signaller
 from msbd.daemon.sockets import bind_control_socket, lock_state_dir
 from msbd.daemon.spawn import worker_environ
 from msbd.daemon.supervisor import Supervisor
@@ -58,10 +57,10 @@ log = logging.getLogger("msbd.daemon")
 def run(settings: Settings) -> int:
     """Run the daemon until SIGTERM/SIGINT; the process exit status."""
     setup_logging(settings.log_level)
-    # The event loop shares the GIL with the database thread (aiosqlite) and
-    # the signalling thread. At the default 5 ms switch interval, a busy
-    # database thread made every loop wake-up (timers included) wait up to
-    # 5 ms for the GIL, many times over in a burst of a thousand transitions.
+    # The event loop shares the GIL with the database thread (aiosqlite). At the
+    # default 5 ms switch interval, a busy database thread made every loop wake-up
+    # (timers included) wait up to 5 ms for the GIL, many times over in a burst of
+    # a thousand transitions.
     sys.setswitchinterval(0.0005)
     _close_on_exec_inherited()
     _raise_fd_limit()
@@ -137,6 +136,13 @@ async def _serve(settings: Settings) -> None:
                 # After the socket: a daemon that cannot serve says only that, and adopts no
                 # cgroup tree; before the pool, whose workers start in the daemon's leaf.
                 cg = await _cgroups(settings)
+                # After the cgroups (a real-time task in a cgroup can keep a controller
+                # from being enabled there), before any worker or thread is started.
+                log.info("event loop: %s", priority.apply(settings.realtime_loop))
+                # The loop waits on the database thread (and on the GIL it may hold):
+                # at normal priority, busy guests would hold the loop up through it.
+                log.info("database thread: %s",
+                         await store.on_thread(lambda: priority.apply(settings.realtime_loop)))
                 await _run_services(settings, store=store, hub=hub, sock=sock,
                                     notifier=notifier, watchdog=watchdog, started=started,
                                     reconciled=closed, cg=cg)
@@ -190,8 +196,6 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         frame_timeout=settings.partial_frame_timeout,
         send_timeout=settings.connection_send_timeout)
     async with anyio.create_task_group() as tg:
-        signaller = Signaller()
-        await tg.start(signaller.serve)
         # No libkrun, no launch: then a pool would only cost memory (`daemon.info` says why).
         can_launch = (settings.libkrun or host.report.libkrun) is not None
         tg.start_soon(reaper.serve)
@@ -202,9 +206,10 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         pool = WorkerPool(settings, size=None if can_launch else 0, forkserver=forkserver)
         await tg.start(pool.serve)  # its idle workers end when `tg` is cancelled, below
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
-                                task_group=tg, host=host, signaller=signaller, pool=pool,
+                                task_group=tg, host=host, pool=pool,
                                 cgroups=cg)
         await tg.start(scheduler.run, supervisor.fire)
+        await tg.start(gcpolicy.serve, scheduler.next_deadline)
         api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,
                   started=started)
         server = RpcServer(api, limits=limits, immediate=api.immediate)

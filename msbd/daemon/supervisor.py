@@ -51,7 +51,6 @@ from msbd.daemon.live import Live, overlay
 from msbd.daemon.netpolicy import with_network
 from msbd.daemon.pool import WorkerPool
 from msbd.daemon.runlimits import open_run_cgroup, run_limits
-from msbd.daemon.signaller import Signaller
 from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
 from msbd.daemon.timers import Lateness, Scheduler, TimerKind, max_duration_deadline
 from msbd.daemon.watcher import Watcher
@@ -71,7 +70,7 @@ _RECORD_WAIT = 30.0
 class Supervisor:
     def __init__(self, *, settings: Settings, store: Store, scheduler: Scheduler,
                  task_group: anyio.abc.TaskGroup, host: HostCheck,
-                 signaller: Signaller | None = None, pool: WorkerPool | None = None,
+                 pool: WorkerPool | None = None,
                  cgroups: Cgroups | None = None) -> None:
         self._settings = settings
         self.cgroups = cgroups if cgroups is not None else cgroup_off("not set up")
@@ -91,7 +90,7 @@ class Supervisor:
         self.freezer = Freezer(settings=settings, store=store, timers=scheduler,
                                cgroups=self.cgroups)  # pause and resume
         self._stopping = Stopping(settings=settings, store=store, timers=scheduler,
-                                  signaller=signaller, freezer=self.freezer)
+                                  freezer=self.freezer)
         self._watcher = Watcher(settings=settings, store=store, timers=scheduler,
                                 stopping=self._stopping, on_exit=self._exited,
                                 on_ended=self._ended, give_up=self._give_up)

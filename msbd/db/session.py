@@ -332,6 +332,11 @@ class Session:
         except Exception as rollback_exc:  # noqa: BLE001 (sqlite's, or the connection gone)
             log.error("database rollback failed: %s", rollback_exc)
 
+    async def on_thread(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the database thread (what is true of that thread, e.g. its
+        scheduling policy, can only be set from it)."""
+        return await hop(self._db, lambda _conn: fn())
+
     async def _fetch(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         """A one-statement read (under the lock: see the module docstring), of committed
         rows only: a group still open is committed first."""
