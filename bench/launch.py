@@ -5,7 +5,9 @@
   libkrun would start a VM). Sequential, then 8 calls in flight (8
   connections). Sandboxes are stopped and removed after each series, untimed.
   With the default warm pool (`worker_pool` = 2) and without (`worker_pool` =
-  0, a worker spawned per launch); and "warm": each launch timed only once
+  0, a worker started per launch), both with the fork server (the default),
+  and with the pool but without the fork server (`msbd_spawn`: every worker
+  spawned as a new interpreter, as before the fork server); and "warm": each launch timed only once
   the pool's workers are blocked reading their spec (a launch finding the
   pool warm, as one does that is not part of a burst), each right after a
   bare interpreter spawn timed the same way ("python_paired": the warm
@@ -22,7 +24,11 @@ Where the time goes: the worker run through `bench/worker_probe.py`
 (timestamps at each phase), `python -X importtime` of the worker's imports,
 and CPU accounting (/proc utime+stime): the daemon's per launch, and a pooled
 worker's until it waits for its spec, which together bound launches/s on
-this machine's cores.
+this machine's cores. With the fork server (`worker_fork_server`, on by
+default) the daemon's workers are forked: the zygote's CPU per launch (its
+own and its reaped intermediate children's) and a forked pool worker's CPU
+until it waits (read from the daemon's idle workers in the warm series) are
+reported too, and the bound they give.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from bench.common import (
     make_rootfs,
     need_fakekrun,
     proc_cpu_seconds,
+    proc_runtime_seconds,
+    reaped_children_cpu_seconds,
     sandbox_spec,
     scratch,
     waiting_for_spec,
@@ -265,14 +273,24 @@ def import_times(*args: str) -> dict[str, dict[str, int]]:
 # --- the benchmark -------------------------------------------------------------------------
 
 
+def _zygote_cpu(msbd: Msbd) -> float:
+    """CPU seconds of the daemon's fork server and its reaped children (0: none)."""
+    return sum(proc_cpu_seconds(pid) + reaped_children_cpu_seconds(pid)
+               for pid in msbd.zygotes())
+
+
 def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: int,
-                 *, warm: int = 0, paired: list[float] | None = None
-                 ) -> tuple[list[float], float, float]:
-    """Launch `count` sandboxes; (latencies, wall, daemon CPU s per launch). Then stop + remove.
+                 *, warm: int = 0, paired: list[float] | None = None,
+                 ready_cpu: dict[int, float] | None = None
+                 ) -> tuple[list[float], float, float, float]:
+    """Launch `count` sandboxes; (latencies, wall, daemon CPU s per launch, the fork
+    server's CPU s per launch). Then stop + remove.
 
     `warm`: before each (sequential) launch, wait until that many pool workers are warm.
     `paired`: right before each launch, time a bare interpreter spawn into it too (so a
     ratio of the two compares launches made under the same load of a shared machine).
+    `ready_cpu`: {pid: CPU s} of each warm pool worker seen waiting for its spec (its CPU
+    clock: a forked worker's is far below a clock tick).
     """
     local = threading.local()
 
@@ -282,6 +300,10 @@ def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: in
             client = local.client = msbd.client()
         if warm:
             wait_pool_warm(msbd, warm)
+            if ready_cpu is not None:
+                for pid in msbd.children():
+                    if pid not in ready_cpu and waiting_for_spec(pid):
+                        ready_cpu[pid] = proc_runtime_seconds(pid)
         if paired is not None:
             paired.extend(spawn_until_line([PYTHON, "-c", LINE_CODE], 1, 1)[0])
         t0 = time.monotonic()
@@ -291,14 +313,15 @@ def _msbd_series(msbd: Msbd, rootfs: Path, prefix: str, count: int, inflight: in
             raise RuntimeError(f"sandbox {prefix}-{i} is {info['state']}")
         return latency
 
-    cpu0 = proc_cpu_seconds(msbd.pid)
+    cpu0, zcpu0 = proc_cpu_seconds(msbd.pid), _zygote_cpu(msbd)
     latencies, wall = timed_concurrently(count, inflight, one)
     cpu = (proc_cpu_seconds(msbd.pid) - cpu0) / count
+    zcpu = (_zygote_cpu(msbd) - zcpu0) / count
     names = [{"name": f"{prefix}-{i}"} for i in range(count)]
     with msbd.client() as c:
         c.batches("sandbox.stop", [n | {"timeout": 10} for n in names])
         c.batches("sandbox.remove", names)
-    return latencies, wall, cpu
+    return latencies, wall, cpu, zcpu
 
 
 def _supervisord_series(sup: peer.Supervisord, count: int, inflight: int, wait: bool
@@ -353,27 +376,33 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
 
         # msbd, with its default warm pool and with none
         cpu_per_launch: dict[str, float] = {}
-        for label, pool in (("msbd", POOL), ("msbd_nopool", 0)):
+        zygote_per_launch: dict[str, float] = {}
+        forked_ready: dict[int, float] = {}
+        for label, pool, forks in (("msbd", POOL, True), ("msbd_nopool", 0, True),
+                                   ("msbd_spawn", POOL, False)):
             msbd = Msbd(base / label, libkrun=libkrun,
                         settings={"max_sandboxes": 100_000, "max_vcpus": 100_000,
-                                  "worker_pool": pool}).start()
+                                  "worker_pool": pool, "worker_fork_server": forks}).start()
             with msbd.client() as c:  # warm-up: thread pool, lazy imports
                 c.call("sandbox.run", sandbox_spec("warm", rootfs))
                 c.call("sandbox.stop", {"name": "warm"})
                 c.call("sandbox.remove", {"name": "warm"})
             try:
-                if pool:
+                if label == "msbd":
                     paired: list[float] = []
-                    latencies, wall, cpu = _msbd_series(msbd, rootfs, "w", count, 1, warm=pool,
-                                                        paired=paired)
+                    latencies, wall, cpu, zcpu = _msbd_series(
+                        msbd, rootfs, "w", count, 1, warm=pool, paired=paired,
+                        ready_cpu=forked_ready)
                     series["seq"]["msbd_warm"] = (latencies, wall)
                     series["seq"]["python_paired"] = (paired, wall)
                     cpu_per_launch["warm"] = cpu
+                    zygote_per_launch["warm"] = zcpu
                 for mode, n, k in (("seq", count, 1),
                                    (f"c{INFLIGHT}", concurrent_count, INFLIGHT)):
-                    latencies, wall, cpu = _msbd_series(msbd, rootfs, mode, n, k)
+                    latencies, wall, cpu, zcpu = _msbd_series(msbd, rootfs, mode, n, k)
                     series[mode][label] = (latencies, wall)
                     cpu_per_launch[f"{mode}.{label}"] = cpu
+                    zygote_per_launch[f"{mode}.{label}"] = zcpu
             finally:
                 msbd.stop()
 
@@ -398,12 +427,24 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
                                else len(latencies) / wall, unit="launches/s")
         for key, cpu in cpu_per_launch.items():
             report.figure(f"launch.{key}.daemon_cpu_per_launch", cpu * 1e3, "ms")
+        for key, cpu in zygote_per_launch.items():
+            report.figure(f"launch.{key}.zygote_cpu_per_launch", cpu * 1e3, "ms",
+                          note="the fork server and its reaped intermediate children")
         ready = sum(ready_cpu) / len(ready_cpu)
         report.figure("launch.worker_cpu_until_waiting", ready * 1e3, "ms",
                       note="a pooled worker's CPU from spawn to blocking on fd 96")
         per_launch = ready + cpu_per_launch["seq.msbd"]
         report.figure("launch.cpu_bound_rate", (os.cpu_count() or 1) / per_launch, "launches/s",
                       note="cores / (daemon CPU per launch + worker CPU until waiting)")
+        if forked_ready:
+            forked = sum(forked_ready.values()) / len(forked_ready)
+            report.figure("launch.forked_worker_cpu_until_waiting", forked * 1e3, "ms",
+                          note=f"a forked pool worker's CPU from its fork to blocking on fd 96 "
+                               f"({len(forked_ready)} workers)")
+            per_forked = forked + cpu_per_launch["seq.msbd"] + zygote_per_launch["seq.msbd"]
+            report.figure("launch.cpu_bound_rate_forked", (os.cpu_count() or 1) / per_forked,
+                          "launches/s", note="cores / (daemon + zygote CPU per launch + forked "
+                                             "worker CPU until waiting)")
         for mode, runs in series.items():
             p50 = {name: Summary.of(lat).p50 for name, (lat, _) in runs.items()}
             rate = {name: len(lat) / wall for name, (lat, wall) in runs.items()}
@@ -421,6 +462,8 @@ def run(*, count: int = 40, concurrent_count: int = 120, probes: int = 15) -> fl
                              rate["supervisord"], target=">= 2")
                 report.ratio(f"launch.{mode}.msbd_nopool_rate_vs_supervisord",
                              rate["msbd_nopool"], rate["supervisord"])
+                report.ratio(f"launch.{mode}.msbd_spawn_rate_vs_supervisord",
+                             rate["msbd_spawn"], rate["supervisord"])
         seq_p50 = {name: Summary.of(lat).p50 for name, (lat, _) in series["seq"].items()}
         breakdown(report, rootfs, libkrun, probes, env, python_p50=seq_p50["python"],
                   warm_p50=seq_p50["msbd_warm"], handed_p50=seq_p50["prespawned"])

@@ -54,9 +54,11 @@ from bench.common import (
     Report,
     contained,
     descendants,
+    is_zygote,
     make_rootfs,
     percentile,
     scratch,
+    waiting_for_spec,
 )
 
 SCRIPT = "echo first; exit 7"  # no `"` and no control characters: the kernel command line
@@ -197,14 +199,17 @@ def _tail(log: Path, lines: int = 15) -> str:
 
 
 def settle(daemon_pid: int, after: str, report: Report) -> None:
-    """Wait until nothing but the daemon is below us, so the next launch runs alone.
+    """Wait until nothing but the daemon (with its fork server and idle pool workers) is
+    below us, so the next launch runs alone.
 
     A process that outlives its launch (say a VMM still tearing down after its
     launcher exited) is waited for through a pidfd and noted with how long it
     stayed; one still there after GUEST_WAIT stops the benchmark.
     """
     t0 = time.monotonic()
-    stray = [p for p in descendants() if p != daemon_pid and _alive(p)]
+    # The daemon's fork server and its idle pool workers (waiting for a spec) stay.
+    stray = [p for p in descendants() if p != daemon_pid and _alive(p)
+             and not is_zygote(p) and not waiting_for_spec(p)]
     for pid in stray:
         name = _cmdline(pid)
         try:

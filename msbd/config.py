@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # warm workers waiting for a spec (msbd.daemon.pool); 0: one spawned per launch
     worker_pool: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     worker_pool_idle: Positive = 600.0
+    # workers forked from a zygote that has done their imports (msbd.daemon.forkserver);
+    # false: each one spawned as a new interpreter
+    worker_fork_server: bool = True
     events_keep: Count = 100_000
     # a cgroup per run (msbd.daemon.cgroups, docs/cgroups.md): "auto" uses the cgroup
     # systemd delegated to msbd, "off" none, an absolute path a cgroup v2 directory made

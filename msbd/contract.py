@@ -50,6 +50,34 @@ WATCHDOG_FD: Final = 97
 STATUS_FD: Final = 98
 STDIO_FDS: Final = (0, 1, 2)
 
+# --- the fork server -------------------------------------------------------------------
+# `python -m msbd.vm zygote` (msbd.vm.zygote) has a SOCK_SEQPACKET socket on this fd.
+# Once its imports are done the server sends FORK_READY; no request comes before it.
+# A request is the datagram FORK_REQUEST carrying, by SCM_RIGHTS, the child's ends
+# of one new worker's pipes in the order of FORK_FDS; the reply is `pid <n>` (the
+# new worker, by then a child of the daemon) or `failed <text>`. EOF ends the server.
+FORK_SERVER_FD: Final = 3
+FORK_READY: Final = b"ready"
+FORK_REQUEST: Final = b"fork"
+FORK_FDS: Final = (SPEC_FD, STATUS_FD, 1, WATCHDOG_FD)  # where each passed fd goes (1: and 2)
+_FORKED, _FORK_FAILED = b"pid", b"failed"
+
+
+def fork_reply(pid: int | None, why: str = "") -> bytes:
+    """The fork server's answer: the new worker's pid, or (None) why there is none."""
+    return _FORKED + b" %d" % pid if pid is not None else _FORK_FAILED + b" " + why.encode()
+
+
+def parse_fork_reply(reply: bytes) -> int | str:
+    """A fork server's answer: the pid, or the text of a failure (also for an answer that
+    is neither, quoted)."""
+    word, _, rest = reply.partition(b" ")
+    if word == _FORKED and rest.isdigit():
+        return int(rest)
+    if word == _FORK_FAILED:
+        return rest.decode(errors="replace")
+    return f"not an answer: {reply[:64]!r}"
+
 
 # --- the status pipe -----------------------------------------------------------------
 

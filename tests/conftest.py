@@ -4,6 +4,7 @@ root, a store on a new database file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -120,15 +121,24 @@ def kdaemon(make_daemon: Callable[..., DaemonProc], fakekrun: Path) -> DaemonPro
 
 
 @pytest.fixture
-def gated_python(tmp_path: Path) -> Path:
+def gated_python(tmp_path: Path) -> Iterator[Path]:
     """A `worker_python` that holds every worker before its interpreter starts, at a FIFO
-    nobody writes: a launch stays `starting` until its worker is stopped or killed."""
+    nobody writes: a launch stays `starting` until its worker is stopped or killed.
+
+    At the end the gate opens once (a writer comes and goes: each held reader reads
+    EOF and goes on), so a process still held (the daemon's fork server, which never
+    got ready) becomes itself and ends with its daemon instead of waiting forever."""
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     held = tmp_path / "worker-python"
     held.write_text(f"#!/bin/sh\nread _ < {gate}\nexec {sys.executable} \"$@\"\n")
     held.chmod(0o755)
-    return held
+    yield held
+    try:
+        os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: nobody is held
+            raise
 
 
 @pytest.fixture

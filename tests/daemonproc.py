@@ -147,9 +147,30 @@ class DaemonProc:
         return self.start()
 
     def children(self) -> set[int]:
-        """The daemon's unreaped child processes: its workers, idle ones of the pool too."""
+        """The daemon's unreaped child processes but its fork server: its workers, idle
+        ones of the pool too."""
+        return self.all_children() - set(self.zygotes())
+
+    def all_children(self) -> set[int]:
+        """The daemon's unreaped child processes, the fork server (zygote) included."""
         assert self.proc is not None
         return set(children_by_parent().get(self.proc.pid, []))
+
+    def wait_fork_server(self, timeout: float = 30.0) -> int:
+        """Until the daemon's fork server is ready (blocked reading its socket, which it
+        does only once it said it is ready); its pid."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ready = [pid for pid in self.zygotes() if zygote_waiting(pid)]
+            if ready:
+                return ready[0]
+            assert time.monotonic() < deadline, "no fork server got ready"
+            time.sleep(0.005)
+
+    def zygotes(self) -> list[int]:
+        """The daemon's fork server processes (`python -m msbd.vm zygote`): one, or none
+        while it is restarted or off."""
+        return [pid for pid in self.all_children() if is_zygote(pid)]
 
     def stderr(self) -> str:
         try:
@@ -181,6 +202,25 @@ def wait_pids_gone(pids: set[int], timeout: float = 30.0) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def is_zygote(pid: int) -> bool:
+    """Whether `pid` is a fork server: `python -m msbd.vm zygote` by its command line
+    (which the workers it forks share) and without a watchdog fd (which they all have)."""
+    try:
+        zygote_line = Path(f"/proc/{pid}/cmdline").read_bytes().endswith(b"\0msbd.vm\0zygote\0")
+    except OSError:
+        return False
+    return zygote_line and not os.path.lexists(f"/proc/{pid}/fd/97")
+
+
+def zygote_waiting(pid: int) -> bool:
+    """Whether `pid` is blocked in recvmsg(3, ...) (x86_64: syscall 47): a fork server
+    waiting for a request."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["47", "0x3"]
+    except OSError:
+        return False
 
 
 def children_by_parent() -> dict[int, list[int]]:

@@ -110,9 +110,12 @@ def test_a_runs_worker_is_in_its_own_cgroup_from_the_hand_off(
     pid = info["run"]["pid"]
     assert pid in idle, "the pooled worker was not the one handed out"
     here = run_dir(cgdir, info)
+    # The worker and the workload the test double started for it (the reply comes at
+    # `entering`, before the workload is forked: its children are read first, so one
+    # forked between the two reads is not missed).
+    kids = set(children_by_parent().get(pid, []))
     members = cgroupdir.procs(here)
-    # The worker and the workload the test double started for it.
-    assert pid in members and set(children_by_parent().get(pid, [])) <= members
+    assert pid in members and kids <= members
     for other in idle - {pid}:
         assert other not in members
     daemon.call("sandbox.stop", {"name": "cg", "timeout": 10})

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from msbd import contract
-from msbd.contract import LAUNCH_FAILURES, StatusWord, WorkerExit, parse_status, status_line
+from msbd.contract import (
+    LAUNCH_FAILURES,
+    StatusWord,
+    WorkerExit,
+    fork_reply,
+    parse_fork_reply,
+    parse_status,
+    status_line,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONTRACT = REPO / "msbd" / "contract.py"
@@ -131,3 +139,10 @@ def test_only_an_error_line_carries_text() -> None:
 def test_launch_failures_are_the_statuses_2_to_5() -> None:
     assert sorted(LAUNCH_FAILURES) == [2, 3, 4, 5]
     assert WorkerExit.DAEMON_GONE not in LAUNCH_FAILURES
+
+
+def test_a_fork_servers_answer_reads_back() -> None:
+    assert parse_fork_reply(fork_reply(1234)) == 1234
+    assert parse_fork_reply(fork_reply(None, "cannot fork: no memory")) == "cannot fork: no memory"
+    assert parse_fork_reply(b"pid x") == "not an answer: b'pid x'"
+    assert parse_fork_reply(b"") == "not an answer: b''"

@@ -79,7 +79,7 @@ async def test_a_pause_that_never_comes_is_not_waited_for_forever(
     gone = weakref.ref(obj)
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(gcpolicy.serve, lambda: time.monotonic())  # always due: never quiet
+            await tg.start(gcpolicy.serve, time.monotonic)  # always due: never quiet
             del obj
             await until(lambda: gone() is None)
             tg.cancel_scope.cancel()

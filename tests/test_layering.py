@@ -61,7 +61,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 OWNERS = {
     "aiosqlite": {"msbd.db.session", "msbd.db.opening"},
     "sqlite3": {"msbd.db.session", "msbd.db.opening"},
-    "ctypes": {"msbd.vm.krun"},
+    # the worker's libkrun; the daemon's one prctl (PR_SET_CHILD_SUBREAPER: no os.prctl)
+    "ctypes": {"msbd.vm.krun", "msbd.daemon.reaper"},
 }
 # What each process-facing entry point must never load, even indirectly.
 NEVER_LOADED = {

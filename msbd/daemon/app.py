@@ -4,13 +4,16 @@ Startup, in this order: log setup; every inherited fd made close-on-exec; the
 fd limit raised; the state dir locked (one daemon per database); the
 database opened and reconciled; the control socket taken from systemd or
 bound (a stale one replaced, a live one refused); the host checked; the
-warm worker pool filled; timers, supervisor and RPC server started; then
-`READY=1`. Nothing is answered before reconciliation is done.
+fork server started (the daemon, a child subreaper since its start, is the
+parent of every worker it forks) and the warm worker pool filled; timers,
+supervisor and RPC server started; then `READY=1`. Nothing is answered
+before reconciliation is done.
 
 On SIGTERM or SIGINT: `STOPPING=1`, stop accepting, let in-flight calls
 finish until `shutdown_timeout`, stop every live sandbox (SIGTERM, SIGKILL
-after `stop_timeout`) recording `stop_requested`, end the idle pool workers,
-close the database, exit 0.
+after `stop_timeout`) recording `stop_requested`, end the idle pool workers
+and the fork server, close the database, exit 0. All along, orphans the
+daemon inherits as a subreaper are reaped (`msbd.daemon.reaper`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import msgspec
 
 from msbd import __version__
 from msbd.config import Settings
-from msbd.daemon import activation, cgroups, gcpolicy, priority, systemd
+from msbd.daemon import activation, cgroups, gcpolicy, priority, reaper, systemd
 from msbd.daemon.api import Api
 from msbd.daemon.console import remove_orphans
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub
+from msbd.daemon.forkserver import ForkServer
 from msbd.daemon.pool import WorkerPool
 from msbd.daemon.reconcile import reconcile
 from msbd.daemon.sockets import bind_control_socket, lock_state_dir
@@ -60,6 +64,11 @@ def run(settings: Settings) -> int:
     sys.setswitchinterval(0.0005)
     _close_on_exec_inherited()
     _raise_fd_limit()
+    # Before anything is spawned: forked workers must become the daemon's children.
+    subreaper = reaper.become_subreaper()
+    if not subreaper and settings.worker_fork_server:
+        log.warning("the fork server is off: workers are spawned instead")
+        settings = msgspec.structs.replace(settings, worker_fork_server=False)
     try:
         anyio.run(_serve, settings, backend="asyncio", backend_options={"use_uvloop": True})
     except AlreadyRunning as exc:
@@ -189,7 +198,12 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
     async with anyio.create_task_group() as tg:
         # No libkrun, no launch: then a pool would only cost memory (`daemon.info` says why).
         can_launch = (settings.libkrun or host.report.libkrun) is not None
-        pool = WorkerPool(settings, size=None if can_launch else 0)
+        tg.start_soon(reaper.serve)
+        forkserver = None
+        if can_launch and settings.worker_fork_server:
+            forkserver = ForkServer(settings)
+            await tg.start(forkserver.serve)  # ended when `tg` is cancelled, below
+        pool = WorkerPool(settings, size=None if can_launch else 0, forkserver=forkserver)
         await tg.start(pool.serve)  # its idle workers end when `tg` is cancelled, below
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
                                 task_group=tg, host=host, pool=pool,

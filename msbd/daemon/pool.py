@@ -51,6 +51,7 @@ import anyio.abc
 
 from msbd.config import Settings
 from msbd.daemon import cgroups
+from msbd.daemon.forkserver import ForkServer
 from msbd.daemon.spawn import Worker, spawn_worker, worker_environ
 from msbd.errors import LaunchFailed
 from msbd.log import ctx
@@ -74,7 +75,8 @@ class _Idle:
 class WorkerPool:
     """Idle workers for `launch`; an unserved pool (or size 0) spawns one per launch."""
 
-    def __init__(self, settings: Settings, *, size: int | None = None) -> None:
+    def __init__(self, settings: Settings, *, size: int | None = None,
+                 forkserver: ForkServer | None = None) -> None:
         self._size = settings.worker_pool if size is None else size
         self._idle_timeout = settings.worker_pool_idle
         self._write_timeout = settings.start_timeout
@@ -84,6 +86,7 @@ class WorkerPool:
         self._wanted = anyio.Event()
         self._failures = 0  # pool workers in a row that died before being taken
         self._tg: anyio.abc.TaskGroup | None = None
+        self._forkserver = forkserver
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -92,7 +95,7 @@ class WorkerPool:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             try:
-                self._fill()
+                await self._fill()
                 task_status.started()
                 while True:
                     await self._wanted.wait()
@@ -100,24 +103,33 @@ class WorkerPool:
                     if self._failures > 1:
                         await anyio.sleep(min(_BACKOFF_FIRST * 2 ** (self._failures - 2),
                                               _BACKOFF_MAX))
-                    self._fill()
+                    await self._fill()
             finally:
                 self._tg = None
 
-    def _fill(self) -> None:
-        assert self._tg is not None
+    async def _fill(self) -> None:
         while len(self._idle) < self._size:
             try:
-                worker = spawn_worker(self._argv, self._env, None)
+                worker = await self._new()
             except LaunchFailed as exc:
                 log.warning("cannot fill the worker pool: %s", exc.message)
                 self._failures += 1
                 self._wanted.set()  # try again after the back-off
                 return
+            assert self._tg is not None
             idle = _Idle(worker)
             self._idle.append(idle)
             self._tg.start_soon(self._keep, idle)
-            log.debug("pool worker spawned", extra=ctx(pid=worker.pid))
+            log.debug("pool worker started", extra=ctx(pid=worker.pid))
+
+    async def _new(self) -> Worker:
+        """A new worker without its spec: forked by the fork server when it is up, else
+        spawned. `LaunchFailed` if the OS refuses the spawn."""
+        if self._forkserver is not None:
+            worker = await self._forkserver.fork()
+            if worker is not None:
+                return worker
+        return spawn_worker(self._argv, self._env, None)
 
     async def _keep(self, idle: _Idle) -> None:
         """Watch one idle worker until it is taken, dies, or has idled too long."""
@@ -178,9 +190,9 @@ class WorkerPool:
                 continue
             self._failures = 0
             return worker
-        if cgroup is None:
+        if cgroup is None and (self._forkserver is None or not self._forkserver.up):
             return spawn_worker(self._argv, self._env, spec)
-        worker = spawn_worker(self._argv, self._env, None)
+        worker = await self._new()
         await _place(worker, cgroup)
         try:
             await write_spec(worker, spec, timeout=self._write_timeout)
