@@ -121,14 +121,6 @@ def wait_for(fact: Callable[[], bool], what: str, timeout: float) -> None:
         time.sleep(0.05)  # a fact outside the daemon (a pid); noqa: sleep-ok
 
 
-def children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found |= {int(p) for p in text}
-    return found
-
-
 # --- the worker alone ------------------------------------------------------------------
 
 
@@ -172,13 +164,11 @@ def test_a_guest_prints_and_exits_with_its_code(vm_daemon: DaemonProc, vm_root: 
                            capture_output=True, text=True, check=True).stdout
     assert "hello from" in shown
     assert gone(pid)
-    daemon = vm_daemon.proc
-    assert daemon is not None
     # What is left is the warm pool: idle workers waiting for a spec (a refill may
-    # still be starting), nothing of this run's.
-    wait_for(lambda: all(waiting_for_spec(p) for p in children(daemon.pid)),
+    # still be starting), nothing of this run's; and the fork server, which forks them.
+    wait_for(lambda: all(waiting_for_spec(p) for p in vm_daemon.children()),
              "the daemon's children to be idle pool workers only", timeout=120)
-    assert pid not in children(daemon.pid)
+    assert pid not in vm_daemon.all_children()
 
 
 def test_args_env_workdir_and_resources_reach_the_guest(vm_daemon: DaemonProc,
