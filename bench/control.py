@@ -158,8 +158,12 @@ def run(*, duration: float = 2.0, warmup: int = 200) -> None:
                              loads["msbd"].summary.p50, loads["floor"].summary.p50,
                              target="<= 2" if ping_seq else None)
                 report.ratio(f"{method}.{mode}.msbd_cpu_per_call_vs_floor",
-                             loads["msbd"].cpu_per_call, loads["floor"].cpu_per_call)
+                             loads["msbd"].cpu_per_call, loads["floor"].cpu_per_call,
+                             target="<= 1.5" if method == "ping" else None)
                 if "supervisord" in loads:
                     report.ratio(f"{method}.{mode}.msbd_rate_vs_supervisord",
                                  loads["msbd"].rate, loads["supervisord"].rate,
+                                 target=">= 10" if method == "ping" else None)
+                    report.ratio(f"{method}.{mode}.supervisord_cpu_per_call_vs_msbd",
+                                 loads["supervisord"].cpu_per_call, loads["msbd"].cpu_per_call,
                                  target=">= 10" if method == "ping" else None)

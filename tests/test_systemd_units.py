@@ -165,8 +165,8 @@ def test_service_directives() -> None:
     actual = {(section, key): one(unit, section, key) for section, key in expected}
     assert actual == expected
     assert unit["Service"]["DeviceAllow"] == ["/dev/kvm rw", "/dev/net/tun rw"]
-    # The daemon's loop thread takes a real-time priority by default (`realtime_loop`):
-    # RestrictRealtime= would refuse it, and the daemon would run without it.
+    # The daemon's loop (for urgent work) and database threads take a real-time priority by
+    # default (`realtime_loop`): RestrictRealtime= would refuse it, and they would run without.
     assert Settings().realtime_loop
     assert "RestrictRealtime" not in unit["Service"]
     # Secrets never go in a unit file: `systemctl show` prints it to everyone.

@@ -213,8 +213,10 @@ class Api:
         timers = None
         if admin:
             late = self._sup.timer_lateness()
+            loop = self._sup.loop_priority
             timers = TimerInfo(fired=late.fired, late_p50=late.p50, late_p99=late.p99,
-                               late_max=late.max)
+                               late_max=late.max, loop_realtime=loop.realtime,
+                               loop_raised=loop.raised)
         return DaemonInfo(
             version=__version__, pid=os.getpid(), uid=self._daemon_uid,
             uptime=time.monotonic() - self._started, socket=s.socket, state_dir=s.state_dir,

@@ -138,14 +138,15 @@ async def _serve(settings: Settings) -> None:
                 cg = await _cgroups(settings)
                 # After the cgroups (a real-time task in a cgroup can keep a controller
                 # from being enabled there), before any worker or thread is started.
-                log.info("event loop: %s", priority.apply(settings.realtime_loop))
+                loop_priority = priority.LoopPriority(settings.realtime_loop)
+                log.info("event loop: %s", loop_priority.probe())
                 # The loop waits on the database thread (and on the GIL it may hold):
                 # at normal priority, busy guests would hold the loop up through it.
                 log.info("database thread: %s",
                          await store.on_thread(lambda: priority.apply(settings.realtime_loop)))
                 await _run_services(settings, store=store, hub=hub, sock=sock,
                                     notifier=notifier, watchdog=watchdog, started=started,
-                                    reconciled=closed, cg=cg)
+                                    reconciled=closed, cg=cg, loop_priority=loop_priority)
             finally:
                 sock.close()
                 if inherited is None:
@@ -181,11 +182,11 @@ def _unlink_if_ours(path: Path, sock: socket.socket) -> None:
 async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
                         sock: socket.socket, notifier: systemd.Notifier,
                         watchdog: float | None, started: float, reconciled: int,
-                        cg: cgroups.Cgroups) -> None:
+                        cg: cgroups.Cgroups, loop_priority: priority.LoopPriority) -> None:
     host = HostCheck(python=settings.worker_python, libkrun=settings.libkrun,
                      env=worker_environ(settings.worker_env))
     await host.refresh()
-    scheduler = Scheduler()
+    scheduler = Scheduler(on_late=loop_priority.late)
     limits = RpcLimits(
         max_frame_bytes=settings.max_frame_bytes, max_batch=settings.max_batch,
         max_connections=settings.max_connections,
@@ -207,7 +208,8 @@ async def _run_services(settings: Settings, *, store: Store, hub: EventHub,
         await tg.start(pool.serve)  # its idle workers end when `tg` is cancelled, below
         supervisor = Supervisor(settings=settings, store=store, scheduler=scheduler,
                                 task_group=tg, host=host, pool=pool,
-                                cgroups=cg)
+                                cgroups=cg, loop_priority=loop_priority)
+        await tg.start(loop_priority.serve)
         await tg.start(scheduler.run, supervisor.fire)
         await tg.start(gcpolicy.serve, scheduler.next_deadline)
         api = Api(settings=settings, store=store, supervisor=supervisor, hub=hub, host=host,

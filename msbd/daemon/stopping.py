@@ -26,6 +26,7 @@ import logging
 import os
 import signal as signal_mod
 import time
+from collections.abc import Callable
 
 import anyio
 
@@ -68,8 +69,9 @@ class Stopping:
     """The stop and signal policy, over the shared timers; owns no run."""
 
     def __init__(self, *, settings: Settings, store: Store, timers: Scheduler,
-                 freezer: Freezer) -> None:
+                 freezer: Freezer, urgent: Callable[[], None] = lambda: None) -> None:
         self._settings = settings
+        self._urgent = urgent  # before a signal: the woken worker must not preempt the loop
         self._freezer = freezer
         self._store = store
         self._timers = timers
@@ -125,12 +127,14 @@ class Stopping:
         """Send `sig` to the worker through its pidfd (no await)."""
         if live.reaped:
             return
+        self._urgent()
         with contextlib.suppress(ProcessLookupError):
             signal_mod.pidfd_send_signal(live.worker.pidfd, sig)
 
     def kill_group(self, live: Live) -> None:
         """SIGKILL the worker's process group (its session): the worker and all it forked;
         and with cgroups, everything in the run's cgroup (`cgroup.kill`)."""
+        self._urgent()
         if live.cgroup is not None:
             cgroups.kill(live.cgroup)
         if live.reaped:

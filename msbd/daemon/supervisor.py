@@ -50,6 +50,7 @@ from msbd.daemon.limits import Limits, Usage, share_of
 from msbd.daemon.live import Live, overlay
 from msbd.daemon.netpolicy import with_network
 from msbd.daemon.pool import WorkerPool
+from msbd.daemon.priority import LoopPriority
 from msbd.daemon.runlimits import open_run_cgroup, run_limits
 from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
 from msbd.daemon.timers import Lateness, Scheduler, TimerKind, max_duration_deadline
@@ -71,8 +72,10 @@ class Supervisor:
     def __init__(self, *, settings: Settings, store: Store, scheduler: Scheduler,
                  task_group: anyio.abc.TaskGroup, host: HostCheck,
                  pool: WorkerPool | None = None,
-                 cgroups: Cgroups | None = None) -> None:
+                 cgroups: Cgroups | None = None,
+                 loop_priority: LoopPriority | None = None) -> None:
         self._settings = settings
+        self.loop_priority = loop_priority if loop_priority is not None else LoopPriority(False)
         self.cgroups = cgroups if cgroups is not None else cgroup_off("not set up")
         self._pool = pool if pool is not None else WorkerPool(settings)  # unserved: no pool
         self._store = store
@@ -89,11 +92,12 @@ class Supervisor:
         self._give_up = anyio.Event()  # shutdown: stop retrying refused writes
         self.freezer = Freezer(settings=settings, store=store, timers=scheduler,
                                cgroups=self.cgroups)  # pause and resume
+        urgent = self.loop_priority.urgent
         self._stopping = Stopping(settings=settings, store=store, timers=scheduler,
-                                  freezer=self.freezer)
+                                  freezer=self.freezer, urgent=urgent)
         self._watcher = Watcher(settings=settings, store=store, timers=scheduler,
                                 stopping=self._stopping, on_exit=self._exited,
-                                on_ended=self._ended, give_up=self._give_up)
+                                on_ended=self._ended, give_up=self._give_up, urgent=urgent)
 
     def _exited(self, live: Live) -> None:
         """The worker is gone: what it held is free, whether its end is on disk or not."""

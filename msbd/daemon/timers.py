@@ -224,9 +224,11 @@ class Scheduler:
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
-                 max_samples: int = 4096) -> None:
+                 max_samples: int = 4096,
+                 on_late: Callable[[float], None] | None = None) -> None:
         self._deadlines = Deadlines()
         self._clock = clock
+        self._on_late = on_late  # told each lateness before its fire (msbd.daemon.priority)
         self._changed: anyio.Event | None = None
         # The deadline the loop is waiting for; -inf while it is not waiting
         # (it will look at the heap again anyway), +inf when there is none.
@@ -278,7 +280,10 @@ class Scheduler:
         try:
             while True:
                 for due in self._deadlines.pop_due(self._clock()):
-                    self._record(self._clock() - due.deadline)
+                    late = self._clock() - due.deadline
+                    self._record(late)
+                    if self._on_late is not None:
+                        self._on_late(late)
                     result = fire(due.key, due.kind)
                     if result is not None:
                         await result

@@ -141,6 +141,10 @@ class TimerInfo(Result, frozen=True):
     late_p50: float
     late_p99: float
     late_max: float
+    loop_realtime: bool = False
+    """Whether the event loop runs at its real-time priority now (`realtime_loop`)."""
+    loop_raised: int = 0
+    """How many times the loop was raised to it, for urgent work."""
 
 
 class CgroupsInfo(Result, frozen=True):
