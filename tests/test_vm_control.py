@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -207,9 +208,17 @@ def test_the_worker_gives_up_after_the_grace_and_the_margin(
         channel: control.Channel, capfd: pytest.CaptureFixture[str]) -> None:
     exits = Exits()
     shutdown = guard.Shutdown(0.1, 0.2, channel=channel, force_exit=exits)
-    shutdown.request(6, "the daemon is gone (EOF on fd 97)")
-    shutdown.request(6, "again, not insisting")  # ignored
-    assert exits.happened.wait(20)
+    assert shutdown.left() is None  # not asked yet
+    t0 = time.monotonic()
+    assert shutdown.request(6, "the daemon is gone (EOF on fd 97)")  # the caller waits it out
+    assert not shutdown.request(6, "again, not insisting")  # ignored
+    left = shutdown.left()
+    assert left is not None and 0.0 < left <= 0.3
+    time.sleep(left)
+    assert time.monotonic() - t0 >= 0.3
+    assert shutdown.left() == 0.0
+    shutdown.give_up()
+    shutdown.give_up()  # another thread that waited too: once only
     assert exits.statuses == [6]
     assert lines_of(capfd.readouterr().err) == [
         "msbd-worker: the daemon is gone (EOF on fd 97): the guest's init has not connected to "

@@ -174,9 +174,11 @@ def test_a_stop_before_the_guest_connected_is_sent_when_it_does(
     ("none", "its init never connected to the control channel"),
     ("deaf", "its init did not end the run"),  # connected, said `started`, ignored `stop`
 ])
+@pytest.mark.parametrize(("how", "status"), [("fd 97 EOF", 6), ("SIGTERM", 143)])
 def test_the_worker_exits_by_force_when_the_guest_does_not_end(
         workers: Workers, make_spec: Callable[..., bytes], log: Path, mode: str,
-        what: str) -> None:
+        what: str, how: str, status: int) -> None:
+    """The thread that asked waits out the grace: the watchdog's, or the signal thread."""
     grace, margin = 0.3, 0.4
     w = workers.start(make_spec(shutdown_grace=grace, shutdown_margin=margin, log_level=INFO,
                                 **SLEEPER), log=log, env={"FAKEKRUN_CONTROL": mode})
@@ -185,12 +187,15 @@ def test_the_worker_exits_by_force_when_the_guest_does_not_end(
     else:
         assert w.status_line() == "entering"
     t0 = time.monotonic()
-    w.close_watchdog()
-    assert w.wait() == 6
+    if how == "SIGTERM":
+        os.kill(w.pid, signal.SIGTERM)
+    else:
+        w.close_watchdog()
+    assert w.wait() == status
     assert grace + margin <= time.monotonic() - t0 < grace + margin + GRACE_TOLERANCE
     assert w.output().splitlines()[-1] == (
         f"msbd-worker: the guest did not stop within its grace of 0.3 s and 0.4 s more "
-        f"({what}); exit status 6")
+        f"({what}); exit status {status}")
     assert w.calls_named("exit") == []  # forced: the test double never saw its guest end
     assert stop_lines(w) == (["stop 0.3"] if mode == "deaf" else [])
 
@@ -262,6 +267,35 @@ def test_a_second_sigterm_forces_exit_at_once(workers: Workers,
     assert w.wait() == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < GRACE_TOLERANCE
     assert w.console.readline(20) == "msbd-worker: SIGTERM again: exiting now; exit status 143"
+
+
+def threads(pid: int) -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_a_stop_starts_no_thread(workers: Workers, make_spec: Callable[..., bytes],
+                                 log: Path) -> None:
+    """Every thread a stop needs exists before it: one that could not be made then (a
+    pids limit, no memory) must not leave a worker that never stops."""
+    w = workers.start(make_spec(shutdown_grace=600.0, heartbeat_interval=0.1, log_level=INFO,
+                                **STUBBORN), log=log)
+    connected(w, "ready")
+    before = threads(w.pid)
+    os.kill(w.pid, signal.SIGTERM)
+    assert w.console is not None
+    assert w.console.readline(20) == ("msbd-worker: SIGTERM: asking the guest to stop over the "
+                                      "control channel (grace 600 s)")
+    assert w.console.readline(20) == ("msbd-init: stopping (stop from the host): SIGTERM to "
+                                      "every process, SIGKILL after 600000 ms")
+    # Watched over three heartbeats: a thread started for the stop would show in that time.
+    for _ in range(3):
+        assert threads(w.pid) == before
+        assert w.status_line(5, skip_heartbeats=False) == "heartbeat"
+    assert threads(w.pid) == before
+    w.close_watchdog()  # the daemon gone as well: asked already, nothing more to start
+    assert threads(w.pid) <= before
+    os.kill(w.pid, signal.SIGTERM)
+    assert w.wait() == 128 + signal.SIGTERM
 
 
 def test_heartbeats_arrive_at_the_set_interval(workers: Workers,

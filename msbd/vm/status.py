@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
-import time
 from typing import Final
 
 from msbd.contract import StatusWord, status_line
@@ -47,19 +45,3 @@ class StatusPipe:
         except OSError:
             return False
         return True
-
-    def beat(self, interval: float, stop: threading.Event) -> None:
-        """Thread body: `heartbeat` every `interval` seconds until EPIPE or `stop`.
-
-        Deadlines come from the monotonic clock; a late beat does not make
-        the next ones bunch up (missed deadlines are skipped, not replayed).
-        """
-        deadline = time.monotonic() + interval
-        while not stop.wait(max(0.0, deadline - time.monotonic())):
-            if not self.send(HEARTBEAT):
-                say("the status pipe is closed: no more heartbeats")
-                return
-            deadline += interval
-            now = time.monotonic()
-            if deadline <= now:
-                deadline = now + interval
