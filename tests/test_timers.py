@@ -16,6 +16,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from msbd.daemon.timers import (
+    AfterFires,
     Deadlines,
     Due,
     Scheduler,
@@ -537,3 +538,66 @@ async def test_a_long_run_of_due_deadlines_does_not_starve_the_loop() -> None:
             await rec.wait()
     assert len(rec.fired) == n
     assert other_ran_after and other_ran_after[0] < n // 2, other_ran_after
+
+
+async def test_work_left_by_fires_waits_until_no_deadline_is_overdue() -> None:
+    """A burst's fires go first: what each fire leaves (`AfterFires`, its stop's record)
+    starts only once the scheduler caught up, never between the fires of a burst."""
+    n = 100
+    sched, rec = Scheduler(), Recorder(n)
+    started_after: list[int] = []  # fires done when each piece of left work started
+
+    async def work() -> None:
+        started_after.append(len(rec.fired))
+
+    async with anyio.create_task_group() as tg:
+        after = AfterFires(sched, tg)
+
+        def slow_fire(name: str, kind: TimerKind) -> None:
+            start = time.monotonic()
+            while time.monotonic() - start < 0.001:  # a fire's work: about 1 ms of CPU
+                pass
+            rec(name, kind)
+            after.add(work)
+
+        t0 = time.monotonic()
+        async with running(sched, slow_fire):
+            # 0.5 ms apart: each batch ends with the next deadline already due.
+            for i in range(n):
+                sched.set(f"s{i:03d}", IDLE, t0 + 0.01 + i * 0.0005)
+            await rec.wait()
+            with anyio.fail_after(GUARD):
+                while len(started_after) < n:
+                    await anyio.sleep(0.001)
+    assert started_after == [n] * n
+
+
+async def test_left_work_starts_a_chunk_per_turn_of_the_loop() -> None:
+    """Between two chunks the loop takes a turn (a deadline falling then waits for one
+    chunk's first steps at most, not for all of them)."""
+    sched = Scheduler()
+    turns = 0
+    seen: list[int] = []  # the turn each piece of work started in
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async def work() -> None:
+        seen.append(turns)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        await anyio.lowlevel.checkpoint()
+        after = AfterFires(sched, tg, chunk=10)
+        for _ in range(100):
+            after.add(work)
+        with anyio.fail_after(GUARD):
+            while len(seen) < 100:
+                await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
+    groups = [seen[i:i + 10] for i in range(0, 100, 10)]
+    assert all(len(set(group)) == 1 for group in groups), seen  # a chunk starts together
+    assert len({group[0] for group in groups}) == 10, seen  # in ten different turns

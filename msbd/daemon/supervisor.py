@@ -53,7 +53,7 @@ from msbd.daemon.pool import WorkerPool
 from msbd.daemon.priority import LoopPriority
 from msbd.daemon.runlimits import open_run_cgroup, run_limits
 from msbd.daemon.stopping import GUEST_MARGIN, NON_FATAL_SIGNALS, Stopping
-from msbd.daemon.timers import Lateness, Scheduler, TimerKind, max_duration_deadline
+from msbd.daemon.timers import AfterFires, Lateness, Scheduler, TimerKind, max_duration_deadline
 from msbd.daemon.watcher import Watcher
 from msbd.db.store import RunEnd, Store
 from msbd.errors import Conflict, LaunchFailed, StoreError, TimedOut
@@ -88,6 +88,7 @@ class Supervisor:
         self._limits = Limits(settings, admins=frozenset({0, self._daemon_uid}))
         # sandbox id -> set once a launch in progress has a live worker (or failed).
         self._launching: dict[int, anyio.Event] = {}
+        self._after_fires = AfterFires(scheduler, task_group)  # the timers' stop records
         self._changed = anyio.Event()
         self._give_up = anyio.Event()  # shutdown: stop retrying refused writes
         self.freezer = Freezer(settings=settings, store=store, timers=scheduler,
@@ -351,7 +352,7 @@ class Supervisor:
     def fire(self, key: int, kind: TimerKind) -> None:
         """Scheduler callback, for one due deadline. Decides and signals right here
         (no await, so a thousand due deadlines are a thousand signals in a row);
-        only the database record is left to a task in our group."""
+        only the database record is left for after the burst (`AfterFires`)."""
         live = self.live.get(key)
         if live is None or live.exited.is_set():
             return
@@ -360,7 +361,7 @@ class Supervisor:
             return
         if self._stopping.ask(live, reason, grace=self._settings.stop_timeout,
                               detail=self._stopping.timer_detail(live, reason)):
-            self._tg.start_soon(self._stopping.record, live, reason)
+            self._after_fires.add(self._stopping.record, live, reason)
 
     def timer_lateness(self) -> Lateness:
         """How late deadlines fired (seconds), over the scheduler's recent samples."""
