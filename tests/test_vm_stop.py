@@ -251,21 +251,27 @@ def test_without_a_control_channel_a_signal_exits_at_once(
     assert w.calls_named("krun_add_vsock_port2", "control_connect", "exit") == []
 
 
-def test_a_second_sigterm_forces_exit_at_once(workers: Workers,
-                                              make_spec: Callable[..., bytes],
-                                              log: Path) -> None:
-    w = workers.start(make_spec(shutdown_grace=600.0, log_level=INFO, **STUBBORN), log=log)
-    connected(w, "ready")
+def sigterm_seen_through(w: Worker) -> None:
+    """SIGTERM to a worker with a 600 s grace; wait until its guest's init acted on it."""
     os.kill(w.pid, signal.SIGTERM)
     assert w.console is not None
     assert w.console.readline(20) == ("msbd-worker: SIGTERM: asking the guest to stop over the "
                                       "control channel (grace 600 s)")
     assert w.console.readline(20) == ("msbd-init: stopping (stop from the host): SIGTERM to "
                                       "every process, SIGKILL after 600000 ms")
+
+
+def test_a_second_sigterm_forces_exit_at_once(workers: Workers,
+                                              make_spec: Callable[..., bytes],
+                                              log: Path) -> None:
+    w = workers.start(make_spec(shutdown_grace=600.0, log_level=INFO, **STUBBORN), log=log)
+    connected(w, "ready")
+    sigterm_seen_through(w)
     t0 = time.monotonic()
     os.kill(w.pid, signal.SIGTERM)
     assert w.wait() == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < GRACE_TOLERANCE
+    assert w.console is not None
     assert w.console.readline(20) == "msbd-worker: SIGTERM again: exiting now; exit status 143"
 
 
@@ -281,12 +287,7 @@ def test_a_stop_starts_no_thread(workers: Workers, make_spec: Callable[..., byte
                                 **STUBBORN), log=log)
     connected(w, "ready")
     before = threads(w.pid)
-    os.kill(w.pid, signal.SIGTERM)
-    assert w.console is not None
-    assert w.console.readline(20) == ("msbd-worker: SIGTERM: asking the guest to stop over the "
-                                      "control channel (grace 600 s)")
-    assert w.console.readline(20) == ("msbd-init: stopping (stop from the host): SIGTERM to "
-                                      "every process, SIGKILL after 600000 ms")
+    sigterm_seen_through(w)
     # Watched over three heartbeats: a thread started for the stop would show in that time.
     for _ in range(3):
         assert threads(w.pid) == before
