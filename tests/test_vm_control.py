@@ -214,7 +214,7 @@ def test_the_worker_gives_up_after_the_grace_and_the_margin(
     assert not shutdown.request(6, "again, not insisting")  # ignored
     left = shutdown.left()
     assert left is not None and 0.0 < left <= 0.3
-    time.sleep(left)  # noqa: sleep-ok (the caller's part: the worker's waiting thread sleeps so)
+    time.sleep(left)  # the caller's part, as the worker's waiting thread does; noqa: sleep-ok
     assert time.monotonic() - t0 >= 0.3
     assert shutdown.left() == 0.0
     shutdown.give_up()
