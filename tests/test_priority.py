@@ -44,7 +44,8 @@ def wait_for(fact: Callable[[], bool], what: str, guard: float = 30.0) -> None:
 @needs_root
 def test_the_loop_is_real_time_for_a_signal_and_normal_again_after_the_hold(
         make_daemon: Callable[..., DaemonProc], fakekrun: Path, busybox_root: Path) -> None:
-    d = make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 0.2})
+    # No timer may fire during the test (one late by over 5 ms would raise the loop too).
+    d = make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 60.0})
     assert d.proc is not None
     pid = d.proc.pid
     info = d.call("sandbox.run", sleeper("rt", busybox_root))
@@ -81,7 +82,7 @@ def test_the_loop_is_real_time_for_a_signal_and_normal_again_after_the_hold(
 def test_a_worker_exit_alone_raises_the_loop(make_daemon: Callable[..., DaemonProc],
                                              fakekrun: Path, busybox_root: Path) -> None:
     """No signal, no timer: a guest that ends by itself; the exit is urgent work."""
-    d = make_daemon(libkrun=fakekrun)
+    d = make_daemon(libkrun=fakekrun, settings={"heartbeat_interval": 60.0})
     d.call("sandbox.run", sleeper("short", busybox_root, args=["true"]))
     wait_for(lambda: d.call("sandbox.get", {"name": "short"})["state"] == "stopped",
              "the run's end")

@@ -540,7 +540,7 @@ async def test_a_long_run_of_due_deadlines_does_not_starve_the_loop() -> None:
     assert other_ran_after and other_ran_after[0] < n // 2, other_ran_after
 
 
-async def test_work_left_by_fires_waits_until_no_deadline_is_overdue() -> None:
+async def test_work_left_by_fires_waits_until_the_scheduler_caught_up() -> None:
     """A burst's fires go first: what each fire leaves (`AfterFires`, its stop's record)
     starts only once the scheduler caught up, never between the fires of a burst."""
     n = 100
@@ -601,3 +601,26 @@ async def test_left_work_starts_a_chunk_per_turn_of_the_loop() -> None:
     groups = [seen[i:i + 10] for i in range(0, 100, 10)]
     assert all(len(set(group)) == 1 for group in groups), seen  # a chunk starts together
     assert len({group[0] for group in groups}) == 10, seen  # in ten different turns
+
+
+async def test_left_work_starts_while_the_scheduler_waits_or_has_stopped() -> None:
+    """Caught up: waiting for a deadline to come (not due yet), or not running at all."""
+    sched = Scheduler()
+    ran: list[str] = []
+
+    async def work(what: str) -> None:
+        ran.append(what)
+
+    async with anyio.create_task_group() as tg:
+        after = AfterFires(sched, tg)
+        async with running(sched, Recorder(1)):
+            sched.set("later", IDLE, time.monotonic() + 600)
+            after.add(work, "while waiting")
+            with anyio.fail_after(GUARD):
+                while not ran:
+                    await anyio.lowlevel.checkpoint()
+        after.add(work, "stopped")  # the scheduler has stopped: nothing to wait for
+        with anyio.fail_after(GUARD):
+            while len(ran) < 2:
+                await anyio.lowlevel.checkpoint()
+    assert ran == ["while waiting", "stopped"]

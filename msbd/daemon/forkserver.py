@@ -144,15 +144,10 @@ class ForkServer:
     async def _until_ready(self, zygote: _Zygote) -> None:
         """Read the zygote's FORK_READY; return early if it ends or says anything else
         (then it is killed). Launches meanwhile spawn their workers: none waits."""
-        while True:
-            try:
-                said = zygote.sock.recv(64)
-                break
-            except BlockingIOError:
-                await anyio.wait_readable(zygote.sock)
-            except OSError:
-                said = b""
-                break
+        try:
+            said = await _recv(zygote.sock, 64)
+        except OSError:
+            said = b""
         if said == FORK_READY:
             zygote.ready = True
             self._readied.set()
@@ -231,12 +226,7 @@ class ForkServer:
                         break
                     except BlockingIOError:
                         await anyio.wait_writable(zygote.sock)
-                while True:
-                    try:
-                        answer = zygote.sock.recv(256)
-                        break
-                    except BlockingIOError:
-                        await anyio.wait_readable(zygote.sock)
+                answer = await _recv(zygote.sock, 256)
         except (OSError, TimeoutError) as exc:  # EPIPE/ECONNRESET: the zygote died
             log.warning("the fork server did not answer: %s", exc, extra=ctx(pid=zygote.pid))
             zygote.kill()
@@ -248,6 +238,15 @@ class ForkServer:
                     extra=ctx(pid=zygote.pid))
         zygote.kill()
         return None
+
+
+async def _recv(sock: socket.socket, size: int) -> bytes:
+    """One `recv` on the non-blocking socket, waiting until it is readable."""
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
 
 
 def _adopt(ends: WorkerEnds, pid: int) -> Worker | None:

@@ -237,6 +237,7 @@ class Scheduler:
         self._fired = 0
         self._late_total = 0.0
         self._late_max = 0.0
+        self._caught_up: anyio.Event | None = None  # set while `run` waits (`caught_up`)
 
     def now(self) -> float:
         return self._clock()
@@ -263,10 +264,12 @@ class Scheduler:
         """The earliest deadline set, or None."""
         return self._deadlines.next_deadline()
 
-    def overdue(self) -> bool:
-        """Whether a deadline is due and not fired yet (a burst under way)."""
-        deadline = self._deadlines.next_deadline()
-        return deadline is not None and deadline <= self._clock()
+    async def caught_up(self) -> None:
+        """Return once `run` waits for its next deadline, not in the middle of a burst (at
+        once when it is not running)."""
+        event = self._caught_up
+        if event is not None:
+            await event.wait()
 
     async def run(self, fire: Fire, *,
                   task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -281,6 +284,7 @@ class Scheduler:
         if self._changed is not None:
             raise RuntimeError("Scheduler.run is already running")
         self._changed = anyio.Event()
+        self._caught_up = anyio.Event()
         task_status.started()
         try:
             while True:
@@ -297,6 +301,7 @@ class Scheduler:
                 deadline = self._deadlines.next_deadline()
                 if deadline is None:
                     self._waiting_for = math.inf
+                    self._caught_up.set()
                     await self._changed.wait()
                 else:
                     delay = deadline - self._clock()
@@ -306,12 +311,16 @@ class Scheduler:
                         await anyio.lowlevel.checkpoint()
                         continue
                     self._waiting_for = deadline
+                    self._caught_up.set()
                     with anyio.move_on_after(whole_ms(delay)):
                         await self._changed.wait()
                 self._waiting_for = -math.inf
+                self._caught_up = anyio.Event()
         finally:
             self._changed = None
             self._waiting_for = -math.inf
+            self._caught_up.set()  # nobody waits for a scheduler that has stopped
+            self._caught_up = None
 
     def lateness_samples(self) -> list[float]:
         """The most recent `fired_at - deadline` samples (at most `max_samples`), oldest first."""
@@ -333,8 +342,8 @@ class Scheduler:
 
 
 class AfterFires:
-    """Work a fire leaves for later: started `chunk` tasks at a time, never while a deadline
-    is overdue.
+    """Work a fire leaves for later: started `chunk` tasks at a time, only while the
+    scheduler has caught up (waits for its next deadline), never in the middle of a burst.
 
     Why: in a burst (a thousand idle deadlines within 150 ms) the fires must
     go first. A task spawned per fire (its `stopping` record) ran between the
@@ -362,8 +371,7 @@ class AfterFires:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                while self._scheduler.overdue():
-                    await anyio.lowlevel.checkpoint()
+                await self._scheduler.caught_up()
                 chunk, self._queue = self._queue[:self._chunk], self._queue[self._chunk:]
                 for fn, args in chunk:
                     self._tg.start_soon(fn, *args)
