@@ -7,12 +7,15 @@ msbd, and the peer, supervisord's XML-RPC (`supervisor.getState` for ping,
 One client calling sequentially, then 16 clients (16 processes, one
 connection each, each sequential). Besides calls/s and latency it reports
 each server's own CPU per call (utime+stime of the server process over the
-run / calls), which the client's overhead does not blur.
+run / calls), which the client's overhead does not blur. The floor and msbd
+take turns for several rounds and the median round counts: on two cores shared
+with 16 client processes, one round of either moves by a third from run to run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import subprocess
 import time
 import xmlrpc.client
@@ -42,9 +45,25 @@ CONCURRENT = 16
 
 @dataclass
 class Load:
-    summary: Summary
-    rate: float
+    latencies: list[float]  # seconds, every call
+    wall: float  # seconds from the first client's start to the last one's end
     cpu_per_call: float  # server CPU seconds per call
+
+    @property
+    def summary(self) -> Summary:
+        return Summary.of(self.latencies)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.wall
+
+    @staticmethod
+    def pooled(rounds: list[Load]) -> Load:
+        """Several rounds as one: every latency, calls over the summed wall time, and
+        the median round's CPU per call (a round that the machine's other work
+        disturbed moves a median less than a sum)."""
+        return Load([t for r in rounds for t in r.latencies], sum(r.wall for r in rounds),
+                    statistics.median(r.cpu_per_call for r in rounds))
 
 
 def run_load(path: Path, kind: str, payload: bytes, *, clients: int, duration: float,
@@ -76,8 +95,7 @@ def run_load(path: Path, kind: str, payload: bytes, *, clients: int, duration: f
                 p.wait()
     latencies = [ns / 1e9 for out in outs for ns in out["latencies"]]
     wall = (max(o["end"] for o in outs) - min(o["start"] for o in outs)) / 1e9
-    calls = len(latencies)
-    return Load(Summary.of(latencies), calls / wall, (cpu1 - cpu0) / max(calls, 1))
+    return Load(latencies, wall, (cpu1 - cpu0) / max(len(latencies), 1))
 
 
 @contextlib.contextmanager
@@ -95,10 +113,13 @@ def floor_server(base: Path, results_file: Path) -> Iterator[subprocess.Popen[by
         proc.wait()
 
 
-def run(*, duration: float = 2.0, warmup: int = 200) -> None:
+def run(*, duration: float = 2.0, warmup: int = 200, rounds: int = 3) -> None:
     report = Report("control path")
     report.note(f"each figure: {duration:g} s of calls after {warmup} warm-up calls per "
                 "client; clients read replies without parsing them (same work per server)")
+    report.note(f"the floor and msbd: {rounds} rounds each, taking turns (floor, msbd, "
+                "floor, ...); their CPU per call is the median round's, their latencies and "
+                "rate all rounds'; supervisord: one round")
     report.note("supervisord client: raw HTTP/1.1 POST on one keep-alive connection "
                 "(what xmlrpc.client sends, minus reconnecting per call)")
     with scratch("ctl") as base, contextlib.ExitStack() as stack:
@@ -144,12 +165,19 @@ def run(*, duration: float = 2.0, warmup: int = 200) -> None:
         for method in ("ping", "list"):
             for clients in (1, CONCURRENT):
                 mode = "seq" if clients == 1 else f"c{clients}"
-                loads: dict[str, Load] = {}
-                for server, (path, kind, pid) in servers.items():
-                    load = run_load(path, kind, payloads[method][kind], clients=clients,
-                                    duration=duration, warmup=warmup, server_pid=pid,
-                                    work=base)
-                    loads[server] = load
+                runs: dict[str, list[Load]] = {server: [] for server in servers}
+                for turn in range(rounds):
+                    for server, (path, kind, pid) in servers.items():
+                        if turn and server == "supervisord":
+                            continue
+                        runs[server].append(run_load(
+                            path, kind, payloads[method][kind], clients=clients,
+                            duration=duration, warmup=warmup, server_pid=pid, work=base))
+                report.note(f"{method}.{mode} CPU per call by round: " + "; ".join(
+                    f"{server} " + ", ".join(f"{r.cpu_per_call * 1e6:.2f}" for r in rs)
+                    for server, rs in runs.items()) + " us")
+                loads = {server: Load.pooled(rs) for server, rs in runs.items()}
+                for server, load in loads.items():
                     name = f"{method}.{mode}.{server}"
                     report.latency(name, load.summary, rate=load.rate)
                     report.figure(f"{name}.server_cpu_per_call", load.cpu_per_call * 1e6, "us")

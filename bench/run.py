@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         rate = None
         if "control" in chosen:
             with _took("control"):
-                control.run(duration=0.3, warmup=20) if args.quick else control.run()
+                control.run(duration=0.3, warmup=20, rounds=1) if args.quick else control.run()
         if "launch" in chosen:
             with _took("launch"):
                 rate = (launch.run(count=3, concurrent_count=8, probes=2) if args.quick

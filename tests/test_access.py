@@ -196,6 +196,12 @@ def test_unknown_caller_is_refused() -> None:
     assert caught.value.data == {"method": "sandbox.list"}
     assert not Caller(uid=-1, gid=-1).is_admin(daemon_uid=-1)
     assert asyncio.run(api(ctx, "daemon.ping", NoParams())) == "pong"
+    # Answered inline, the same; the second time too, with the caller remembered.
+    assert ctx.connection.memo is not None
+    for _ in range(2):
+        with pytest.raises(PermissionDenied):
+            api.immediate["sandbox.list"](ctx, ListSandboxParams())
+        assert api.immediate["daemon.ping"](ctx, NoParams()) == "pong"
 
 
 # --- host paths -------------------------------------------------------------------------

@@ -383,8 +383,11 @@ async def test_a_frame_read_alone_waits_at_the_shut_gate_too() -> None:
         c = connect()
         c.send(req("daemon.ping", 99) + b"\n")
         assert await c.line() == PING_99  # the connection's task runs: reads go straight on
-        for n in "abc":
+        assert c.transport.reading  # an inline call took no slot
+        for n in "ab":
             c.send(req("sandbox.wait", n, {"name": n}) + b"\n")
+        assert not c.transport.reading  # shut by the frame that took the last slot
+        c.send(req("sandbox.wait", "c", {"name": "c"}) + b"\n")  # read before the pause
         await handler.gate("a")[0].wait()
         await handler.gate("b")[0].wait()
         assert not handler.gate("c")[0].is_set()

@@ -31,6 +31,7 @@ from msbd import __version__, states
 from msbd.config import Settings
 from msbd.daemon import cgroups
 from msbd.daemon.access import (
+    OPEN_METHODS,
     Caller,
     check_identity,
     check_spec_paths,
@@ -104,9 +105,14 @@ def _awaitable(func: Immediately) -> Handler:
 
 def _inline(method: str, func: Immediately) -> Immediate:
     """`func` as the server calls a method it answers inline, the caller checked as in
-    `Api.__call__`."""
+    `Api.__call__` (`_caller`, written out: this runs for every ping)."""
+    open_method = method in OPEN_METHODS
+
     def call(ctx: CallContext, params: Any) -> Any:
-        return func(_caller(ctx, method), params, ctx)
+        caller: Caller | None = ctx.connection.memo
+        if caller is None or not (open_method or caller.known):
+            caller = _caller(ctx, method)
+        return func(caller, params, ctx)
     return call
 
 

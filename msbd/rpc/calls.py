@@ -103,7 +103,8 @@ class CallRunner:
         reply = answer_now(now, ctx, call)
         if reply is not None:
             self.write(reply)
-        self.start_deferred(ctx)
+        if ctx.deferred:
+            self.start_deferred(ctx)
 
     def launch(self, job: Call | list[Item]) -> None:
         """Hand `job` to an idle worker of this connection, or start one."""

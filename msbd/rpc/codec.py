@@ -206,6 +206,10 @@ def _call(env: _Envelope) -> Item | None:
     notification = env.id is UNSET
     rid: Id = None if isinstance(env.id, UnsetType) else env.id
     raw = env.params
+    if not raw:  # absent, the common case (`ping`, `info`): its checked default if it has one
+        found = _PARAMS.get(env.method)
+        if found is not None and found[1] is not None:
+            return Call(rid, env.method, found[1], notification)
     kind = memoryview(raw)[0] if len(raw) else 0x7B  # absent reads as "{}"
     if kind not in _STRUCTURED:
         return Invalid(rid, InvalidRequest(

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import anyio
+import msgspec
 
 from msbd.errors import MsbdError
 from msbd.model import Spec
@@ -104,14 +105,16 @@ class Connection:
         self._link.close()
 
 
-class CallContext:
-    """What a handler gets besides its params: the connection, and `defer`."""
+class CallContext(msgspec.Struct):
+    """What a handler gets besides its params: the connection, and `defer`.
 
-    __slots__ = ("connection", "deferred")
+    A struct, not a class with `__init__`: one is made for every call, and
+    msgspec builds it without running Python code. (Still tracked by the
+    garbage collector: a deferred job may hold its context.)
+    """
 
-    def __init__(self, connection: Connection) -> None:
-        self.connection = connection
-        self.deferred: list[Deferred] = []
+    connection: Connection
+    deferred: list[Deferred] = msgspec.field(default_factory=list)
 
     def defer(self, job: Deferred) -> None:
         """Run `job()` once this call's reply (or its batch's reply) is written.

@@ -100,10 +100,13 @@ class ServerProtocol(CallRunner, asyncio.Protocol):
         self.last_active = self.loop.time()
         if self.may_read() and (line := self.frames.single(data)):
             # One whole frame and nothing buffered (a client that waits for each reply):
-            # dispatched straight from the chunk, never copied into the framer.
+            # dispatched straight from the chunk, never copied into the framer. Nothing
+            # was buffered, so no frame was unfinished (`frame_started` is None). A call
+            # answered inline takes no slot: the gate stays as `may_read` found it, or
+            # whatever shut it meanwhile (writing paused, closing, draining) set it too.
+            inflight = self.inflight
             self.dispatch(line)
-            if not self.closing:
-                self.frame_started = None
+            if self.inflight != inflight and not self.closing:
                 self.update_reading()
             return
         self.frames.feed(data)
