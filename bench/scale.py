@@ -223,10 +223,15 @@ def run(*, sandboxes: int = 1000, launch_rate: float | None = None, window: floa
         # Steady state.
         time.sleep(2.0)
         cpu0, w0 = proc_cpu_seconds(msbd.pid), time.monotonic()
+        busy0 = _machine_busy_seconds()
         time.sleep(window)
-        cpu = (proc_cpu_seconds(msbd.pid) - cpu0) / (time.monotonic() - w0)
+        steady_wall = time.monotonic() - w0
+        cpu = (proc_cpu_seconds(msbd.pid) - cpu0) / steady_wall
+        steady_busy = (_machine_busy_seconds() - busy0) / steady_wall  # cores' worth
         report.figure("scale.daemon_cpu_steady", cpu * 100, "% of a core",
                       note=f"over {window:g} s, {n} heartbeats/s")
+        report.figure("scale.machine_busy_steady", steady_busy * 100, "% of a core",
+                      note="all processes (workers' heartbeats, the daemon), same window")
         list_lat: list[float] = []
         # One page of every record (1000 at most per page), specs left out as by default.
         list_frame = request("sandbox.list", {"limit": min(n, 1000)})
@@ -317,6 +322,17 @@ def run(*, sandboxes: int = 1000, launch_rate: float | None = None, window: floa
         report.figure("idle.burst_machine_busy", 100 * machine_busy / (cores * burst_wall),
                       "% of all cores", note=f"over the same {burst_wall:.2f} s (/proc/stat): "
                       "near 100 means the workers' own ends need the CPU the burst waits for")
+        # What the ends cost besides the daemon: the workers, their guests (here the
+        # test double and each guest's workload process) and the kernel reaping them,
+        # less what the machine spent anyway (the steady rate over the same wall time).
+        rest = machine_busy - daemon_burst - steady_busy * burst_wall
+        report.figure("idle.burst_cpu.rest", rest * 1e3, "ms",
+                      note="machine busy - daemon - steady load, same window")
+        # Even a daemon that cost nothing leaves that work to the cores after the first
+        # deadline: the last end comes no sooner than rest / cores after it.
+        report.figure("idle.last_end_bound_without_daemon", (rest / cores - spread) * 1e3,
+                      "ms", note=f"rest / {cores} cores - deadline spread: the last deadline "
+                      "to the last end if the daemon's own work were free")
         msbd.stop(300.0)
 
         # Reconciliation after a restart.
