@@ -8,7 +8,7 @@ client, so what is measured is only the server's Python work from the bytes
 read to the reply written. Two connections side by side: **task** sends the
 ping to the handler on a worker task (the path of every call that may
 suspend), **inline** answers it from an immediate shaped like the daemon's
-(`msbd.daemon.api`: the caller built from the connection and checked).
+(`msbd.daemon.calling`: the caller built from the connection and checked).
 Seven rounds of N pings each, interleaved; the process's CPU time per ping,
 min and median. `--profile` then prints cProfile's top functions of the
 inline path.
@@ -29,7 +29,7 @@ import anyio
 import msgspec
 import uvloop
 
-from msbd.daemon.api import _caller, _inline
+from msbd.daemon.calling import caller_of, inline
 from msbd.peer import Peer
 from msbd.rpc.handler import CallContext
 from msbd.rpc.limits import RpcLimits
@@ -69,7 +69,7 @@ class Sink(asyncio.Transport):
 
 
 async def _handler(ctx: CallContext, method: str, params: Any) -> Any:
-    _caller(ctx, method)  # what the daemon's Api does before any handler
+    caller_of(ctx, method)  # what the daemon's Api does before any handler
     return "pong"
 
 
@@ -88,7 +88,7 @@ async def _pings(proto: ServerProtocol, sink: Sink, calls: int) -> float:
 
 
 async def _main(calls: int, profile: bool) -> None:
-    immediate = {"daemon.ping": _inline("daemon.ping", _pong)}
+    immediate = {"daemon.ping": inline("daemon.ping", _pong)}
     conns: dict[str, tuple[ServerProtocol, Sink]] = {}
     async with anyio.create_task_group() as tg:
         for name, table in (("task", {}), ("inline", immediate)):

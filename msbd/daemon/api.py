@@ -21,7 +21,6 @@ import inspect
 import os
 import signal as signal_mod
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import anyio
@@ -31,14 +30,13 @@ from msbd import __version__, states
 from msbd.config import Settings
 from msbd.daemon import cgroups
 from msbd.daemon.access import (
-    OPEN_METHODS,
     Caller,
-    check_identity,
     check_spec_paths,
     daemon_identity,
     may_see,
     owner_caller,
 )
+from msbd.daemon.calling import Handler, awaitable, caller_of, inline
 from msbd.daemon.console import log_path, remove_log, text_page
 from msbd.daemon.doctor import HostCheck
 from msbd.daemon.events import EventHub, stream_events
@@ -75,9 +73,6 @@ from msbd.rpc.methods import (
 from msbd.rpc.openrpc import openrpc_document
 from msbd.rpc.server import CallContext, Immediate
 
-Handler = Callable[[Caller, Any, CallContext], Awaitable[Any]]
-Immediately = Callable[[Caller, Any, CallContext], Any]
-
 
 def handler_name(method: str) -> str:
     """The `Api` method that handles `method`: its verb (`noun.verb`)."""
@@ -95,37 +90,6 @@ def parse_signal(value: str | int) -> int:
 
 
 _SPEC_ENCODER = msgspec.json.Encoder()
-
-
-def _awaitable(func: Immediately) -> Handler:
-    async def call(caller: Caller, params: Any, ctx: CallContext) -> Any:
-        return func(caller, params, ctx)
-    return call
-
-
-def _inline(method: str, func: Immediately) -> Immediate:
-    """`func` as the server calls a method it answers inline, the caller checked as in
-    `Api.__call__` (`_caller`, written out: this runs for every ping)."""
-    open_method = method in OPEN_METHODS
-
-    def call(ctx: CallContext, params: Any) -> Any:
-        caller: Caller | None = ctx.connection.memo
-        if caller is None or not (open_method or caller.known):
-            caller = _caller(ctx, method)
-        return func(caller, params, ctx)
-    return call
-
-
-def _caller(ctx: CallContext, method: str) -> Caller:
-    """Who calls `method` on this call's connection; -32003 if the kernel did not say
-    and the method needs to know."""
-    conn = ctx.connection
-    caller: Caller | None = conn.memo  # the connection's credentials, read at connect
-    if caller is None:
-        caller = conn.memo = Caller(uid=conn.uid, gid=conn.gid, pid=conn.pid,
-                                    groups=conn.groups)
-    check_identity(caller, method)
-    return caller
 
 
 class Api:
@@ -152,11 +116,11 @@ class Api:
             if inspect.iscoroutinefunction(func):
                 self._table[name] = func
             else:
-                self._table[name] = _awaitable(func)
-                self.immediate[name] = _inline(name, func)
+                self._table[name] = awaitable(func)
+                self.immediate[name] = inline(name, func)
 
     async def __call__(self, ctx: CallContext, method: str, params: Any) -> Any:
-        return await self._table[method](_caller(ctx, method), params, ctx)
+        return await self._table[method](caller_of(ctx, method), params, ctx)
 
     # --- helpers ------------------------------------------------------------------
 
