@@ -18,7 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +155,14 @@ class DaemonProc:
         """The daemon's unreaped child processes, the fork server (zygote) included."""
         assert self.proc is not None
         return set(children_by_parent().get(self.proc.pid, []))
+
+    def wait_children(self, done: Callable[[set[int]], bool], timeout: float = 30.0) -> set[int]:
+        """Until `done(children())` holds (a pool refilling in the background); the set."""
+        deadline = time.monotonic() + timeout
+        while not done(now := self.children()):
+            assert time.monotonic() < deadline, f"children never as wanted: {now}"
+            time.sleep(0.005)  # another process's children, polled; noqa: sleep-ok
+        return now
 
     def wait_fork_server(self, timeout: float = 30.0) -> int:
         """Until the daemon's fork server is ready (blocked reading its socket, which it
