@@ -3,7 +3,7 @@
 One line per record: `[timestamp ]LEVEL logger: message key=value ...`, a value
 quoted (Python repr) when it is empty or holds a space, a quote or `=`; a
 traceback after the first line; the timestamp exactly as logging's default
-(`%Y-%m-%d %H:%M:%S,mmm`, local time) and left out under journald.
+(`%Y-%m-%d %H:%M:%S,mmm`, local time) leading the line when asked for.
 """
 
 from __future__ import annotations
@@ -51,12 +51,9 @@ def test_no_fields_no_trailing_space_and_a_traceback_after_the_first_line() -> N
     assert lines[-1] == "ValueError: boom"
 
 
-@pytest.mark.parametrize("created", [
-    1_796_100_000.0, 1_796_100_000.999, 1_796_100_001.0005, 1_796_100_059.25, 1_796_103_600.5,
-])
-def test_timestamps_are_loggings_own(created: float) -> None:
-    plain = logging.Formatter("%(asctime)s")
-    fmt = ContextFormatter(timestamps=True)
-    for at in (created, created + 0.001, created - 1.0, created):  # within and across seconds
-        rec = record("m", created=at)
-        assert fmt.format(rec) == f"{plain.format(record('m', created=at))} INFO msbd.supervisor: m"
+@pytest.mark.parametrize("created", [1_796_100_000.0, 1_796_100_000.999, 1_796_103_600.5])
+def test_the_timestamp_leads_and_is_loggings_own(created: float) -> None:
+    stamp = logging.Formatter("%(asctime)s").format(record("m", created=created))
+    line = ContextFormatter(timestamps=True).format(record("m", created=created,
+                                                           fields={"sandbox": "a"}))
+    assert line == f"{stamp} INFO msbd.supervisor: m sandbox=a"
