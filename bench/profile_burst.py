@@ -1,9 +1,11 @@
-"""Where the daemon's time goes when many idle deadlines fall together: py-spy, sampled.
+"""Where the time goes when many idle deadlines fall together: py-spy, or perf, sampled.
 
     .venv/bin/python -m bench.profile_burst [--sandboxes N] [--seconds S] [--top K]
+    .venv/bin/python -m bench.profile_burst --perf [--sandboxes N] [--seconds S]
 
 Needs py-spy on PATH or beside this interpreter (`pip install py-spy`: a
-measuring tool, not a dependency of msbd). Launches N sandboxes (the libkrun
+measuring tool, not a dependency of msbd); `--perf` needs perf instead
+(`bench.perf_split`) and samples the whole machine, split by role. Launches N sandboxes (the libkrun
 test double, `sleep 600`, 1 s heartbeats, 8 in flight) with their idle
 deadlines planned to fall within a few hundred ms of each other, as §3 of
 BENCHMARKS.md does; from one second before the first deadline it samples the
@@ -12,7 +14,9 @@ samples where a thread holds the GIL: the Python work that makes the event
 loop late). Then prints the timers' lateness as the daemon measures it
 (`daemon.info`), how many sandboxes ended, and the functions seen in the
 event loop thread's samples, by own and by inclusive share, and the other
-threads' share.
+threads' share. With `--perf`: each role's share of the machine's busy
+samples (the daemon, the workers, their guests, ...), and the functions the
+workers' samples were in.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import Msbd, make_rootfs, need_fakekrun, sandbox_spec, scratch
+from bench import perf_split
+from bench.common import (
+    Msbd,
+    children,
+    descendants,
+    make_rootfs,
+    need_fakekrun,
+    sandbox_spec,
+    scratch,
+)
 
 INFLIGHT = 8
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -99,9 +112,13 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--native", action="store_true", help="py-spy --native: C frames too")
-    p.add_argument("--out", type=Path, default=Path("/tmp/msbd-burst.raw"))
+    p.add_argument("--perf", action="store_true",
+                   help="perf record -a -g: the whole machine, by role, not py-spy")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the samples (default /tmp/msbd-burst.raw, or .perf with --perf)")
     args = p.parse_args()
-    spy = _py_spy()
+    out = args.out or Path("/tmp/msbd-burst.perf" if args.perf else "/tmp/msbd-burst.raw")
+    spy = perf_split.perf_path() if args.perf else _py_spy()
     n = args.sandboxes
     with scratch("burst") as base:
         rootfs = make_rootfs(base)
@@ -125,16 +142,12 @@ def main() -> None:
                 list(pool.map(launch, range(n)))
             print(f"# {n} launched in {time.monotonic() - t0:.1f} s; deadlines in "
                   f"{t_fire - time.time():.1f} s", flush=True)
+            pids = _roles(msbd)
             time.sleep(max(0.0, t_fire - 1.0 - time.time()))
-            # --native must pause the daemon for each sample; otherwise it is not paused.
-            mode = ["--native"] if args.native else ["--nonblocking"]
-            spied = subprocess.run([spy, "record", "--pid", str(msbd.pid), "--gil", "--threads",
-                                    *mode, "--rate", str(args.rate),
-                                    "--duration", str(int(args.seconds)), "--format", "raw",
-                                    "--output", str(args.out)],
-                                   check=False, capture_output=True, text=True)
-            if spied.returncode != 0:
-                raise SystemExit(f"py-spy failed: {spied.stderr[-2000:]}")
+            if args.perf:
+                perf_split.record(out, args.seconds).wait()
+            else:
+                _spy(spy, msbd.pid, out, args)
             with msbd.client() as c:
                 info = c.call("daemon.info")
                 left = c.call("sandbox.list", {"state": "running", "limit": 1000})
@@ -146,7 +159,32 @@ def main() -> None:
                   f"sampling: {len(left.get('sandboxes', []))}")
         finally:
             msbd.stop(300.0)
-    summarize(args.out, args.top)
+    if args.perf:
+        print("\n".join(perf_split.split(perf_split.samples(out), pids, top=args.top)))
+    else:
+        summarize(out, args.top)
+
+
+def _roles(msbd: Msbd) -> perf_split.Pids:
+    """Who is who under the daemon, before the burst: each run's worker, their guests."""
+    with msbd.client() as c:
+        listed = c.call("sandbox.list", {"limit": 1000})["sandboxes"]
+    workers = {s["run"]["pid"] for s in listed if s.get("run") and s["run"].get("pid")}
+    guests = {child for w in workers for child in children(w)}
+    others = set(descendants(msbd.pid)) - workers - guests
+    return perf_split.Pids(msbd.pid, frozenset(workers), frozenset(guests), frozenset(others))
+
+
+def _spy(spy: str, pid: int, out: Path, args: argparse.Namespace) -> None:
+    # --native must pause the daemon for each sample; otherwise it is not paused.
+    mode = ["--native"] if args.native else ["--nonblocking"]
+    spied = subprocess.run([spy, "record", "--pid", str(pid), "--gil", "--threads",
+                            *mode, "--rate", str(args.rate),
+                            "--duration", str(int(args.seconds)), "--format", "raw",
+                            "--output", str(out)],
+                           check=False, capture_output=True, text=True)
+    if spied.returncode != 0:
+        raise SystemExit(f"py-spy failed: {spied.stderr[-2000:]}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ FIGURES = {
                "breakdown.daemon_share", "imports.worker_us"],
     "scale": ["scale.rss_per_sandbox", "scale.daemon_cpu_steady", "scale.list_8.p50",
               "idle.decided_late.p99", "idle.stopping_logged_late.p99", "idle.ended_late.p99",
+              "idle.end_event_received_after_reap.p99", "idle.last_deadline_to_last_end_event",
+              "idle.last_end_bound_without_daemon",
               "target.timers.late.p99",
               "reconcile.restart_delta", "reconcile.in_process"],
     "peer": ["ping.seq.supervisord.rate", "list.seq.supervisord.p50",
