@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup system-deps venv fakekrun libkrun test lint typecheck pytest vm-test systemd-test \
+.PHONY: setup system-deps venv fakekrun libkrun lane-deps test lint typecheck pytest vm-test \
+	systemd-test \
 	demo demo-vm \
 	bench bench-vm clean
 
@@ -37,7 +38,14 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: setup
+# The nested-KVM lane's packages (QEMU, a kernel) before any test starts the lane, so no
+# test sees them being installed; then the system packages again: Debian's QEMU can
+# replace a newer qemu-utils and so take qemu-img away.
+lane-deps:
+	@scripts/nested-kvm.d/deps.sh
+	@scripts/system-deps.sh
+
+pytest: setup lane-deps
 	$(BIN)/pytest
 
 # Real guests (pytest -m vm): here if this host's KVM can boot a kernel, else inside

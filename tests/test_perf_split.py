@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.perf_split import Pids, parse, split  # noqa: E402
+from bench.perf_split import Pids, parse, split
 
 SCRIPT = """\
 swapper     0 \n\tffffffff821f4dab pv_native_safe_halt
