@@ -5,9 +5,10 @@
 
 Needs py-spy on PATH or beside this interpreter (`pip install py-spy`: a
 measuring tool, not a dependency of msbd); `--perf` needs perf instead
-(`bench.perf_split`) and samples the whole machine, split by role. Launches N sandboxes (the libkrun
-test double, `sleep 600`, 1 s heartbeats, 8 in flight) with their idle
-deadlines planned to fall within a few hundred ms of each other, as §3 of
+(`bench.perf_split`) and samples the whole machine, split by role.
+Launches N sandboxes (the libkrun test double, `sleep 600`, 1 s heartbeats,
+8 in flight) with their idle deadlines planned to fall within a few hundred
+ms of each other, as §3 of
 BENCHMARKS.md does; from one second before the first deadline it samples the
 daemon for S seconds with `py-spy record --gil --threads --format raw` (only
 samples where a thread holds the GIL: the Python work that makes the event
@@ -16,7 +17,7 @@ loop late). Then prints the timers' lateness as the daemon measures it
 event loop thread's samples, by own and by inclusive share, and the other
 threads' share. With `--perf`: each role's share of the machine's busy
 samples (the daemon, the workers, their guests, ...), and the functions the
-workers' samples were in.
+daemon's and the workers' samples were in.
 """
 
 from __future__ import annotations
