@@ -122,9 +122,7 @@ def split(sampled: Iterable[Sample], pids: Pids, *, top: int = 20) -> list[str]:
     lines += [f"  {by_role[r] / max(busy, 1):6.1%}  {r}" for r in ROLES if r != "idle"]
     for role in DETAILED:
         if n := by_role[role]:
-            lines.append(f"# the {role}' {n} samples, by the function they were in:"
-                         if role.endswith("s") else
-                         f"# the {role}'s {n} samples, by the function they were in:")
+            lines.append(f"# {role}: {n} samples, by the function they were in:")
             lines += _top(leaf[role].most_common(top), n)
             lines.append("# the same, inclusive (a function and what it called):")
             lines += _top(inclusive[role].most_common(top), n)

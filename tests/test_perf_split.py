@@ -58,9 +58,9 @@ def test_samples_are_counted_by_role_against_the_busy_ones() -> None:
 
 def test_the_workers_functions_are_leaf_then_inclusive() -> None:
     lines = split(parse(SCRIPT), PIDS, top=3)
-    start = lines.index("# the workers' 2 samples, by the function they were in:")
+    start = lines.index("# workers: 2 samples, by the function they were in:")
     leaf = lines[start + 1:start + 3]
     assert sorted(leaf) == sorted(["   50.0%  unmap_page_range", "   50.0%  exit_mmap"])
     inclusive = lines[start + 4:start + 6]
     assert sorted(inclusive) == ["  100.0%  do_exit", "  100.0%  exit_mmap"]
-    assert "# the daemon's 1 samples, by the function they were in:" in lines
+    assert "# daemon: 1 samples, by the function they were in:" in lines
